@@ -1,0 +1,1 @@
+"""Input data: the CLIP tokenizer (`tokenizer`)."""

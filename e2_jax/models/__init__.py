@@ -1,0 +1,1 @@
+"""Model definitions: CLIP towers (`clip`)."""

@@ -1,0 +1,83 @@
+"""A converted model on disk: `config.json` (the model config) + `params/` (an Orbax checkpoint).
+
+This is what `python -m e2_jax.convert` writes and what training and evaluation start from.
+Directories are written atomically: into a hidden sibling first, renamed into place only once
+complete, so an interrupted write never leaves a half-written model behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from e2_jax.models.clip import CLIPConfig, param_shapes
+
+CONFIG_FILE = "config.json"
+PARAMS_DIR = "params"
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yields a temporary directory that becomes `path` only if the block completes.
+
+    On any error the temporary directory is removed and `path` is left as it was.
+    """
+    path = Path(path).absolute()
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} already exists; choose another output or pass --overwrite")
+    tmp = path.parent / f".{path.name}.partial-{uuid.uuid4().hex[:8]}"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if path.exists():
+        old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
+        path.rename(old)
+    tmp.rename(path)
+    if old is not None:
+        shutil.rmtree(old) if old.is_dir() else old.unlink()
+
+
+def save(path: str | os.PathLike, config: CLIPConfig, params: dict, overwrite: bool = False) -> Path:
+    """Writes `config.json` and the Orbax checkpoint of `params` to the directory `path`."""
+    with atomic_directory(path, overwrite=overwrite) as tmp:
+        (tmp / CONFIG_FILE).write_text(config.to_json() + "\n")
+        checkpointer = ocp.StandardCheckpointer()
+        checkpointer.save(tmp / PARAMS_DIR, params)
+        checkpointer.wait_until_finished()
+        checkpointer.close()
+    return Path(path)
+
+
+def load_config(path: str | os.PathLike) -> CLIPConfig:
+    config_file = Path(path) / CONFIG_FILE
+    if not config_file.is_file():
+        raise FileNotFoundError(
+            f"{config_file} not found: {path} is not a converted e2_jax model. Make one with "
+            "`python -m e2_jax.convert to-flax CHECKPOINT OUT_DIR` (see docs/convert.md)."
+        )
+    return CLIPConfig.from_json(config_file.read_text())
+
+
+def load(path: str | os.PathLike, **config_overrides) -> tuple[CLIPConfig, dict]:
+    """Reads a model written by `save`. Overrides change computation only (e.g. compute_dtype)."""
+    config = load_config(path).replace(**config_overrides)
+    abstract = param_shapes(config)
+    params = ocp.StandardCheckpointer().restore(Path(path).absolute() / PARAMS_DIR, abstract)
+    return config, params
+
+
+def to_numpy(params: dict) -> dict:
+    return jax.tree.map(np.asarray, params)
