@@ -1,0 +1,91 @@
+"""E²'s contrastive losses over the global batch (E2_METHOD.md section 3). Knows no model.
+
+`e2_loss` = `global_weight * L_global + region_weight * mean_g L_g`, where every term is a
+symmetric InfoNCE (cross-entropy both ways, labels = position in the batch, so in-batch items
+that share a tag still count as negatives) at one shared `exp(logit_scale)`.
+
+Written per shard: inside `jax.shard_map` (see `sharded`), each device holds its local slice of
+the batch, all-gathers the normalised embeddings it contrasts against, and builds logits of
+[local batch, global batch], never [global, global]. With `axis_name=None` the same code is
+the plain single-device loss.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+
+Array = jax.Array
+AxisName = str | tuple[str, ...] | None
+
+
+def _normalize(x: Array) -> Array:
+    x = x.astype(jnp.float32)
+    return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), 1e-24))
+
+
+def _gather(x: Array, axis_name: AxisName) -> Array:
+    return x if axis_name is None else jax.lax.all_gather(x, axis_name, axis=0, tiled=True)
+
+
+def _offset(local: int, axis_name: AxisName) -> Array:
+    return jnp.zeros((), jnp.int32) if axis_name is None else jax.lax.axis_index(axis_name) * local
+
+
+def _sum(x: Array, axis_name: AxisName) -> Array:
+    return x if axis_name is None else jax.lax.psum(x, axis_name)
+
+
+def contrastive_loss(a: Array, b: Array, logit_scale: Array, axis_name: AxisName = None) -> Array:
+    """Symmetric InfoNCE between rows of `a` and `b` ([n, D] local shards of [N, D]).
+
+    Mean over the global batch of (CE(a->b) + CE(b->a)) / 2, as open_clip's ClipLoss.
+    """
+    a, b = _normalize(a), _normalize(b)
+    scale = jnp.exp(logit_scale.astype(jnp.float32))
+    local = a.shape[0]
+    labels = _offset(local, axis_name) + jnp.arange(local)
+    total = jnp.zeros((), jnp.float32)
+    for queries, keys in ((a, _gather(b, axis_name)), (b, _gather(a, axis_name))):
+        logits = scale * queries @ keys.T  # [local, global]
+        correct = jnp.take_along_axis(logits, labels[:, None], axis=1)[:, 0]
+        total += jnp.sum(jax.nn.logsumexp(logits, axis=1) - correct)
+    global_batch = _sum(jnp.asarray(local, jnp.float32), axis_name)
+    return _sum(total, axis_name) / (2 * global_batch)
+
+
+def e2_loss(image: Array, text: Array, region_image: Array | None, region_text: Array | None,
+            logit_scale: Array, *, global_weight: float = 0.5, region_weight: float = 0.5,
+            axis_name: AxisName = None) -> tuple[Array, dict[str, Array]]:
+    """E²'s loss. `image`, `text`: [n, D] global embeddings; `region_image`, `region_text`:
+    [n, G, D] (region embeddings and the embeddings of the items' tag texts), or None for plain
+    CLIP fine-tuning. Returns (loss, metrics) with `loss_global` and `loss_region` ([G])."""
+    loss_global = contrastive_loss(image, text, logit_scale, axis_name)
+    metrics = {"loss_global": loss_global, "logit_scale": jnp.exp(logit_scale)}
+    if region_image is None or region_weight == 0:
+        loss = global_weight * loss_global if region_image is not None else loss_global
+        return loss, {**metrics, "loss": loss}
+    per_group = jnp.stack([contrastive_loss(region_image[:, g], region_text[:, g], logit_scale, axis_name)
+                           for g in range(region_image.shape[1])])
+    loss = global_weight * loss_global + region_weight * jnp.mean(per_group)
+    return loss, {**metrics, "loss_region": per_group, "loss": loss}
+
+
+def sharded(loss_fn: Callable[..., tuple[Array, dict]], mesh: Mesh, batch_axes: Sequence[str],
+            num_batch_args: int) -> Callable[..., tuple[Array, dict]]:
+    """`loss_fn(*batch_args, *replicated_args, axis_name=...)` on global arrays sharded over
+    `batch_axes` of `mesh` (their first dimension), through `jax.shard_map`: each device sees
+    its slice, all-gathers what it contrasts against, and returns the global loss."""
+    axes = tuple(batch_axes)
+    axis_name = axes if len(axes) > 1 else axes[0]
+
+    def wrapped(*args):
+        specs = tuple(P(axes) if i < num_batch_args else P() for i in range(len(args)))
+        inner = lambda *a: loss_fn(*a, axis_name=axis_name)
+        return jax.shard_map(inner, mesh=mesh, in_specs=specs, out_specs=P())(*args)
+
+    return wrapped

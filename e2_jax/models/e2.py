@@ -1,0 +1,343 @@
+"""E²: CLIP with selection tokens, fusion blocks and region heads (E2_METHOD.md section 2).
+
+The image sequence is `[K selection tokens | CLS | patches]`. After visual layer `f1` a fusion
+block lets every selection token pick one patch (hard, straight-through Gumbel attention) and
+average its value with itself; after layer `f2` a second one does the same and drops the
+patches, so the remaining layers see K + 1 tokens. The global embedding is `ln_post(CLS) @
+proj_cls`; each group's region embedding is the mean of its tokens after the group's
+LayerNorm, times the group's `proj`.
+
+Parameter names: the CLIP ones are unchanged (`visual/transformer/resblocks_N/...`); the new
+ones are `visual/selection_tokens` [K, width], `visual/fusion_{1,2}/proj_{q,k,v}`,
+`visual/proj_cls`, and `visual/region_<group>/{ln,proj}`. CLIP's `visual/proj` stays in
+the tree (unused by E²), so that CLIP weights and the authors' checkpoints map one to one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from e2_jax.models.clip import (
+    _DTYPES,
+    CLIPConfig,
+    LayerNorm,
+    TextTransformer,
+    VisionTransformer,
+)
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class Group:
+    """A tag entity: `tokens` selection tokens, contrasted with the item's `text_field` tag."""
+
+    name: str
+    tokens: int = 2
+    text_field: str = ""
+
+    def __post_init__(self) -> None:
+        if self.tokens < 1:
+            raise ValueError(f"group {self.name!r} needs at least one token, got {self.tokens}")
+        if not self.text_field:
+            object.__setattr__(self, "text_field", self.name)
+
+
+# The authors' final code: five groups of two tokens, in this order (E2_METHOD.md section 2).
+AUTHORS_GROUPS = (Group("subcategory"), Group("brand"), Group("description"), Group("season"),
+                  Group("composition"))
+# The paper's ablation and linear probes: four entities.
+PAPER_GROUPS = (Group("brand"), Group("season"), Group("subcategory"), Group("composition"))
+
+
+def groups_from_names(names: str, tokens: int = 2) -> tuple[Group, ...]:
+    """'brand,season,subcategory,composition' -> groups, for one-line configs."""
+    return tuple(Group(n.strip(), tokens) for n in names.split(",") if n.strip())
+
+
+@dataclasses.dataclass(frozen=True)
+class E2Config:
+    """What E² adds to a CLIP. The defaults are the authors' method with sound choices where
+    their code has quirks (each quirk has a flag; docs/model.md lists them)."""
+
+    groups: tuple[Group, ...] = AUTHORS_GROUPS
+    # 1-based visual layers after which fusion blocks 1 and 2 run; None scales the paper's
+    # (8, 11) of 12 with the depth (see `fusion_layers_for`).
+    fusion_layers: tuple[int, int] | None = None
+    gumbel_tau: float = 1.0
+    # Ablations (the paper's table): no fusion blocks (the tokens go through every layer); no
+    # selection tokens at all (plain CLIP, our CLIP-FT baseline).
+    fusion: bool = True
+    selection_tokens: bool = True
+    # Quirk 4: the authors add Gumbel noise at evaluation too (random test embeddings).
+    eval_gumbel_noise: bool = False
+    # Quirks 2 and 3 and the literal sqrt(768): the last group pools only its first token and
+    # uses the previous group's LayerNorm; attention logits are divided by sqrt(768) whatever
+    # the width. With the authors' token order on import, this reproduces their forward.
+    reference_quirks: bool = False
+    # Initialise `proj_cls` from CLIP's `visual.proj` rather than at random (authors: random).
+    proj_cls_from_clip: bool = False
+
+    def __post_init__(self) -> None:
+        names = [g.name for g in self.groups]
+        if len(set(names)) != len(names):
+            raise ValueError(f"group names must be unique, got {names}")
+        if self.selection_tokens and not self.groups:
+            raise ValueError("E² with selection tokens needs at least one group")
+        if self.gumbel_tau <= 0:
+            raise ValueError(f"gumbel_tau must be positive, got {self.gumbel_tau}")
+        if self.reference_quirks and (len(self.groups) < 2 or self.groups[-1].tokens < 2):
+            raise ValueError("reference_quirks needs at least two groups, the last with >= 2 tokens")
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(g.tokens for g in self.groups) if self.selection_tokens else 0
+
+    def replace(self, **changes: Any) -> E2Config:
+        return dataclasses.replace(self, **changes)
+
+    def without_group(self, name: str) -> E2Config:
+        """The ablation that removes one entity (its tokens and its loss)."""
+        if name not in [g.name for g in self.groups]:
+            raise ValueError(f"no group {name!r} in {[g.name for g in self.groups]}")
+        return self.replace(groups=tuple(g for g in self.groups if g.name != name))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> E2Config:
+        data = dict(data)
+        data["groups"] = tuple(Group(**g) if isinstance(g, dict) else Group(*g) for g in data.get("groups", ()))
+        if data.get("fusion_layers") is not None:
+            data["fusion_layers"] = tuple(data["fusion_layers"])
+        return cls(**data)
+
+
+def fusion_layers_for(depth: int, explicit: tuple[int, int] | None = None) -> tuple[int, int]:
+    """Layers after which the two fusion blocks run: (8, 11) for 12 layers, (16, 22) for 24,
+    scaled likewise for other depths, always leaving at least one layer after block 2."""
+    if depth < 2:
+        raise ValueError(f"E² needs a vision tower of at least 2 layers, got {depth}")
+    if explicit is not None:
+        first, second = explicit
+        if not 1 <= first <= second < depth:
+            raise ValueError(f"fusion_layers {explicit} must satisfy 1 <= first <= second < {depth}")
+        return first, second
+    second = depth - max(1, round(depth / 12))
+    first = max(1, min(round(depth * 8 / 12), second))
+    return first, second
+
+
+def group_slices(e2: E2Config) -> list[tuple[int, int]]:
+    """[start, stop) of each group's tokens in the sequence; with reference_quirks the last
+    group keeps only its first token (the authors' slice `x[:, 0:K-1]`)."""
+    slices, start = [], 0
+    for g in e2.groups:
+        slices.append((start, start + g.tokens))
+        start += g.tokens
+    if e2.reference_quirks:
+        first, _ = slices[-1]
+        slices[-1] = (first, e2.num_tokens - 1)
+    return slices
+
+
+def straight_through_gumbel(logits: Array, tau: float, key: Array | None) -> tuple[Array, Array]:
+    """Hard attention over the last axis: one-hot forward, Gumbel-softmax gradient.
+
+    `key=None` means no noise (plain argmax). Returns (weights, picked indices). The forward
+    value is exactly one-hot: `hard + (soft - stop_gradient(soft))`, where the bracket is 0.
+    """
+    z = logits.astype(jnp.float32)
+    if key is not None:
+        z = z + jax.random.gumbel(key, z.shape, jnp.float32)
+    soft = jax.nn.softmax(z / tau, axis=-1)
+    index = jnp.argmax(soft, axis=-1)  # of the soft weights, as the authors' code
+    hard = jax.nn.one_hot(index, z.shape[-1], dtype=jnp.float32)
+    return hard + (soft - jax.lax.stop_gradient(soft)), index
+
+
+class FusionBlock(nn.Module):
+    """Each selection token picks one patch and becomes the mean of its value and itself.
+
+    Single head, no bias, no MLP, no LayerNorm (E2_METHOD.md, "Fusion block"). The class token
+    is never a candidate and is not changed. Returns the new sequence (without the patches if
+    `drop_patches`) and the picked patch index of every token, [B, K].
+    """
+
+    num_tokens: int
+    width: int
+    tau: float = 1.0
+    drop_patches: bool = False
+    literal_768_scale: bool = False
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, noise_key: Array | None) -> tuple[Array, Array]:
+        k_tokens = self.num_tokens
+        init = nn.initializers.normal(stddev=self.width**-0.5)
+        w = {name: self.param(name, init, (self.width, self.width), self.param_dtype).astype(self.dtype)
+             for name in ("proj_q", "proj_k", "proj_v")}
+        selection, cls, patches = x[:, :k_tokens], x[:, k_tokens : k_tokens + 1], x[:, k_tokens + 1 :]
+        q, k, v = selection @ w["proj_q"], patches @ w["proj_k"], patches @ w["proj_v"]
+        scale = math.sqrt(768 if self.literal_768_scale else self.width)
+        logits = jnp.einsum("bkd,bpd->bkp", q, k) / scale
+        weights, picked = straight_through_gumbel(logits, self.tau, noise_key)
+        selection = (jnp.einsum("bkp,bpd->bkd", weights.astype(self.dtype), v) + selection) / 2
+        parts = [selection, cls] if self.drop_patches else [selection, cls, patches]
+        return jnp.concatenate(parts, axis=1), picked
+
+
+class RegionHead(nn.Module):
+    """`mean over tokens (ln(token)) @ proj` for one group (E2_METHOD.md section 2, step 10)."""
+
+    width: int
+    embed_dim: int
+    param_dtype: Any = jnp.float32
+
+    def setup(self) -> None:
+        self.ln = LayerNorm(self.param_dtype)
+        self.proj = self.param("proj", nn.initializers.normal(stddev=self.width**-0.5),
+                               (self.width, self.embed_dim), self.param_dtype)
+
+    def __call__(self, pooled: Array) -> Array:
+        return pooled @ self.proj.astype(pooled.dtype)
+
+
+class E2ImageOutput(NamedTuple):
+    """`global_embedding` [B, D]; `region_embeddings` [B, G, D] (None without selection
+    tokens); `picks` [fusion blocks, B, K] patch indices (None without fusion)."""
+
+    global_embedding: Array
+    region_embeddings: Array | None
+    picks: Array | None
+
+
+class E2VisionTransformer(VisionTransformer):
+    """CLIP's image tower with E²'s selection tokens, fusion blocks and region heads."""
+
+    e2: E2Config = E2Config()
+
+    def setup(self) -> None:
+        super().setup()
+        c, e2 = self.config, self.e2
+        pdtype, dtype = _DTYPES[c.param_dtype], _DTYPES[c.compute_dtype]
+        init = nn.initializers.normal(stddev=c.vision_width**-0.5)
+        self.selection_tokens = self.param("selection_tokens", init, (e2.num_tokens, c.vision_width), pdtype)
+        self.proj_cls = self.param("proj_cls", init, (c.vision_width, c.embed_dim), pdtype)
+        kw = dict(num_tokens=e2.num_tokens, width=c.vision_width, tau=e2.gumbel_tau,
+                  literal_768_scale=e2.reference_quirks, dtype=dtype, param_dtype=pdtype)
+        if e2.fusion:
+            self.fusion_1 = FusionBlock(drop_patches=False, **kw)
+            self.fusion_2 = FusionBlock(drop_patches=True, **kw)
+        # A list with explicit names: group order matters (quirk 3), dict order is not kept.
+        self.region_heads = [RegionHead(c.vision_width, c.embed_dim, pdtype, name=f"region_{g.name}")
+                             for g in e2.groups]
+
+    def __call__(self, images: Array, train: bool = False) -> E2ImageOutput:  # type: ignore[override]
+        c, e2 = self.config, self.e2
+        x = self.embed(images)  # CLS + patches, with positions
+        tokens = jnp.broadcast_to(self.selection_tokens.astype(x.dtype), (x.shape[0], *self.selection_tokens.shape))
+        x = self.ln_pre(jnp.concatenate([tokens, x], axis=1))  # selection tokens get no position
+        picks = None
+        if e2.fusion:
+            first, second = fusion_layers_for(c.vision_layers, e2.fusion_layers)
+            noisy = train or e2.eval_gumbel_noise
+            keys = jax.random.split(self.make_rng("gumbel"), 2) if noisy else (None, None)
+            x = self.transformer(x, 0, first)
+            x, picks_1 = self.fusion_1(x, keys[0])
+            x = self.transformer(x, first, second)
+            x, picks_2 = self.fusion_2(x, keys[1])  # patches dropped: K + 1 tokens remain
+            x = self.transformer(x, second, None)
+            picks = jnp.stack([picks_1, picks_2])
+        else:
+            x = self.transformer(x)
+        k = e2.num_tokens
+        global_embedding = self.ln_post(x[:, k]) @ self.proj_cls.astype(x.dtype)
+        heads = self.region_heads
+        regions = []
+        for g, (start, stop) in enumerate(group_slices(e2)):
+            # Quirk 3: the authors' last group uses the previous group's LayerNorm.
+            ln_head = heads[g - 1] if e2.reference_quirks and g == len(heads) - 1 else heads[g]
+            if ln_head is not heads[g] and self.is_initializing():
+                heads[g].ln(x[:, start:stop])  # create the unused LayerNorm, as the authors' ln_s5
+            regions.append(heads[g](ln_head.ln(x[:, start:stop]).mean(axis=1)))
+        return E2ImageOutput(global_embedding, jnp.stack(regions, axis=1), picks)
+
+
+class E2Model(nn.Module):
+    """E² (or, with `e2.selection_tokens=False`, plain CLIP for the CLIP-FT baseline).
+
+    `encode_image(images, train)` -> E2ImageOutput; `encode_text(tokens)` -> [B, D]. Training
+    draws the fusion blocks' Gumbel noise from the "gumbel" RNG stream.
+    """
+
+    config: CLIPConfig
+    e2: E2Config = E2Config()
+
+    def setup(self) -> None:
+        if self.e2.selection_tokens:
+            self.visual = E2VisionTransformer(self.config, self.e2)
+        else:
+            self.visual = VisionTransformer(self.config)
+        self.text = TextTransformer(self.config)
+        self.logit_scale = self.param("logit_scale", nn.initializers.constant(math.log(1 / 0.07)), (),
+                                      _DTYPES[self.config.param_dtype])
+
+    def encode_image(self, images: Array, train: bool = False) -> E2ImageOutput:
+        if not self.e2.selection_tokens:
+            return E2ImageOutput(self.visual(images), None, None)
+        return self.visual(images, train)
+
+    def encode_text(self, tokens: Array) -> Array:
+        return self.text(tokens)
+
+    def __call__(self, images: Array, tokens: Array, train: bool = False) -> tuple[E2ImageOutput, Array]:
+        return self.encode_image(images, train), self.encode_text(tokens)
+
+
+def init_e2_params(config: CLIPConfig, e2: E2Config, rng: Array, clip_params: dict | None = None) -> dict:
+    """E² parameters: `clip_params` (converted CLIP weights) where they exist, new ones drawn
+    as in E2_METHOD.md section 2 (`width**-0.5 * N(0, 1)`, LayerNorms at 1 and 0)."""
+    model = E2Model(config, e2)
+    images = jnp.zeros((1, config.image_size, config.image_size, 3), jnp.float32)
+    tokens = jnp.zeros((1, config.context_length), jnp.int32)
+    params_rng, gumbel_rng = jax.random.split(rng)
+    params = model.init({"params": params_rng, "gumbel": gumbel_rng}, images, tokens)["params"]
+    if clip_params is None:
+        return params
+    params = jax.tree.map(lambda x: x, params)  # a mutable copy of the nested dicts
+    _merge_clip(params, clip_params, path=())
+    if e2.selection_tokens and e2.proj_cls_from_clip:
+        params["visual"]["proj_cls"] = jnp.asarray(clip_params["visual"]["proj"])
+    return params
+
+
+def _merge_clip(params: dict, clip_params: dict, path: tuple[str, ...]) -> None:
+    for name, value in clip_params.items():
+        if name not in params:
+            raise ValueError(f"CLIP parameter {'/'.join((*path, name))} has no place in the E² model")
+        if isinstance(value, dict):
+            _merge_clip(params[name], value, (*path, name))
+        else:
+            if params[name].shape != value.shape:
+                raise ValueError(f"CLIP parameter {'/'.join((*path, name))} has shape {value.shape}, "
+                                 f"the E² model {params[name].shape}")
+            params[name] = jnp.asarray(value, params[name].dtype)
+
+
+def count_new_params(config: CLIPConfig, e2: E2Config) -> tuple[int, int]:
+    """(parameters E² adds to CLIP, parameters of CLIP)."""
+    from e2_jax.models.clip import count_params
+
+    shapes = jax.eval_shape(lambda r: init_e2_params(config, e2, r), jax.random.key(0))
+    total = sum(math.prod(x.shape) for x in jax.tree.leaves(shapes))
+    clip = count_params(config)
+    return total - clip, clip

@@ -1,0 +1,205 @@
+"""The E² image encoder: shapes, hard attention, modes, token flow, group pooling."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from e2_jax import losses
+from e2_jax.data.tokenizer import CLIPTokenizer
+from e2_jax.models.clip import ResidualAttentionBlock, get_config
+from e2_jax.models.e2 import (
+    AUTHORS_GROUPS,
+    PAPER_GROUPS,
+    E2Config,
+    E2Model,
+    count_new_params,
+    fusion_layers_for,
+    groups_from_names,
+    init_e2_params,
+    straight_through_gumbel,
+)
+
+TINY = get_config("tiny", vision_layers=4)
+
+
+@pytest.mark.parametrize("preset", ["ViT-B-32", "ViT-B-16", "ViT-L-14", "tiny"])
+def test_output_shapes_for_every_preset(preset):
+    config = get_config(preset)
+    e2 = E2Config()
+    shapes = jax.eval_shape(
+        lambda r: E2Model(config, e2).apply(
+            {"params": init_e2_params(config, e2, r)},
+            jnp.zeros((3, config.image_size, config.image_size, 3)), True,
+            method=E2Model.encode_image, rngs={"gumbel": r}),
+        jax.random.key(0))
+    assert shapes.global_embedding.shape == (3, config.embed_dim)
+    assert shapes.region_embeddings.shape == (3, 5, config.embed_dim)
+    assert shapes.picks.shape == (2, 3, 10)
+
+
+def test_fusion_layers_scale_with_depth():
+    assert fusion_layers_for(12) == (8, 11)
+    assert fusion_layers_for(24) == (16, 22)
+    assert fusion_layers_for(6) == (4, 5)
+    assert fusion_layers_for(2) == (1, 1)
+    assert fusion_layers_for(12, (3, 7)) == (3, 7)
+    with pytest.raises(ValueError, match="fusion_layers"):
+        fusion_layers_for(12, (8, 12))
+
+
+def test_groups_are_config():
+    assert [g.name for g in AUTHORS_GROUPS] == ["subcategory", "brand", "description", "season", "composition"]
+    # The paper's four entities in one line of config:
+    e2 = E2Config(groups=groups_from_names("brand,season,subcategory,composition"))
+    assert e2.groups == PAPER_GROUPS and e2.num_tokens == 8
+    assert [g.name for g in E2Config().without_group("brand").groups] == [
+        "subcategory", "description", "season", "composition"]
+
+
+def test_straight_through_forward_is_exactly_one_hot_and_gradient_is_soft():
+    logits = jax.random.normal(jax.random.key(0), (4, 10, 49))
+    weights, picked = straight_through_gumbel(logits, 1.0, jax.random.key(1))
+    assert set(np.unique(np.asarray(weights)).tolist()) == {0.0, 1.0}
+    np.testing.assert_array_equal(np.asarray(weights).argmax(-1), picked)
+    np.testing.assert_array_equal(np.asarray(weights).sum(-1), 1.0)
+    values = jax.random.normal(jax.random.key(2), (49,))
+    grad = jax.grad(lambda z: jnp.sum(straight_through_gumbel(z, 1.0, jax.random.key(1))[0] * values))(logits)
+    assert np.count_nonzero(np.asarray(grad)) > logits.size // 2  # flows to every logit, not just the pick
+
+
+@pytest.fixture(scope="module")
+def tiny_batch():
+    images = jax.random.normal(jax.random.key(5), (4, 32, 32, 3))
+    tokens = CLIPTokenizer()(["Raf Simons shirt", "black wool coat", "Kenzo tiger sweater", "silk dress"])
+    tags = CLIPTokenizer()(["SHIRTS", "COATS", "SWEATERS", "DRESSES"] * 5, context_length=8)
+    return images, tokens, tags
+
+
+def _loss(params, model, images, tokens, tags, key):
+    out = model.apply({"params": params}, images, True, method=E2Model.encode_image, rngs={"gumbel": key})
+    text = model.apply({"params": params}, tokens, method=E2Model.encode_text)
+    tag_emb = model.apply({"params": params}, tags, method=E2Model.encode_text).reshape(5, 4, -1)
+    loss, _ = losses.e2_loss(out.global_embedding, text, out.region_embeddings, tag_emb.transpose(1, 0, 2),
+                             params["logit_scale"])
+    return loss
+
+
+def test_gradient_reaches_fusion_projections(tiny_batch):
+    model = E2Model(TINY, E2Config())
+    params = init_e2_params(TINY, E2Config(), jax.random.key(0))
+    grads = jax.grad(_loss)(params, model, *tiny_batch, jax.random.key(3))
+    for block in ("fusion_1", "fusion_2"):
+        for name in ("proj_q", "proj_k", "proj_v"):
+            assert np.abs(grads["visual"][block][name]).max() > 0, (block, name)
+    for name in ("selection_tokens", "proj_cls", "region_brand"):
+        assert jax.tree.reduce(lambda a, g: a + float(np.abs(g).sum()), grads["visual"][name], 0.0) > 0
+    # CLIP's own projection is kept for conversion but unused by E².
+    assert np.abs(grads["visual"]["proj"]).max() == 0
+
+
+def test_evaluation_is_deterministic_unless_noise_is_asked_for(tiny_batch):
+    images = tiny_batch[0]
+    params = init_e2_params(TINY, E2Config(), jax.random.key(0))
+
+    def run(e2, key, train=False):
+        return E2Model(TINY, e2).apply({"params": params}, images, train, method=E2Model.encode_image,
+                                       rngs={"gumbel": key})
+
+    a, b = run(E2Config(), jax.random.key(1)), run(E2Config(), jax.random.key(2))
+    for x, y in zip(a, b, strict=True):
+        np.testing.assert_array_equal(x, y)
+    # No RNG at all is needed at evaluation.
+    out = E2Model(TINY, E2Config()).apply({"params": params}, images, method=E2Model.encode_image)
+    np.testing.assert_array_equal(out.global_embedding, a.global_embedding)
+    # The authors' noisy evaluation, and training, draw noise: picks change with the key.
+    noisy = E2Config(eval_gumbel_noise=True)
+    assert not np.array_equal(run(noisy, jax.random.key(1)).picks, run(noisy, jax.random.key(2)).picks)
+    assert not np.array_equal(run(E2Config(), jax.random.key(1), True).picks, a.picks)
+
+
+def _tokens_per_block(e2, images, params):
+    seen = []
+
+    def record(next_fun, args, kwargs, context):
+        if isinstance(context.module, ResidualAttentionBlock) and context.method_name == "__call__":
+            seen.append(args[0].shape[1])
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(record):
+        E2Model(TINY, e2).apply({"params": params}, images, method=E2Model.encode_image)
+    return seen
+
+
+def test_second_fusion_block_drops_the_patches(tiny_batch):
+    images = tiny_batch[0]
+    e2 = E2Config()
+    params = init_e2_params(TINY, e2, jax.random.key(0))
+    k, patches = e2.num_tokens, TINY.num_patches  # 10 tokens, 16 patches, 4 layers: fusion after 3, 3
+    assert fusion_layers_for(4) == (3, 3)
+    assert _tokens_per_block(e2, images, params) == [k + 1 + patches] * 3 + [k + 1]
+    # Without fusion blocks the tokens go through every layer with the patches.
+    no_fusion = e2.replace(fusion=False)
+    params = init_e2_params(TINY, no_fusion, jax.random.key(0))
+    assert _tokens_per_block(no_fusion, images, params) == [k + 1 + patches] * 4
+
+
+def _np_layernorm(x, scale, bias):
+    mean = x.mean(-1, keepdims=True)
+    var = ((x - mean) ** 2).mean(-1, keepdims=True)
+    return (x - mean) / np.sqrt(var + 1e-5) * scale + bias
+
+
+@pytest.mark.parametrize("quirks", [False, True])
+def test_group_pooling_matches_numpy(quirks):
+    # The encoder's final tokens, captured, then the method file's step 9-10 in numpy.
+    e2 = E2Config(reference_quirks=quirks)
+    params = init_e2_params(TINY, e2, jax.random.key(0))
+    images = jax.random.normal(jax.random.key(1), (3, 32, 32, 3))
+    model = E2Model(TINY, e2)
+    out, state = model.apply({"params": params}, images, method=E2Model.encode_image,
+                             capture_intermediates=lambda m, name: m.name == "resblocks_3")
+    final = np.asarray(state["intermediates"]["visual"]["transformer"]["resblocks_3"]["__call__"][0], np.float64)
+    v = jax.tree.map(lambda a: np.asarray(a, np.float64), params["visual"])
+    np.testing.assert_allclose(
+        out.global_embedding, _np_layernorm(final[:, 10], v["ln_post"]["scale"], v["ln_post"]["bias"])
+        @ v["proj_cls"], rtol=1e-5, atol=1e-6)
+    names = [g.name for g in e2.groups]
+    for g, name in enumerate(names):
+        tokens = list(range(2 * g, 2 * g + 2))
+        ln = v[f"region_{name}"]["ln"]
+        if quirks and g == 4:  # the authors: only index 8, and group 4's LayerNorm
+            tokens, ln = [8], v[f"region_{names[3]}"]["ln"]
+        want = _np_layernorm(final[:, tokens], ln["scale"], ln["bias"]).mean(1) @ v[f"region_{name}"]["proj"]
+        np.testing.assert_allclose(out.region_embeddings[:, g], want, rtol=1e-5, atol=1e-6)
+
+
+def test_clip_ft_ablation_is_plain_clip(tiny_batch):
+    images = tiny_batch[0]
+    e2 = E2Config(selection_tokens=False)
+    params = init_e2_params(TINY, e2, jax.random.key(0))
+    assert set(params["visual"]) == {"conv1", "class_embedding", "positional_embedding", "ln_pre",
+                                     "transformer", "ln_post", "proj"}
+    out = E2Model(TINY, e2).apply({"params": params}, images, method=E2Model.encode_image)
+    assert out.region_embeddings is None and out.picks is None
+
+
+def test_initialisation_from_clip_keeps_clip_weights():
+    from e2_jax.models.clip import init_params
+
+    clip = init_params(TINY, jax.random.key(7))
+    params = init_e2_params(TINY, E2Config(), jax.random.key(0), clip_params=clip)
+    np.testing.assert_array_equal(params["visual"]["transformer"]["resblocks_2"]["mlp"]["c_fc"]["kernel"],
+                                  clip["visual"]["transformer"]["resblocks_2"]["mlp"]["c_fc"]["kernel"])
+    assert not np.array_equal(params["visual"]["proj_cls"], clip["visual"]["proj"])  # authors: random
+    std = float(np.std(params["visual"]["selection_tokens"]))
+    assert abs(std - TINY.vision_width**-0.5) < 0.3 * TINY.vision_width**-0.5
+    improved = init_e2_params(TINY, E2Config(proj_cls_from_clip=True), jax.random.key(0), clip_params=clip)
+    np.testing.assert_array_equal(improved["visual"]["proj_cls"], clip["visual"]["proj"])
+
+
+def test_new_parameter_count_matches_the_authors_code():
+    # E2_METHOD.md: 5,913,600 new parameters without the two unused modules, for B/32.
+    assert count_new_params(get_config("ViT-B-32"), E2Config()) == (5_913_600, 151_277_313)
+    assert count_new_params(get_config("ViT-B-16"), E2Config()) == (5_913_600, 149_620_737)
