@@ -4,6 +4,8 @@ Reads: an OpenAI TorchScript archive (`ViT-B-32.pt`; a pickle that runs code, so
 `--trust-pickle`), an open_clip state dict (`.pt`/`.bin`/`.safetensors`) and a Hugging Face
 `CLIPModel` folder (`config.json` + `model.safetensors`). Writes an e2_jax model directory
 (see `e2_jax.pretrained`), and exports it back to an open_clip state dict or a HF folder.
+The E² authors' PyTorch checkpoints (`rclip_v2_5.py`: CLIP's keys plus `visual.token_N_embedding`,
+`visual.proj_{q,k,v}[2]`, `visual.ln_sN`, `visual.proj_cls`, `visual.proj_sN`) convert both ways.
 
 Everything goes through one intermediate: a flat `{key: array}` dict in OpenAI's key layout
 (which open_clip shares). Hugging Face keys are renamed into it (splitting / joining q, k, v),
@@ -14,6 +16,8 @@ and `LAYOUT` maps it onto the Flax tree. The architecture is inferred from tenso
     python -m e2_jax.convert to-flax hf_clip_folder/ out/m
     python -m e2_jax.convert from-flax out/m exported.safetensors --format open_clip
     python -m e2_jax.convert from-flax out/m hf_folder/ --format hf
+    python -m e2_jax.convert to-flax authors_e2.pt out/e2 --trust-pickle
+    python -m e2_jax.convert from-flax out/e2 authors_format.pt --format e2_authors
 """
 
 from __future__ import annotations
@@ -27,12 +31,13 @@ import sys
 import zipfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from e2_jax import pretrained
 from e2_jax.models.clip import CLIPConfig, get_config
+from e2_jax.models.e2 import E2Config
 
 Shape = tuple[int, ...]
 
@@ -153,16 +158,20 @@ def _get_path(tree: Mapping, path: str) -> Any:
     return tree
 
 
-def check_keys(shapes: Mapping[str, Shape], config: CLIPConfig, source: str) -> None:
-    """Raises ConversionError listing every missing, unexpected and mis-shaped key."""
-    expected = expected_shapes(config)
+def check_keys(shapes: Mapping[str, Shape], config: CLIPConfig, source: str,
+               extra: Mapping[str, Shape] | None = None) -> None:
+    """Raises ConversionError listing every missing, unexpected and mis-shaped key.
+
+    `extra`: further expected keys beyond CLIP's (E²'s new parameters)."""
+    expected = {**expected_shapes(config), **(extra or {})}
     # In layout order (embeddings and heads before blocks), so the first lines tell the story.
     missing = [k for k in expected if k not in shapes]
     unexpected = [k for k in shapes if k not in expected]
     wrong = [k for k in expected if k in shapes and tuple(shapes[k]) != expected[k]]
     if not (missing or unexpected or wrong):
         return
-    lines = [f"{source} does not match a CLIP with {_describe(config)}:"]
+    what = "an E² model" if extra else "a CLIP"
+    lines = [f"{source} does not match {what} with {_describe(config)}:"]
     if missing:
         lines.append(f"  missing keys ({len(missing)}):")
         lines += [f"    {k} expected shape {expected[k]}" + _closest(k, unexpected) for k in missing[:20]]
@@ -253,6 +262,73 @@ def infer_config(shapes: Mapping[str, Shape], source: str = "checkpoint", **fiel
         return CLIPConfig(**arch)
     except ValueError as e:
         raise ConversionError(f"{source}: inferred an impossible architecture {arch}: {e}") from e
+
+
+# ---------------------------------------------------------------------------------------------
+# The authors' PyTorch E² (`rclip/rclip_v2_5.py`) <-> the Flax E² model.
+
+_AUTHORS_TOKEN = re.compile(r"^visual\.token_(\d+)_embedding$")
+# Modules their model defines but never uses: dropped on import, written back on export.
+_AUTHORS_UNUSED = ("visual.ln_selection.weight", "visual.ln_selection.bias", "visual.proj_cls_mid")
+
+
+def is_authors_e2(keys) -> bool:
+    return any(_AUTHORS_TOKEN.match(k) for k in keys)
+
+
+def authors_e2_layout(e2: E2Config) -> list[tuple[str, str, str]]:
+    """(authors' key, Flax path, kind) of E²'s new parameters, except the selection tokens.
+
+    Their `proj_*` matrices are applied as `x @ W`, as ours: no transposes."""
+    entries = [(f"visual.proj_{n}{suffix}", f"visual/fusion_{block}/proj_{n}", "copy")
+               for block, suffix in ((1, ""), (2, "2")) for n in "qkv"]
+    entries.append(("visual.proj_cls", "visual/proj_cls", "copy"))
+    for g, group in enumerate(e2.groups, start=1):
+        entries += [(f"visual.ln_s{g}.weight", f"visual/region_{group.name}/ln/scale", "copy"),
+                    (f"visual.ln_s{g}.bias", f"visual/region_{group.name}/ln/bias", "copy"),
+                    (f"visual.proj_s{g}", f"visual/region_{group.name}/proj", "copy")]
+    return entries
+
+
+def authors_e2_shapes(config: CLIPConfig, e2: E2Config) -> dict[str, Shape]:
+    w, d = config.vision_width, config.embed_dim
+    shapes = {f"visual.token_{i}_embedding": (w,) for i in range(1, e2.num_tokens + 1)}
+    for key, _, _ in authors_e2_layout(e2):
+        shapes[key] = (w, d) if key == "visual.proj_cls" or key.startswith("visual.proj_s") else (
+            (w,) if ".ln_s" in key else (w, w))
+    return shapes
+
+
+def authors_e2_to_flax(state: Mapping[str, np.ndarray], config: CLIPConfig, e2: E2Config,
+                       source: str = "checkpoint") -> dict:
+    """The authors' state dict -> Flax E² params. Their sequence starts with `token_K` (each
+    token is prepended in turn, `token_1` first), so our row j is their `token_{K-j}`."""
+    state = {k: v for k, v in state.items() if k not in _AUTHORS_UNUSED}
+    check_keys({k: np.shape(v) for k, v in state.items()}, config, source, authors_e2_shapes(config, e2))
+    clip_keys = expected_shapes(config)
+    params = openai_to_flax({k: state[k] for k in clip_keys}, config, source)
+    k = e2.num_tokens
+    tokens = np.stack([np.asarray(state[f"visual.token_{k - j}_embedding"], np.float32) for j in range(k)])
+    _set_path(params, "visual/selection_tokens", tokens)
+    for key, path, kind in authors_e2_layout(e2):
+        _set_path(params, path, np.array(_TO_FLAX[kind](np.asarray(state[key], np.float32)), order="C"))
+    return params
+
+
+def flax_to_authors_e2(params: Mapping, config: CLIPConfig, e2: E2Config) -> dict[str, np.ndarray]:
+    """Flax E² params -> the authors' state dict, unused modules included (LayerNorm at 1 and
+    0, `proj_cls_mid` at 0), so that their model loads it with `strict=True`."""
+    state = flax_to_openai(params, config)
+    tokens = np.asarray(_get_path(params, "visual/selection_tokens"), np.float32)
+    k = e2.num_tokens
+    state.update({f"visual.token_{k - j}_embedding": np.array(tokens[j]) for j in range(k)})
+    for key, path, kind in authors_e2_layout(e2):
+        state[key] = np.array(_TO_TORCH[kind](np.asarray(_get_path(params, path), np.float32)), order="C")
+    w, d = config.vision_width, config.embed_dim
+    state["visual.ln_selection.weight"] = np.ones((w,), np.float32)
+    state["visual.ln_selection.bias"] = np.zeros((w,), np.float32)
+    state["visual.proj_cls_mid"] = np.zeros((w, d), np.float32)
+    return state
 
 
 # ---------------------------------------------------------------------------------------------
@@ -531,26 +607,42 @@ def read_checkpoint(path: str | Path, trust_pickle: bool = False) -> tuple[Tenso
     return tensors, "hf" if any(k.startswith("vision_model.") for k in tensors.shapes) else "open_clip"
 
 
-def load_torch_clip(path: str | Path, *, trust_pickle: bool = False, activation: str | None = None,
-                    model: str | None = None, **config_overrides: Any) -> tuple[CLIPConfig, dict]:
-    """Any supported PyTorch CLIP checkpoint -> (config, Flax params as NumPy arrays).
+class Converted(NamedTuple):
+    config: CLIPConfig
+    params: dict
+    e2: E2Config | None  # set for the authors' E² checkpoints
+
+
+def load_torch(path: str | Path, *, trust_pickle: bool = False, activation: str | None = None,
+               model: str | None = None, e2: E2Config | None = None, **config_overrides: Any) -> Converted:
+    """Any supported PyTorch checkpoint -> (config, Flax params as NumPy arrays, E² config).
 
     `activation` is needed for open_clip state dicts (weights don't show it); OpenAI archives
     are QuickGELU and HF folders say it in config.json. `model` names a preset that the
-    checkpoint must match (an error lists the differences otherwise).
+    checkpoint must match (an error lists the differences otherwise). The authors' E²
+    checkpoints are recognised by their `visual.token_N_embedding` keys; `e2` says how to run
+    them (default: their five groups with `reference_quirks=True`, as they were trained).
     """
     path = Path(path)
     tensors, fmt = read_checkpoint(path, trust_pickle)
     fields: dict[str, Any] = {}
-    shapes = tensors.shapes
+    shapes = dict(tensors.shapes)
     if fmt == "hf":
         if "hf_config" in tensors.metadata:
             fields.update(hf_config_fields(tensors.metadata["hf_config"], str(path)))
         shapes = hf_shapes_to_openai(shapes)
     if fmt == "openai":
         fields["activation"] = "quick_gelu"
+    authors = is_authors_e2(shapes)
+    if authors:
+        fields.setdefault("activation", "quick_gelu")  # the authors fine-tune OpenAI's CLIP
+        e2 = e2 or E2Config(reference_quirks=True)
+        found = sum(1 for k in shapes if _AUTHORS_TOKEN.match(k))
+        if found != e2.num_tokens:
+            raise ConversionError(f"{path} has {found} selection tokens; the groups "
+                                  f"{[g.name for g in e2.groups]} need {e2.num_tokens}")
     if activation is not None:
-        if fields.get("activation", activation) != activation:
+        if fields.get("activation", activation) != activation and not authors:
             raise ConversionError(f"{path} is {fields['activation']} but --activation {activation} was given")
         fields["activation"] = activation
     if "activation" not in fields:
@@ -558,18 +650,24 @@ def load_torch_clip(path: str | Path, *, trust_pickle: bool = False, activation:
             f"{path}: the activation cannot be read from an open_clip state dict; pass --activation "
             "quick_gelu (OpenAI-trained weights, open_clip's *-quickgelu models) or gelu (open_clip's "
             "own models such as ViT-B-16)")
-    config = infer_config(shapes, str(path), **fields).replace(**config_overrides)
+    clip_shapes = {k: v for k, v in shapes.items() if not authors or (
+        k not in _AUTHORS_UNUSED and not k.startswith(("visual.token_", "visual.proj_", "visual.ln_s")))}
+    config = infer_config(clip_shapes, str(path), **fields).replace(**config_overrides)
     if model is not None:
         preset = get_config(model, activation=config.activation)
         try:
-            check_keys(shapes, preset, f"{path} (forced to preset {model})")
+            check_keys(clip_shapes, preset, f"{path} (forced to preset {model})")
         except ConversionError as e:
             raise ConversionError(f"{e}\n  the checkpoint itself looks like: {_describe(config)}") from None
         if preset.architecture() != config.architecture():
             diff = {k: (v, preset.architecture()[k]) for k, v in config.architecture().items()
                     if preset.architecture()[k] != v}
             raise ConversionError(f"{path} differs from preset {model}: (checkpoint, preset) {diff}")
-    check_keys(shapes, config, str(path))
+    if authors:
+        check_keys({k: v for k, v in shapes.items() if k not in _AUTHORS_UNUSED}, config, str(path),
+                   authors_e2_shapes(config, e2))
+    else:
+        check_keys(shapes, config, str(path))
     for key in _OPENAI_METADATA:
         if key in tensors.metadata:
             found = int(tensors.metadata[key])
@@ -580,42 +678,62 @@ def load_torch_clip(path: str | Path, *, trust_pickle: bool = False, activation:
     state = tensors.arrays()
     if fmt == "hf":
         state = hf_to_openai(state)
-    return config, openai_to_flax(state, config, str(path))
+    if authors:
+        return Converted(config, authors_e2_to_flax(state, config, e2, str(path)), e2)
+    return Converted(config, openai_to_flax(state, config, str(path)), None)
+
+
+def load_torch_clip(path: str | Path, **kwargs: Any) -> tuple[CLIPConfig, dict]:
+    """`load_torch` for CLIP checkpoints: (config, params)."""
+    converted = load_torch(path, **kwargs)
+    if converted.e2 is not None:
+        raise ConversionError(f"{path} is an E² checkpoint, not a CLIP: use load_torch")
+    return converted.config, converted.params
 
 
 # ---------------------------------------------------------------------------------------------
 # Writing.
 
-def to_flax(src: str | Path, out: str | Path, *, overwrite: bool = False, **kwargs: Any) -> CLIPConfig:
+def to_flax(src: str | Path, out: str | Path, *, overwrite: bool = False, **kwargs: Any) -> Converted:
     """Converts a PyTorch checkpoint into an e2_jax model directory (config.json + params/)."""
-    config, params = load_torch_clip(src, **kwargs)
-    pretrained.save(out, config, params, overwrite=overwrite)
-    return config
+    converted = load_torch(src, **kwargs)
+    pretrained.save(out, converted.config, converted.params, overwrite=overwrite, e2=converted.e2)
+    return converted
 
 
-def export_open_clip(config: CLIPConfig, params: Mapping, out: str | Path, *,
-                     overwrite: bool = False) -> Path:
-    """Writes an open_clip/OpenAI-layout state dict: `.safetensors`, or `.pt`/`.bin` via torch."""
+def write_state_dict(state: Mapping[str, np.ndarray], out: str | Path, *, overwrite: bool = False) -> Path:
+    """A PyTorch-style state dict: `.safetensors`, or `.pt`/`.bin` via torch; written atomically."""
     out = Path(out)
-    state = flax_to_openai(params, config)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists; choose another output or pass --overwrite")
+    if out.suffix not in (".safetensors", ".pt", ".bin", ".pth"):
+        raise ConversionError(f"{out}: use a .safetensors, .pt or .bin file name")
     tmp = out.parent / f".{out.name}.partial"
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
         if out.suffix == ".safetensors":
             from safetensors.numpy import save_file
 
-            save_file(state, str(tmp), metadata={"format": "pt"})
-        elif out.suffix in (".pt", ".bin", ".pth"):
-            torch = _import_torch()
-            torch.save({k: torch.from_numpy(v) for k, v in state.items()}, str(tmp))
+            save_file(dict(state), str(tmp), metadata={"format": "pt"})
         else:
-            raise ConversionError(f"{out}: use a .safetensors, .pt or .bin file name")
+            torch = _import_torch()
+            torch.save({k: torch.from_numpy(np.asarray(v)) for k, v in state.items()}, str(tmp))
         tmp.replace(out)
     finally:
         tmp.unlink(missing_ok=True)
     return out
+
+
+def export_open_clip(config: CLIPConfig, params: Mapping, out: str | Path, *,
+                     overwrite: bool = False) -> Path:
+    """Writes an open_clip/OpenAI-layout state dict (`.safetensors`, `.pt`, `.bin`)."""
+    return write_state_dict(flax_to_openai(params, config), out, overwrite=overwrite)
+
+
+def export_authors_e2(config: CLIPConfig, e2: E2Config, params: Mapping, out: str | Path, *,
+                      overwrite: bool = False) -> Path:
+    """Writes an E² model in the authors' state-dict format (`.pt` or `.safetensors`)."""
+    return write_state_dict(flax_to_authors_e2(params, config, e2), out, overwrite=overwrite)
 
 
 def export_hf(config: CLIPConfig, params: Mapping, out: str | Path, *, overwrite: bool = False) -> Path:
@@ -644,25 +762,36 @@ def main(argv: list[str] | None = None) -> int:
     imp.add_argument("--model", help="preset the checkpoint must match, e.g. ViT-B-16")
     imp.add_argument("--vision-heads", type=int, help="default: width // 64 (OpenAI's rule)")
     imp.add_argument("--text-heads", type=int, help="default: width // 64 (OpenAI's rule)")
+    imp.add_argument("--no-reference-quirks", action="store_true",
+                     help="authors' E² checkpoints: run them without their code's quirks")
     imp.add_argument("--overwrite", action="store_true")
-    exp = sub.add_parser("from-flax", help="e2_jax model directory -> open_clip or HF checkpoint")
+    exp = sub.add_parser("from-flax", help="e2_jax model directory -> open_clip, HF or E² authors' checkpoint")
     exp.add_argument("src", help="e2_jax model directory")
-    exp.add_argument("out", help="file (.safetensors/.pt) for open_clip, folder for hf")
-    exp.add_argument("--format", choices=["open_clip", "hf"], required=True)
+    exp.add_argument("out", help="file (.safetensors/.pt) for open_clip and e2_authors, folder for hf")
+    exp.add_argument("--format", choices=["open_clip", "hf", "e2_authors"], required=True)
     exp.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
     try:
         if args.command == "to-flax":
             heads = {k: v for k, v in (("vision_heads", args.vision_heads),
                                        ("text_heads", args.text_heads)) if v is not None}
-            config = to_flax(args.src, args.out, trust_pickle=args.trust_pickle,
-                             activation=args.activation, model=args.model, overwrite=args.overwrite,
-                             **heads)
-            print(f"wrote {args.out}: {_describe(config)}, activation {config.activation}")
+            e2 = E2Config(reference_quirks=False) if args.no_reference_quirks else None
+            converted = to_flax(args.src, args.out, trust_pickle=args.trust_pickle, activation=args.activation,
+                                model=args.model, overwrite=args.overwrite, e2=e2, **heads)
+            kind = "E² model" if converted.e2 else "CLIP"
+            print(f"wrote {args.out}: {kind}, {_describe(converted.config)}, "
+                  f"activation {converted.config.activation}")
         else:
             config, params = pretrained.load(args.src)
-            export = export_open_clip if args.format == "open_clip" else export_hf
-            export(config, params, args.out, overwrite=args.overwrite)
+            e2 = pretrained.load_e2_config(args.src)
+            if (args.format == "e2_authors") != (e2 is not None):
+                raise ConversionError(f"{args.src} is {'an E² model' if e2 else 'a CLIP'}: "
+                                      f"--format {args.format} does not fit it")
+            if args.format == "e2_authors":
+                export_authors_e2(config, e2, params, args.out, overwrite=args.overwrite)
+            else:
+                export = export_open_clip if args.format == "open_clip" else export_hf
+                export(config, params, args.out, overwrite=args.overwrite)
             print(f"wrote {args.out} ({args.format})")
     except (ConversionError, FileNotFoundError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -1,4 +1,5 @@
-"""A converted model on disk: `config.json` (the model config) + `params/` (an Orbax checkpoint).
+"""A converted model on disk: `config.json` (the CLIP config), `e2.json` (E²'s config, for E²
+models only) and `params/` (an Orbax checkpoint of the Flax parameters).
 
 This is what `python -m e2_jax.convert` writes and what training and evaluation start from.
 Directories are written atomically: into a hidden sibling first, renamed into place only once
@@ -8,6 +9,7 @@ complete, so an interrupted write never leaves a half-written model behind.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import uuid
@@ -19,8 +21,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from e2_jax.models.clip import CLIPConfig, param_shapes
+from e2_jax.models.e2 import E2Config, init_e2_params
 
 CONFIG_FILE = "config.json"
+E2_FILE = "e2.json"
 PARAMS_DIR = "params"
 
 
@@ -50,10 +54,13 @@ def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterat
         shutil.rmtree(old) if old.is_dir() else old.unlink()
 
 
-def save(path: str | os.PathLike, config: CLIPConfig, params: dict, overwrite: bool = False) -> Path:
-    """Writes `config.json` and the Orbax checkpoint of `params` to the directory `path`."""
+def save(path: str | os.PathLike, config: CLIPConfig, params: dict, overwrite: bool = False,
+         e2: E2Config | None = None) -> Path:
+    """Writes `config.json` (+ `e2.json`) and the Orbax checkpoint of `params` to `path`."""
     with atomic_directory(path, overwrite=overwrite) as tmp:
         (tmp / CONFIG_FILE).write_text(config.to_json() + "\n")
+        if e2 is not None:
+            (tmp / E2_FILE).write_text(json.dumps(e2.to_dict(), indent=2, sort_keys=True) + "\n")
         checkpointer = ocp.StandardCheckpointer()
         checkpointer.save(tmp / PARAMS_DIR, params)
         checkpointer.wait_until_finished()
@@ -71,10 +78,21 @@ def load_config(path: str | os.PathLike) -> CLIPConfig:
     return CLIPConfig.from_json(config_file.read_text())
 
 
+def load_e2_config(path: str | os.PathLike) -> E2Config | None:
+    """E²'s config of a saved E² model, None for a CLIP."""
+    e2_file = Path(path) / E2_FILE
+    return E2Config.from_dict(json.loads(e2_file.read_text())) if e2_file.is_file() else None
+
+
 def load(path: str | os.PathLike, **config_overrides) -> tuple[CLIPConfig, dict]:
-    """Reads a model written by `save`. Overrides change computation only (e.g. compute_dtype)."""
+    """Reads a model written by `save` (CLIP or E²; `load_e2_config` tells which). Overrides
+    change computation only (e.g. compute_dtype)."""
     config = load_config(path).replace(**config_overrides)
-    abstract = param_shapes(config)
+    e2 = load_e2_config(path)
+    if e2 is None:
+        abstract = param_shapes(config)
+    else:
+        abstract = jax.eval_shape(lambda rng: init_e2_params(config, e2, rng), jax.random.key(0))
     params = ocp.StandardCheckpointer().restore(Path(path).absolute() / PARAMS_DIR, abstract)
     return config, params
 

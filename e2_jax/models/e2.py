@@ -341,3 +341,20 @@ def count_new_params(config: CLIPConfig, e2: E2Config) -> tuple[int, int]:
     total = sum(math.prod(x.shape) for x in jax.tree.leaves(shapes))
     clip = count_params(config)
     return total - clip, clip
+
+
+def main() -> None:
+    """`python -m e2_jax.models.e2`: the parameters E² adds to each CLIP preset."""
+    from e2_jax.models.clip import get_config
+
+    print("| CLIP | groups | selection tokens | CLIP parameters | E² adds | share of CLIP |")
+    print("|---|---|---|---|---|---|")
+    for preset in ("ViT-B-32", "ViT-B-16", "ViT-L-14"):
+        for label, groups in (("authors' five", AUTHORS_GROUPS), ("paper's four", PAPER_GROUPS)):
+            e2 = E2Config(groups=groups)
+            new, clip = count_new_params(get_config(preset), e2)
+            print(f"| {preset} | {label} | {e2.num_tokens} | {clip:,} | {new:,} | {new / clip:.2%} |")
+
+
+if __name__ == "__main__":
+    main()

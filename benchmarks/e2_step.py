@@ -1,0 +1,120 @@
+"""Forward + backward time of E²'s loss step against the same step of plain CLIP fine-tuning.
+
+    python -m benchmarks.e2_step --model ViT-B-32 --batch 16 --repeats 3
+    python -m benchmarks.e2_step --model tiny --batch 64 --repeats 5
+
+One run, same machine, same images and global texts (the E² global text of FashionGen-like
+records at 77 tokens); variants are timed interleaved, median of `--repeats` after a warm-up.
+Each step is `jax.value_and_grad` of the loss over every parameter (no optimizer update).
+
+- CLIP-FT: global InfoNCE only (E2Config(selection_tokens=False)).
+- E² "naive": every region text encoded at 77 tokens, one row per item (as the authors do).
+- E² "cheap": each group's tags trimmed to the batch's longest tag (rounded up to 8 tokens)
+  and de-duplicated (`e2_jax.data.region_texts`), for the authors' five groups and the
+  paper's four entities.
+
+Also printed: the step's FLOPs as XLA counts them (`cost_analysis`), to compare with the floor
+set by arithmetic in docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from e2_jax import losses
+from e2_jax.data.region_texts import dedupe, trim
+from e2_jax.data.tokenizer import CLIPTokenizer
+from e2_jax.models.clip import get_config
+from e2_jax.models.e2 import AUTHORS_GROUPS, PAPER_GROUPS, E2Config, E2Model, init_e2_params
+from tests.fashion_texts import fashion_records
+
+
+def make_step(config, e2):
+    model = E2Model(config, e2)
+
+    def loss_fn(params, images, tokens, region_inputs, key):
+        out = model.apply({"params": params}, images, True, method=E2Model.encode_image, rngs={"gumbel": key})
+        text = model.apply({"params": params}, tokens, method=E2Model.encode_text)
+        regions = None
+        if e2.selection_tokens:
+            regions = jnp.stack([model.apply({"params": params}, unique, method=E2Model.encode_text)[inverse]
+                                 for unique, inverse in region_inputs], axis=1)
+        return losses.e2_loss(out.global_embedding, text, out.region_embeddings, regions,
+                              params["logit_scale"])[0]
+
+    return jax.jit(jax.value_and_grad(loss_fn))
+
+
+def region_inputs(records, groups, cheap: bool):
+    tokenizer = CLIPTokenizer()
+    inputs = []
+    for group in groups:
+        tokens = tokenizer([r[group.text_field] for r in records])
+        if cheap:
+            unique, inverse = dedupe(trim(tokens))
+        else:
+            unique, inverse = tokens, np.arange(len(tokens), dtype=np.int32)
+        inputs.append((jnp.asarray(unique), jnp.asarray(inverse)))
+    return inputs
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="ViT-B-32")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+
+    config = get_config(args.model)
+    records = fashion_records(args.batch, seed=0)
+    global_texts = [".".join([r["composition"], r["subcategory"], r["brand"], r["season"], r["description"]])
+                    for r in records]
+    images = jax.random.normal(jax.random.key(0), (args.batch, config.image_size, config.image_size, 3))
+    tokens = jnp.asarray(CLIPTokenizer()(global_texts))
+    key = jax.random.key(1)
+
+    variants = {"CLIP-FT": (E2Config(selection_tokens=False), [])}
+    for label, groups in (("5 groups", AUTHORS_GROUPS), ("4 entities", PAPER_GROUPS)):
+        for cheap in (False, True):
+            name = f"E² {label}, {'cheap' if cheap else 'naive'} region texts"
+            variants[name] = (E2Config(groups=groups), region_inputs(records, groups, cheap))
+
+    runs, flops, shapes = {}, {}, {}
+    for name, (e2, inputs) in variants.items():
+        params = init_e2_params(config, e2, jax.random.key(0))
+        step = make_step(config, e2)
+        call_args = (params, images, tokens, inputs, key)
+        cost = step.lower(*call_args).compile().cost_analysis()
+        flops[name] = (cost[0] if isinstance(cost, list) else cost).get("flops", float("nan"))
+        shapes[name] = " ".join(f"{u.shape[0]}x{u.shape[1]}" for u, _ in inputs) or "-"
+        runs[name] = lambda step=step, call_args=call_args: jax.block_until_ready(step(*call_args))
+        runs[name]()  # warm-up
+    seconds = {name: [] for name in runs}
+    for _ in range(args.repeats):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            seconds[name].append(time.perf_counter() - start)
+
+    base_time = statistics.median(seconds["CLIP-FT"])
+    print(f"model {args.model}, batch {args.batch}, float32, median of {args.repeats}; machine "
+          f"{platform.machine()}, {os.cpu_count()} CPUs; jax {jax.__version__}")
+    print("| step | region texts encoded (rows x tokens per group) | s/step | vs CLIP-FT | XLA GFLOPs | "
+          "FLOPs vs CLIP-FT |")
+    print("|---|---|---|---|---|---|")
+    for name in runs:
+        t = statistics.median(seconds[name])
+        print(f"| {name} | {shapes[name]} | {t:.3f} | {t / base_time:.2f}x | {flops[name] / 1e9:.1f} | "
+              f"{flops[name] / flops['CLIP-FT']:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
