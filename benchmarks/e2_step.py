@@ -9,9 +9,9 @@ Each step is `jax.value_and_grad` of the loss over every parameter (no optimizer
 
 - CLIP-FT: global InfoNCE only (E2Config(selection_tokens=False)).
 - E² "naive": every region text encoded at 77 tokens, one row per item (as the authors do).
-- E² "cheap": each group's tags trimmed to the batch's longest tag (rounded up to 8 tokens)
-  and de-duplicated (`e2_jax.data.region_texts`), for the authors' five groups and the
-  paper's four entities.
+- E² "short contexts": each group's tags trimmed to the batch's longest tag (rounded up to
+  8 tokens); "de-duplicated": each distinct tag encoded once; and both
+  (`e2_jax.data.region_texts`), for the authors' five groups and the paper's four entities.
 
 Also printed: the step's FLOPs as XLA counts them (`cost_analysis`), to compare with the floor
 set by arithmetic in docs/benchmarks.md.
@@ -53,16 +53,18 @@ def make_step(config, e2):
     return jax.jit(jax.value_and_grad(loss_fn))
 
 
-def region_inputs(records, groups, cheap: bool):
+def region_inputs(records, groups, short: bool, unique: bool):
     tokenizer = CLIPTokenizer()
     inputs = []
     for group in groups:
         tokens = tokenizer([r[group.text_field] for r in records])
-        if cheap:
-            unique, inverse = dedupe(trim(tokens))
+        if short:
+            tokens = trim(tokens)
+        if unique:
+            rows, inverse = dedupe(tokens)
         else:
-            unique, inverse = tokens, np.arange(len(tokens), dtype=np.int32)
-        inputs.append((jnp.asarray(unique), jnp.asarray(inverse)))
+            rows, inverse = tokens, np.arange(len(tokens), dtype=np.int32)
+        inputs.append((jnp.asarray(rows), jnp.asarray(inverse)))
     return inputs
 
 
@@ -71,6 +73,8 @@ def main() -> None:
     parser.add_argument("--model", default="ViT-B-32")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--modes", default="naive,short contexts,de-duplicated,short + de-duplicated",
+                        help="which region-text modes to time, comma-separated")
     args = parser.parse_args()
 
     config = get_config(args.model)
@@ -82,10 +86,12 @@ def main() -> None:
     key = jax.random.key(1)
 
     variants = {"CLIP-FT": (E2Config(selection_tokens=False), [])}
+    modes = {"naive": (False, False), "short contexts": (True, False), "de-duplicated": (False, True),
+             "short + de-duplicated": (True, True)}
     for label, groups in (("5 groups", AUTHORS_GROUPS), ("4 entities", PAPER_GROUPS)):
-        for cheap in (False, True):
-            name = f"E² {label}, {'cheap' if cheap else 'naive'} region texts"
-            variants[name] = (E2Config(groups=groups), region_inputs(records, groups, cheap))
+        for mode in args.modes.split(","):
+            variants[f"E² {label}, {mode}"] = (E2Config(groups=groups),
+                                               region_inputs(records, groups, *modes[mode]))
 
     runs, flops, shapes = {}, {}, {}
     for name, (e2, inputs) in variants.items():
