@@ -1,0 +1,291 @@
+"""SynthFashion: procedural product photos and FashionGen-like records, with no download.
+
+Built so that E²'s claim is measurable on a CPU. The dominant look of a product (its
+sub-category's silhouette and its colour) is shared by many products, while the entities E²
+attends to live in small regions:
+
+- **brand**: a small logo on the chest (a glyph shape in a colour, one pair per brand);
+- **composition**: a care label inside the neck on the back view (stripes: count and colour);
+- **season**: a small hang tag at the hem (colour and number of dots).
+
+Products come in families of the same sub-category and colour that differ only in those
+details (hard negatives). Each product has `views` images: front, back, and a detail crop of
+the chest and label. Everything is a pure function of (config, split, index): the same seed
+gives the same dataset, byte for byte, and train and validation products are disjoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+SUBCATEGORIES = ("T-SHIRTS", "SHIRTS", "SWEATERS", "DRESSES", "SKIRTS", "PANTS", "JACKETS & COATS", "TOPS")
+_GARMENT_NOUN = {"T-SHIRTS": "t-shirt", "SHIRTS": "shirt", "SWEATERS": "sweater", "DRESSES": "dress",
+                 "SKIRTS": "skirt", "PANTS": "trousers", "JACKETS & COATS": "coat", "TOPS": "top"}
+_CATEGORY = {"T-SHIRTS": "TOPS", "SHIRTS": "TOPS", "SWEATERS": "KNITWEAR", "DRESSES": "DRESSES",
+             "SKIRTS": "SKIRTS", "PANTS": "PANTS", "JACKETS & COATS": "OUTERWEAR", "TOPS": "TOPS"}
+COLOURS = {"black": (0.12, 0.12, 0.13), "white": (0.93, 0.93, 0.9), "navy": (0.12, 0.17, 0.38),
+           "red": (0.72, 0.12, 0.13), "olive": (0.42, 0.45, 0.2), "camel": (0.76, 0.6, 0.4),
+           "grey": (0.55, 0.56, 0.58), "burgundy": (0.45, 0.1, 0.2)}
+COMPOSITIONS = ("100% cotton.", "96% cotton, 4% elastane.", "100% wool.", "70% wool, 30% polyamide.",
+                "100% polyester.", "55% linen, 45% cotton.", "100% silk.", "80% viscose, 20% nylon.",
+                "100% cashmere.", "60% cotton, 40% polyester.")
+SEASONS = ("SS2015", "FW2015", "SS2016", "FW2016", "SS2017", "FW2017")
+_GLYPHS = ("disc", "square", "triangle", "diamond", "cross", "ring")
+_ACCENTS = ((0.95, 0.8, 0.1), (0.1, 0.65, 0.9), (0.95, 0.35, 0.6), (0.2, 0.8, 0.35))
+_BRAND_FIRST = ("Maison", "Atelier", "Studio", "Casa", "Haus", "Officine")
+_BRAND_LAST = ("Vérane", "Kobo", "Lindqvist", "Arden", "Solène", "Mirö", "Baxter", "Orsini")
+_FITS = ("Relaxed-fit", "Slim-fit", "Oversized", "Cropped", "Regular-fit")
+_DETAILS = ("Tonal stitching.", "Dropped shoulders.", "Ribbed cuffs and hem.", "Welt pockets.",
+            "Concealed button closure.", "Raw-edge hem.", "Logo at chest.", "Care label at neck.")
+
+
+@dataclasses.dataclass(frozen=True)
+class SynthConfig:
+    """What SynthFashion generates. Difficulty: `detail_size` (logo, label and tag size as a
+    fraction of the image side), `num_brands` (at most 24), `clutter` (background texture)."""
+
+    image_size: int = 128
+    views: int = 3
+    num_train: int = 10_000
+    num_validation: int = 1_000
+    num_brands: int = 24
+    detail_size: float = 0.14
+    clutter: float = 0.25
+    family_size: int = 6  # products sharing sub-category and colour, differing in details
+    seed: int = 0
+
+    def replace(self, **changes: Any) -> SynthConfig:
+        return dataclasses.replace(self, **changes)
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.num_brands <= len(_GLYPHS) * len(_ACCENTS):
+            raise ValueError(f"num_brands must be in 1..{len(_GLYPHS) * len(_ACCENTS)}, got {self.num_brands}")
+        if not 1 <= self.views <= 3:
+            raise ValueError(f"views must be 1 (front), 2 (+back) or 3 (+detail), got {self.views}")
+        if self.image_size < 32:
+            raise ValueError(f"image_size must be at least 32 pixels, got {self.image_size}")
+
+
+def brand_names(n: int) -> list[str]:
+    names = [f"{first} {last}" for last in _BRAND_LAST for first in _BRAND_FIRST]
+    return names[:n]
+
+
+def _split_offset(split: str, config: SynthConfig) -> int:
+    # Validation products are numbered after the training ones: disjoint by construction.
+    return {"train": 0, "validation": config.num_train}[split]
+
+
+def product_record(config: SynthConfig, split: str, index: int) -> dict[str, Any]:
+    """The attributes and texts of one product (no pixels)."""
+    product_id = _split_offset(split, config) + index
+    rng = np.random.default_rng([config.seed, product_id, 0])
+    family = np.random.default_rng([config.seed, product_id // config.family_size, 1])
+    subcategory = SUBCATEGORIES[family.integers(len(SUBCATEGORIES))]
+    colour = list(COLOURS)[family.integers(len(COLOURS))]
+    brand_id = int(rng.integers(config.num_brands))
+    composition_id = int(rng.integers(len(COMPOSITIONS)))
+    season_id = int(rng.integers(len(SEASONS)))
+    garment = _GARMENT_NOUN[subcategory]
+    details = " ".join(rng.choice(_DETAILS, size=int(rng.integers(1, 4)), replace=False))
+    return {
+        "product_id": product_id,
+        "subcategory_id": SUBCATEGORIES.index(subcategory), "colour_id": list(COLOURS).index(colour),
+        "brand_id": brand_id, "composition_id": composition_id, "season_id": season_id,
+        "name": f"{colour.capitalize()} {garment}",
+        "description": f"{rng.choice(_FITS)} {garment} in {colour}. {details}",
+        "caption": f"a {colour} {garment}",  # generic: what plain CLIP pre-training would see
+        "brand": brand_names(config.num_brands)[brand_id],
+        "category": _CATEGORY[subcategory],
+        "subcategory": subcategory,
+        "composition": COMPOSITIONS[composition_id],
+        "season": SEASONS[season_id],
+        "gender": "WOMEN" if subcategory in ("DRESSES", "SKIRTS") or rng.random() < 0.5 else "MEN",
+    }
+
+
+# --- Rendering ----------------------------------------------------------------------------------
+
+
+def _silhouette(subcategory: str, y: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """Mask of the garment in unit coordinates (y down, x right, both in [0, 1])."""
+    cx = np.abs(x - 0.5)
+    if subcategory in ("T-SHIRTS", "TOPS", "SHIRTS", "SWEATERS", "JACKETS & COATS"):
+        bottom = {"JACKETS & COATS": 0.95, "TOPS": 0.72}.get(subcategory, 0.85)
+        sleeve_end = {"T-SHIRTS": 0.38, "TOPS": 0.3}.get(subcategory, 0.8)
+        body = (cx < 0.2) & (y > 0.15) & (y < bottom)
+        sleeves = (cx < 0.2 + 0.22 * np.clip((y - 0.15) / 0.1, 0, 1)) & (y > 0.15) & (y < sleeve_end) & (cx > 0.15)
+        sleeves &= cx < 0.2 + 0.12 + 0.08 * (subcategory in ("SHIRTS", "SWEATERS", "JACKETS & COATS"))
+        neck = (cx < 0.07) & (y < 0.2)
+        return (body | sleeves) & ~neck
+    if subcategory == "DRESSES":
+        half_width = 0.12 + 0.25 * np.clip((y - 0.3) / 0.65, 0, 1)
+        return (cx < half_width) & (y > 0.12) & (y < 0.95) & ~((cx < 0.06) & (y < 0.18))
+    if subcategory == "SKIRTS":
+        return (cx < 0.15 + 0.22 * np.clip((y - 0.3) / 0.5, 0, 1)) & (y > 0.3) & (y < 0.8)
+    # PANTS: a waistband and two legs.
+    legs = (cx < 0.22) & (cx > 0.02 + 0.02 * np.clip((y - 0.3) / 0.6, 0, 1)) & (y > 0.25) & (y < 0.95)
+    return legs | ((cx < 0.22) & (y > 0.12) & (y < 0.32))
+
+
+def _glyph(shape: str, y: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """Mask of a logo glyph in coordinates centred on 0 with radius 1."""
+    r = np.hypot(x, y)
+    return {
+        "disc": r < 1,
+        "square": np.maximum(np.abs(x), np.abs(y)) < 0.85,
+        "triangle": (y < 0.8) & (y > -0.9 + 2 * np.abs(x)),
+        "diamond": np.abs(x) + np.abs(y) < 1,
+        "cross": (np.minimum(np.abs(x), np.abs(y)) < 0.3) & (np.maximum(np.abs(x), np.abs(y)) < 1),
+        "ring": (r < 1) & (r > 0.55),
+    }[shape]
+
+
+class _Canvas:
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.y, self.x = (np.mgrid[0:size, 0:size] + 0.5) / size
+        self.pixels = np.zeros((size, size, 3), np.float32)
+
+    def paint(self, mask: np.ndarray, colour) -> None:
+        self.pixels[mask] = colour
+
+    def box(self, cy: float, cx: float, h: float, w: float) -> np.ndarray:
+        return (np.abs(self.y - cy) < h / 2) & (np.abs(self.x - cx) < w / 2)
+
+
+def _background(canvas: _Canvas, rng: np.random.Generator, clutter: float) -> None:
+    base = 0.82 + 0.12 * rng.random(3)
+    gradient = 0.08 * (canvas.y[..., None] - 0.5)
+    blobs = np.zeros_like(canvas.y)
+    for _ in range(int(6 * clutter * 4)):
+        cy, cx, s = rng.random(), rng.random(), 0.03 + 0.1 * rng.random()
+        blobs += np.exp(-((canvas.y - cy) ** 2 + (canvas.x - cx) ** 2) / (2 * s * s)) * rng.uniform(-1, 1)
+    canvas.pixels[:] = base + gradient + clutter * 0.25 * blobs[..., None]
+
+
+def _garment(canvas: _Canvas, record: dict, rng: np.random.Generator, back: bool) -> tuple[float, float]:
+    """Draws the garment, slightly jittered; returns its (scale, shift) for the details."""
+    scale, shift = 1 + 0.06 * rng.standard_normal(), 0.03 * rng.standard_normal()
+    y, x = (canvas.y - 0.5) / scale + 0.5, (canvas.x - 0.5 - shift) / scale + 0.5
+    mask = _silhouette(SUBCATEGORIES[record["subcategory_id"]], y, x)
+    colour = np.array(list(COLOURS.values())[record["colour_id"]], np.float32)
+    shade = 1 - 0.12 * (x - 0.5) - (0.05 if back else 0) + 0.03 * np.sin(y * 40)
+    canvas.pixels[mask] = np.clip(colour * shade[mask, None], 0, 1)
+    return scale, shift
+
+
+def _anchor(subcategory: str, part: str) -> tuple[float, float]:
+    """Unit (y, x) of the logo (chest), the care label (neck) and the hang tag (hem)."""
+    top = {"SKIRTS": 0.36, "PANTS": 0.2}.get(subcategory, 0.3)
+    hem = {"SKIRTS": 0.74, "PANTS": 0.88, "TOPS": 0.66}.get(subcategory, 0.8)
+    return {"logo": (top + 0.02, 0.6), "label": (top - 0.06, 0.5), "tag": (hem, 0.36)}[part]
+
+
+def _place(anchor, scale: float, shift: float) -> tuple[float, float]:
+    return (anchor[0] - 0.5) * scale + 0.5, (anchor[1] - 0.5) * scale + 0.5 + shift
+
+
+def _logo(canvas: _Canvas, record: dict, at, size: float) -> None:
+    glyph = _GLYPHS[record["brand_id"] % len(_GLYPHS)]
+    accent = _ACCENTS[record["brand_id"] // len(_GLYPHS)]
+    radius = size / 2
+    canvas.paint(canvas.box(at[0], at[1], size * 1.15, size * 1.15), (0.97, 0.97, 0.97))
+    canvas.paint(_glyph(glyph, (canvas.y - at[0]) / radius, (canvas.x - at[1]) / radius), accent)
+
+
+def _label(canvas: _Canvas, record: dict, at, size: float) -> None:
+    """Care label: white, with 1-5 stripes in one of two colours (10 compositions)."""
+    h, w = size * 1.1, size * 0.9
+    canvas.paint(canvas.box(at[0], at[1], h, w), (0.98, 0.98, 0.95))
+    stripes = record["composition_id"] % 5 + 1
+    colour = (0.1, 0.1, 0.1) if record["composition_id"] < 5 else (0.85, 0.15, 0.15)
+    for i in range(stripes):
+        cy = at[0] - h / 2 + h * (i + 1) / (stripes + 1)
+        canvas.paint(canvas.box(cy, at[1], h / (2.5 * (stripes + 1)), w * 0.7), colour)
+
+
+def _tag(canvas: _Canvas, record: dict, at, size: float) -> None:
+    """Hang tag: one of three colours with one or two dots (6 seasons)."""
+    colour = ((0.95, 0.55, 0.1), (0.3, 0.5, 0.95), (0.55, 0.85, 0.3))[record["season_id"] % 3]
+    canvas.paint(canvas.box(at[0], at[1], size, size * 0.8), colour)
+    dots = record["season_id"] // 3 + 1
+    for i in range(dots):
+        cx = at[1] - size * 0.2 + size * 0.4 * i if dots == 2 else at[1]
+        canvas.paint(np.hypot(canvas.y - at[0], canvas.x - cx) < size * 0.14, (0.05, 0.05, 0.05))
+
+
+def render_views(config: SynthConfig, record: dict) -> np.ndarray:
+    """uint8 [views, size, size, 3]: front (logo, tag), back (care label, tag), detail crop."""
+    rng = np.random.default_rng([config.seed, record["product_id"], 2])
+    subcategory = SUBCATEGORIES[record["subcategory_id"]]
+    size = config.detail_size
+    views = []
+    for view in range(min(config.views, 2)):
+        canvas = _Canvas(config.image_size)
+        _background(canvas, rng, config.clutter)
+        scale, shift = _garment(canvas, record, rng, back=view == 1)
+        if view == 0:
+            _logo(canvas, record, _place(_anchor(subcategory, "logo"), scale, shift), size * scale)
+        else:
+            _label(canvas, record, _place(_anchor(subcategory, "label"), scale, shift), size * scale)
+        _tag(canvas, record, _place(_anchor(subcategory, "tag"), scale, shift), size * 0.8 * scale)
+        views.append(canvas.pixels)
+    if config.views == 3:
+        # Detail: the upper garment of the front view, twice as large, with the care label
+        # folded out beside the logo.
+        canvas = _Canvas(config.image_size)
+        canvas.pixels[:] = views[0]
+        _label(canvas, record, _place(_anchor(subcategory, "logo"), 1.0, -0.2), size)
+        half = config.image_size // 2
+        top = int(np.clip((_anchor(subcategory, "logo")[0] - 0.25) * config.image_size, 0, half))
+        crop = canvas.pixels[top : top + half, half // 2 : half // 2 + half]
+        views.append(np.repeat(np.repeat(crop, 2, axis=0), 2, axis=1))
+    noise = rng.normal(0, 0.01, (len(views), config.image_size, config.image_size, 3))
+    return (np.clip(np.stack(views) + noise, 0, 1) * 255 + 0.5).astype(np.uint8)
+
+
+def product(config: SynthConfig, split: str, index: int) -> dict[str, Any]:
+    """One product: its record plus `images` (uint8 [views, size, size, 3])."""
+    record = product_record(config, split, index)
+    return {**record, "images": render_views(config, record)}
+
+
+def num_products(config: SynthConfig, split: str) -> int:
+    return {"train": config.num_train, "validation": config.num_validation}[split]
+
+
+def contact_sheet(config: SynthConfig, indices: list[int], split: str = "train") -> tuple[np.ndarray, list[dict]]:
+    """A picture of some products (one row each: front, back, detail) and their records."""
+    products = [product(config, split, i) for i in indices]
+    rows = [np.concatenate(list(p["images"]), axis=1) for p in products]
+    return np.concatenate(rows, axis=0), [{k: v for k, v in p.items() if k != "images"} for p in products]
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m e2_jax.data.synth_fashion --out sheet.png`: sample products and records."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m e2_jax.data.synth_fashion", description=main.__doc__)
+    parser.add_argument("--out", required=True, help="PNG file to write")
+    parser.add_argument("--indices", default="0,1,2,6,12,18,24,30",
+                        help="products to show (0-2 share a family: the same look, other details)")
+    parser.add_argument("--image-size", type=int, default=128)
+    args = parser.parse_args(argv)
+    import tensorflow as tf
+
+    indices = [int(i) for i in args.indices.split(",")]
+    sheet, records = contact_sheet(SynthConfig(image_size=args.image_size), indices)
+    tf.io.write_file(args.out, tf.io.encode_png(sheet))
+    fields = ("product_id", "subcategory", "name", "brand", "composition", "season", "description")
+    print("| " + " | ".join(fields) + " |")
+    print("|" + "---|" * len(fields))
+    for record in records:
+        print("| " + " | ".join(str(record[f]) for f in fields) + " |")
+
+
+if __name__ == "__main__":
+    main()
