@@ -293,9 +293,10 @@ def authors_e2_layout(e2: E2Config) -> list[tuple[str, str, str]]:
 def authors_e2_shapes(config: CLIPConfig, e2: E2Config) -> dict[str, Shape]:
     w, d = config.vision_width, config.embed_dim
     shapes = {f"visual.token_{i}_embedding": (w,) for i in range(1, e2.num_tokens + 1)}
-    for key, _, _ in authors_e2_layout(e2):
-        shapes[key] = (w, d) if key == "visual.proj_cls" or key.startswith("visual.proj_s") else (
-            (w,) if ".ln_s" in key else (w, w))
+    shapes.update({f"visual.proj_{n}{suffix}": (w, w) for suffix in ("", "2") for n in "qkv"})
+    shapes["visual.proj_cls"] = (w, d)
+    for g in range(1, len(e2.groups) + 1):
+        shapes.update({f"visual.ln_s{g}.weight": (w,), f"visual.ln_s{g}.bias": (w,), f"visual.proj_s{g}": (w, d)})
     return shapes
 
 

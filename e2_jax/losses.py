@@ -66,8 +66,10 @@ def e2_loss(image: Array, text: Array, region_image: Array | None, region_text: 
     CLIP fine-tuning. Returns (loss, metrics) with `loss_global` and `loss_region` ([G])."""
     loss_global = contrastive_loss(image, text, logit_scale, axis_name)
     metrics = {"loss_global": loss_global, "logit_scale": jnp.exp(logit_scale)}
-    if region_image is None or region_weight == 0:
-        loss = global_weight * loss_global if region_image is not None else loss_global
+    if region_image is None:  # plain CLIP fine-tuning
+        return loss_global, {**metrics, "loss": loss_global}
+    if region_weight == 0:  # the "without region loss" ablation: regions not even computed
+        loss = global_weight * loss_global
         return loss, {**metrics, "loss": loss}
     per_group = jnp.stack([contrastive_loss(region_image[:, g], region_text[:, g], logit_scale, axis_name)
                            for g in range(region_image.shape[1])])
