@@ -7,6 +7,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+# torchvision and open_clip import triton, whose native library segfaults when it loads after
+# TensorFlow's (checked with tensorflow-cpu 2.21 and triton 3.8: `import tensorflow, triton`
+# crashes, `import triton, tensorflow` does not). The data tests load TensorFlow and the parity
+# tests torchvision in the same process, so triton goes first.
+try:
+    import triton  # noqa: F401
+except ImportError:
+    pass
+
 import pytest
 
 
@@ -23,3 +32,15 @@ def pytest_ignore_collect(collection_path, config):
     if os.environ.get("E2_MULTIDEVICE") != "1" and "multidevice" in collection_path.parts:
         return True
     return None
+
+
+@pytest.fixture(scope="session")
+def synth_tiny(tmp_path_factory) -> str:
+    """SynthFashion/tiny (64 + 16 products, 32 px) built as the pipeline reads it; its data_dir."""
+    from e2_jax.data.build import build
+
+    data_dir = tmp_path_factory.mktemp("tfds")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("E2_SYNTH_WORKERS", "1")  # a worker pool costs more than 80 tiny products
+        build("synth_fashion/tiny", str(data_dir))
+    return str(data_dir)

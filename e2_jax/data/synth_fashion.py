@@ -17,6 +17,7 @@ gives the same dataset, byte for byte, and train and validation products are dis
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -265,16 +266,69 @@ def contact_sheet(config: SynthConfig, indices: list[int], split: str = "train")
     return np.concatenate(rows, axis=0), [{k: v for k, v in p.items() if k != "images"} for p in products]
 
 
+_VIEW_POSES = ("id_gridfs_1", "id_gridfs_2", "id_gridfs_3")  # FashionGen's pose names
+
+
+def write_fashiongen_h5(config: SynthConfig, directory: str | Path, split: str, *, shuffle_rows: bool = True,
+                        chunk_products: int = 64) -> Path:
+    """Writes a split as FashionGen's h5 file (`fashiongen_256_256_<split>.h5`, 256 px, one row
+    per view, texts latin-1), so the `fashion_gen` builder can be exercised on realistic data.
+
+    With `shuffle_rows` the rows are in a random order (a product's views are not contiguous,
+    as the FashionGen reader must not assume they are); rendering and writing go in chunks of
+    `chunk_products`, so memory stays bounded for any size."""
+    from e2_jax.data import fashion_gen_h5
+
+    config = config.replace(image_size=256)  # the FashionGen format is 256 x 256
+    count = num_products(config, split)
+    records = [product_record(config, split, i) for i in range(count)]
+    rows = [(i, view) for i in range(count) for view in range(config.views)]
+    if shuffle_rows:
+        rows = [rows[j] for j in np.random.default_rng([config.seed, 3]).permutation(len(rows))]
+    texts = [_fashiongen_texts(r, 0) for r in records]
+    lengths = {t: max(len(x[t].encode("latin-1")) for x in texts) for t in fashion_gen_h5.TEXT_FIELDS if t != "pose"}
+    lengths["pose"] = max(len(p) for p in _VIEW_POSES)
+    path = Path(directory) / fashion_gen_h5.file_name(split)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with fashion_gen_h5.Writer(path, lengths) as writer:
+        for start in range(0, len(rows), chunk_products * config.views):
+            batch = rows[start : start + chunk_products * config.views]
+            images = {i: render_views(config, records[i]) for i in sorted({i for i, _ in batch})}
+            writer.append([{**_fashiongen_texts(records[i], view), "image": images[i][view],
+                            "index": start + k, "index_2": records[i]["product_id"]}
+                           for k, (i, view) in enumerate(batch)])
+    return path
+
+
+def _fashiongen_texts(record: dict, view: int) -> dict[str, Any]:
+    return {"product_id": record["product_id"], "msrp": 50.0 + 10 * (record["product_id"] % 40),
+            **{k: record[k] for k in ("name", "description", "brand", "category", "subcategory", "composition",
+                                      "season", "gender")},
+            "concat_description": f"{record['name']} {record['description']}", "department": "CLOTHING",
+            "pose": _VIEW_POSES[view]}
+
+
 def main(argv: list[str] | None = None) -> None:
-    """`python -m e2_jax.data.synth_fashion --out sheet.png`: sample products and records."""
+    """`python -m e2_jax.data.synth_fashion --out sheet.png`: sample products and records;
+    `--fashiongen-h5 DIR`: write the splits as FashionGen h5 files instead."""
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m e2_jax.data.synth_fashion", description=main.__doc__)
-    parser.add_argument("--out", required=True, help="PNG file to write")
+    parser.add_argument("--out", help="PNG file to write (a contact sheet)")
     parser.add_argument("--indices", default="0,1,2,6,12,18,24,30",
                         help="products to show (0-2 share a family: the same look, other details)")
     parser.add_argument("--image-size", type=int, default=128)
+    parser.add_argument("--fashiongen-h5", metavar="DIR", help="write fashiongen_256_256_{train,validation}.h5 here")
+    parser.add_argument("--num-train", type=int, default=SynthConfig.num_train)
+    parser.add_argument("--num-validation", type=int, default=SynthConfig.num_validation)
     args = parser.parse_args(argv)
+    if args.fashiongen_h5:
+        config = SynthConfig(num_train=args.num_train, num_validation=args.num_validation)
+        for split in ("train", "validation"):
+            print(write_fashiongen_h5(config, args.fashiongen_h5, split))
+        return
+    if not args.out:
+        parser.error("give --out (a contact sheet) or --fashiongen-h5 (FashionGen-format files)")
     import tensorflow as tf
 
     indices = [int(i) for i in args.indices.split(",")]

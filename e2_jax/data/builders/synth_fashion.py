@@ -21,6 +21,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from e2_jax.data import synth_fashion
+from e2_jax.data.builders.images import png
 from e2_jax.data.synth_fashion import SynthConfig
 
 TEXT_FIELDS = ("name", "description", "caption", "brand", "category", "subcategory", "composition",
@@ -37,7 +38,8 @@ class SynthFashionConfig(tfds.core.BuilderConfig):
 def _render(args: tuple[SynthConfig, str, int]) -> tuple[int, dict[str, Any]]:
     config, split, index = args
     example = synth_fashion.product(config, split, index)
-    return example["product_id"], example
+    # Encoded here, in the worker processes, rather than by TFDS in the main one (images.py).
+    return example["product_id"], {**example, "images": [png(view) for view in example["images"]]}
 
 
 class SynthFashion(tfds.core.GeneratorBasedBuilder):
