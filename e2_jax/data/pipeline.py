@@ -1,0 +1,322 @@
+"""The input pipeline: a built TFDS dataset -> batches as global `jax.Array`s on the mesh.
+
+Order. Training reads an endless stream of positions; position t of epoch e = t // N holds
+example `permutation(seed, e)[t % N]`. The global batch of step s is positions
+[s * B, (s + 1) * B): a pure function of (seed, s). So every example appears exactly once per
+epoch (a batch may straddle two epochs; nothing is dropped), the same seed gives the same
+batches, and resuming at step s needs no iterator state: the run sees the batches of an
+uninterrupted one. The view of a product is drawn from (seed, position) too (E2_METHOD.md
+section 4: a random view for training, the first view for evaluation).
+
+Sharding. Each process reads only the rows of the global batch that its devices hold (worked
+out from the batch sharding), then `jax.make_array_from_process_local_data` lays them out over
+the mesh. Evaluation visits each example exactly once across all processes: the last batch is
+padded with example 0 and the output's `valid` mask marks the padding.
+
+Per example (tf.data, parallel): the record is read by index from array_record (random
+access), the chosen view's PNG/JPEG decoded, resized so its shorter side is `image_size`
+(bicubic with antialiasing, rounded to uint8: PIL's `resize(BICUBIC)` as torchvision's
+`Resize` does, to within one grey level), centre-cropped, CLIP-normalised; the global text is
+formatted from the record's fields. Per batch: the global text and each group's tag are
+tokenised (tags at the group's own context length; a tag seen before comes from a cache).
+
+Output of each step: `images` float32 [B, S, S, 3], `text` int32 [B, context], `tags`
+{group: int32 [B, group context]}, `index` int32 [B] (the example's index in the split), and
+for evaluation `valid` bool [B].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import string
+from collections.abc import Iterator, Sequence
+
+import jax
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from e2_jax.data.tokenizer import CLIPTokenizer
+
+# CLIP's image normalisation (E2_METHOD.md section 1).
+MEAN = (0.48145466, 0.4578275, 0.40821073)
+STD = (0.26862954, 0.26130258, 0.27577711)
+# The authors' global texts (E2_METHOD.md sections 3 and 5).
+FASHIONGEN_TEXT = "{composition}.{subcategory}.{brand}.{season}.{description}"
+AMAZON_TEXT = "{brand}. {title}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Preprocessing:
+    """What the pipeline makes of an example. `tags`: one (group name, text field, context
+    length) per region group; a longer tag keeps its first tokens and its end token."""
+
+    image_size: int = 224
+    text_format: str = FASHIONGEN_TEXT
+    tags: tuple[tuple[str, str, int], ...] = ()
+    context_length: int = 77
+
+    def fields(self) -> list[str]:
+        """The text fields this preprocessing reads."""
+        named = [name for _, name, _, _ in string.Formatter().parse(self.text_format) if name]
+        return list(dict.fromkeys([*named, *(field for _, field, _ in self.tags)]))
+
+
+class Source:
+    """Random access to the raw records of one split of a built TFDS dataset (array_record)."""
+
+    def __init__(self, name: str, split: str, data_dir: str | None = None) -> None:
+        import e2_jax.data.builders  # noqa: F401  (registers the project's builders)
+
+        builder = tfds.builder(name, data_dir=data_dir)
+        if not builder.is_prepared():
+            raise FileNotFoundError(
+                f"dataset {name} is not built in {builder.data_dir}. Build it with "
+                f"`python -m e2_jax.data.build {name}" + (f" --data-dir {data_dir}" if data_dir else "")
+                + "` (FashionGen and AmazonFashion also need --manual-dir; see docs/data.md).")
+        if builder.info.file_format != tfds.core.FileFormat.ARRAY_RECORD:
+            raise ValueError(f"{builder.data_dir} was built as {builder.info.file_format.value}; the pipeline reads "
+                             "examples by index and needs array_record: rebuild it with `python -m e2_jax.data.build`")
+        if split not in builder.info.splits:
+            raise ValueError(f"dataset {name} has no split {split!r}; it has {list(builder.info.splits)}")
+        self.name, self.split = name, split
+        self.features = builder.info.features
+        self._records = builder.as_data_source(split, deserialize_method=tfds.core.decode.DeserializeMethod.RAW_BYTES)
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def read(self, indices: Sequence[int]) -> list[bytes]:
+        return self._records.__getitems__([int(i) for i in indices])
+
+
+# --- Which examples, in which order ---------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=4)
+def _permutation(seed: int, epoch: int, n: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def _mix(seed: int, positions: np.ndarray) -> np.ndarray:
+    """A well-spread non-negative int64 per (seed, position): splitmix64's finaliser."""
+    with np.errstate(over="ignore"):
+        z = positions.astype(np.uint64) + np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return ((z ^ (z >> np.uint64(31))) >> np.uint64(1)).astype(np.int64)
+
+
+def train_indices(num_examples: int, global_batch: int, step: int, rows: range,
+                  seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(example indices, view seeds) of `rows` of the global batch at `step`."""
+    positions = step * global_batch + np.arange(rows.start, rows.stop, dtype=np.int64)
+    epochs, offsets = np.divmod(positions, num_examples)
+    indices = np.empty_like(positions)
+    for epoch in np.unique(epochs):
+        here = epochs == epoch
+        indices[here] = _permutation(seed, int(epoch), num_examples)[offsets[here]]
+    return indices, _mix(seed, positions)
+
+
+def eval_steps(num_examples: int, global_batch: int) -> int:
+    return -(-num_examples // global_batch)
+
+
+def eval_indices(num_examples: int, global_batch: int, step: int, rows: range) -> tuple[np.ndarray, np.ndarray]:
+    """(example indices, valid) of `rows` of the global batch at `step`: examples in order,
+    the last batch padded with example 0."""
+    positions = step * global_batch + np.arange(rows.start, rows.stop, dtype=np.int64)
+    valid = positions < num_examples
+    return np.where(valid, positions, 0), valid
+
+
+def process_rows(sharding: jax.sharding.Sharding, global_batch: int) -> range:
+    """The rows of a [global_batch, ...] array that this process's devices hold."""
+    spans = sorted({(s[0].start or 0, global_batch if s[0].stop is None else s[0].stop)
+                    for s in sharding.addressable_devices_indices_map((global_batch,)).values()})
+    start, stop = spans[0]
+    for a, b in spans[1:]:
+        if a > stop:
+            raise ValueError(f"this process's devices hold rows {spans} of the batch, not one contiguous block: "
+                             "order the mesh's devices by process (jax.make_mesh does)")
+        stop = max(stop, b)
+    return range(start, stop)
+
+
+# --- Decoding and preprocessing -------------------------------------------------------------------
+
+
+def resize_and_crop(image: tf.Tensor, size: int) -> tf.Tensor:
+    """uint8 [h, w, 3] -> uint8 [size, size, 3]: torchvision's Resize(size, BICUBIC) (shorter side
+    to `size`, longer side truncated) on a PIL image, then CenterCrop(size)."""
+    shape = tf.shape(image)
+    h, w = shape[0], shape[1]
+    short, long = tf.minimum(h, w), tf.maximum(h, w)
+    new_long = size * long // short
+    new_h, new_w = tf.where(h <= w, size, new_long), tf.where(h <= w, new_long, size)
+
+    def resize() -> tf.Tensor:
+        resized = tf.image.resize(image, tf.stack([new_h, new_w]), method="bicubic", antialias=True)
+        return tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8)
+
+    image = tf.cond((h == new_h) & (w == new_w), lambda: image, resize)
+    top = tf.cast(tf.round(tf.cast(new_h - size, tf.float32) / 2), tf.int32)
+    left = tf.cast(tf.round(tf.cast(new_w - size, tf.float32) / 2), tf.int32)
+    return tf.ensure_shape(image[top : top + size, left : left + size], (size, size, 3))
+
+
+_SCALE = tuple(1 / (255 * s) for s in STD)
+_OFFSET = tuple(-m / s for m, s in zip(MEAN, STD, strict=True))
+
+
+def normalize(image: tf.Tensor) -> tf.Tensor:
+    """uint8 -> (x / 255 - mean) / std, as one multiply-add (a third of the cost of four passes)."""
+    return tf.cast(image, tf.float32) * _SCALE + _OFFSET
+
+
+def _format_text(text_format: str, fields: dict[str, tf.Tensor]) -> tf.Tensor:
+    parts = []
+    for literal, name, spec, conversion in string.Formatter().parse(text_format):
+        if spec or conversion:
+            raise ValueError(f"text format {text_format!r}: only plain {{field}} names are supported")
+        if literal:
+            parts.append(tf.constant(literal))
+        if name:
+            parts.append(fields[name])
+    return tf.strings.join(parts)
+
+
+class _Tokenize:
+    """Batch texts -> ids, tags through a cache (they repeat: seasons, brands, sub-categories)."""
+
+    def __init__(self, pre: Preprocessing) -> None:
+        self.tokenizer = CLIPTokenizer(pre.context_length)
+        self.lengths = [length for _, _, length in pre.tags]
+        self.cache: dict[tuple[bytes, int], np.ndarray] = {}
+
+    def __call__(self, texts: np.ndarray, *tags: np.ndarray) -> list[np.ndarray]:
+        out = [self.tokenizer([t.decode("utf-8") for t in texts])]
+        for values, length in zip(tags, self.lengths, strict=True):
+            new = [v for v in dict.fromkeys(values.tolist()) if (v, length) not in self.cache]
+            if new:
+                if len(self.cache) > 500_000:
+                    self.cache.clear()
+                ids = self.tokenizer([v.decode("utf-8") for v in new], context_length=length)
+                self.cache.update({(v, length): row for v, row in zip(new, ids, strict=True)})
+            out.append(np.stack([self.cache[(v, length)] for v in values.tolist()]))
+        return out
+
+
+def _dataset(source: Source, pre: Preprocessing, batches: Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]],
+             local_batch: int, train: bool) -> tf.data.Dataset:
+    """tf.data over `batches` of (indices, view seeds, valid)."""
+    fields = pre.fields()
+    known = [k for k, f in source.features.items() if isinstance(f, tfds.features.Text)]
+    unknown = [f for f in fields if f not in known]
+    if unknown:
+        raise ValueError(f"{source.name}: no text field {unknown} for the text format / tags; it has {known}")
+    spec = {k: v for k, v in source.features.tf_example_spec.items() if k in ("images", *fields)}
+
+    def generate():
+        for indices, seeds, valid in batches:
+            yield source.read(indices), indices, seeds, valid
+
+    def decode(record, index, seed, valid):
+        example = tf.io.parse_single_example(record, spec)
+        views = example["images"]
+        view = seed % tf.cast(tf.size(views), tf.int64) if train else 0
+        image = tf.io.decode_image(views[view], channels=3, expand_animations=False)
+        out = {"images": normalize(resize_and_crop(image, pre.image_size)),
+               "text": _format_text(pre.text_format, example), "index": tf.cast(index, tf.int32), "valid": valid}
+        for group, field, _ in pre.tags:
+            out[f"tag/{group}"] = example[field]
+        return out
+
+    tokenize = _Tokenize(pre)
+    groups = [group for group, _, _ in pre.tags]
+
+    def tokenize_batch(batch):
+        ids = tf.numpy_function(tokenize, [batch.pop("text"), *(batch.pop(f"tag/{g}") for g in groups)],
+                                [tf.int32] * (1 + len(groups)), stateful=False)
+        batch["text"] = tf.ensure_shape(ids[0], (local_batch, pre.context_length))
+        batch["tags"] = {g: tf.ensure_shape(x, (local_batch, length))
+                         for g, x, (_, _, length) in zip(groups, ids[1:], pre.tags, strict=True)}
+        if train:
+            del batch["valid"]
+        return batch
+
+    signature = (tf.TensorSpec([local_batch], tf.string), tf.TensorSpec([local_batch], tf.int64),
+                 tf.TensorSpec([local_batch], tf.int64), tf.TensorSpec([local_batch], tf.bool))
+    ds = tf.data.Dataset.from_generator(generate, output_signature=signature)
+    ds = ds.unbatch().map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.batch(local_batch, drop_remainder=True).map(tokenize_batch).prefetch(2)
+    options = tf.data.Options()
+    options.deterministic = True
+    return ds.with_options(options)
+
+
+# --- The iterators --------------------------------------------------------------------------------
+
+
+def local_train_batches(source: Source, pre: Preprocessing, *, global_batch: int, rows: range, seed: int = 0,
+                        start_step: int = 0) -> Iterator[dict]:
+    """NumPy batches of `rows` of each global training batch, from `start_step` on (endless)."""
+    if len(source) == 0:
+        raise ValueError(f"{source.name}/{source.split} has no examples")
+
+    def batches():
+        step = start_step
+        while True:
+            indices, seeds = train_indices(len(source), global_batch, step, rows, seed)
+            yield indices, seeds, np.ones(len(rows), bool)
+            step += 1
+
+    return _dataset(source, pre, batches(), len(rows), train=True).as_numpy_iterator()
+
+
+def local_eval_batches(source: Source, pre: Preprocessing, *, global_batch: int, rows: range) -> Iterator[dict]:
+    """NumPy batches of `rows` of each global evaluation batch: one pass, first views, `valid`."""
+
+    def batches():
+        for step in range(eval_steps(len(source), global_batch)):
+            indices, valid = eval_indices(len(source), global_batch, step, rows)
+            yield indices, np.zeros(len(rows), np.int64), valid
+
+    return _dataset(source, pre, batches(), len(rows), train=False).as_numpy_iterator()
+
+
+def _global(batches: Iterator[dict], sharding: jax.sharding.Sharding, global_batch: int) -> Iterator[dict]:
+    for batch in batches:
+        yield jax.tree.map(lambda x: jax.make_array_from_process_local_data(
+            sharding, x, (global_batch, *x.shape[1:])), batch)
+
+
+def train_batches(source: Source, pre: Preprocessing, *, global_batch: int, sharding: jax.sharding.Sharding,
+                  seed: int = 0, start_step: int = 0) -> Iterator[dict[str, jax.Array]]:
+    """Global training batches laid out by `sharding` (over the batch dimension), from
+    `start_step` on, endless: the batch of step s is the same whenever the run starts."""
+    rows = process_rows(sharding, global_batch)
+    local = local_train_batches(source, pre, global_batch=global_batch, rows=rows, seed=seed, start_step=start_step)
+    return _global(local, sharding, global_batch)
+
+
+def eval_batches(source: Source, pre: Preprocessing, *, global_batch: int,
+                 sharding: jax.sharding.Sharding) -> Iterator[dict[str, jax.Array]]:
+    """One pass over the split in global batches, padded, with a `valid` mask."""
+    rows = process_rows(sharding, global_batch)
+    return _global(local_eval_batches(source, pre, global_batch=global_batch, rows=rows), sharding, global_batch)
+
+
+def batch_sharding(mesh: jax.sharding.Mesh, data_axes: Sequence[str]) -> jax.sharding.NamedSharding:
+    """Batch dimension split over `data_axes` of `mesh`, the rest replicated."""
+    missing = [a for a in data_axes if a not in mesh.axis_names]
+    if missing:
+        raise ValueError(f"data axes {missing} are not axes of the mesh {mesh.axis_names}")
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(tuple(data_axes)))
+
+
+def steps_per_epoch(num_examples: int, global_batch: int) -> float:
+    return num_examples / global_batch
+
