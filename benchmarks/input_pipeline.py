@@ -1,0 +1,153 @@
+"""Examples/s of the training input pipeline against what the E² training step consumes.
+
+    python -m benchmarks.input_pipeline --data-dir /tmp/e2_bench_tfds
+
+One run, one machine. Builds what it needs in `--data-dir` (kept for the next run):
+SynthFashion default (128 px) and small (64 px), and a FashionGen-format set (SynthFashion
+written as FashionGen h5 files, 256 px like the real one, built by the `fashion_gen` builder).
+
+1. Pipeline alone: examples/s of `local_train_batches` (read by index, random view, decode,
+   bicubic resize + centre crop, normalise, global text and the authors' five tags tokenised),
+   after a warm-up, at 224 px (from 256 px FashionGen-format images, and from 128 px
+   SynthFashion) and at the demo's 64 px.
+2. Step alone: examples/s the E² step consumes (forward + backward of the loss over every
+   parameter, `benchmarks.e2_step.make_step`; no optimizer, so a slight overestimate of what a
+   full step consumes) for each model at its resolution, on one fixed batch.
+3. Fed: the fastest of those steps fed by the pipeline (global arrays, `train_batches`) against
+   the same step on a fixed batch, interleaved: what sharing the CPU with the pipeline costs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from benchmarks.e2_step import make_step
+from e2_jax.data import pipeline as pl
+from e2_jax.data.build import build
+from e2_jax.data.synth_fashion import SynthConfig, write_fashiongen_h5
+from e2_jax.models.clip import get_config
+from e2_jax.models.e2 import AUTHORS_GROUPS, E2Config, init_e2_params
+
+# The authors' five groups; tags at lengths that cover SynthFashion's and FashionGen's.
+TAGS = tuple((g.name, g.text_field, 77 if g.name == "description" else 16) for g in AUTHORS_GROUPS)
+MODELS = {"ViT-B-16": ("ViT-B-16", {}, 224, 8), "ViT-B-32": ("ViT-B-32", {}, 224, 16),
+          "small@64": ("small", {"image_size": 64, "patch_size": 8}, 64, 64),
+          "tiny@64": ("tiny", {"image_size": 64}, 64, 64)}
+
+
+def ensure_datasets(data_dir: Path, fashiongen_products: int) -> None:
+    for name in ("synth_fashion", "synth_fashion/small"):
+        if not tfds.builder(name, data_dir=str(data_dir)).is_prepared():
+            build(name, str(data_dir))
+    if not tfds.builder("fashion_gen", data_dir=str(data_dir)).is_prepared():
+        manual = data_dir / "fashiongen_manual"
+        config = SynthConfig(num_train=fashiongen_products, num_validation=64)
+        for split in ("train", "validation"):
+            write_fashiongen_h5(config, manual, split)
+        build("fashion_gen", str(data_dir), str(manual))
+
+
+def pipeline_rate(source: pl.Source, pre: pl.Preprocessing, batch: int, steps: int) -> float:
+    batches = pl.local_train_batches(source, pre, global_batch=batch, rows=range(batch))
+    for _ in range(3):
+        next(batches)
+    start = time.perf_counter()
+    for _ in range(steps):
+        next(batches)
+    return batch * steps / (time.perf_counter() - start)
+
+
+def step_fn(model: str):
+    preset, overrides, size, batch = MODELS[model]
+    config, e2 = get_config(preset, **overrides), E2Config()
+    params = init_e2_params(config, e2, jax.random.key(0))
+    step = make_step(config, e2)
+    key = jax.random.key(1)
+
+    def run(b: dict) -> None:
+        regions = [(b["tags"][g.name], np.arange(batch, dtype=np.int32)) for g in e2.groups]
+        jax.block_until_ready(step(params, b["images"], b["text"], regions, key))
+
+    return run, size, batch
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir", default="/tmp/e2_bench_tfds")
+    parser.add_argument("--batch", type=int, default=64, help="pipeline batch")
+    parser.add_argument("--steps", type=int, default=30, help="pipeline batches timed")
+    parser.add_argument("--models", default="ViT-B-16,ViT-B-32,small@64,tiny@64")
+    parser.add_argument("--repeats", type=int, default=3, help="timed steps per model")
+    parser.add_argument("--fashiongen-products", type=int, default=512)
+    args = parser.parse_args()
+    data_dir = Path(args.data_dir)
+    ensure_datasets(data_dir, args.fashiongen_products)
+
+    rates = {}
+    for label, dataset, size in (("FashionGen-format 256 px -> 224", "fashion_gen", 224),
+                                 ("SynthFashion 128 px -> 224", "synth_fashion", 224),
+                                 ("SynthFashion/small 64 px (demo)", "synth_fashion/small", 64)):
+        source = pl.Source(dataset, "train", str(data_dir))
+        rates[label] = (size, pipeline_rate(source, pl.Preprocessing(image_size=size, tags=TAGS), args.batch,
+                                            args.steps))
+
+    consumed, fastest = {}, None
+    for model in args.models.split(","):
+        run, size, batch = step_fn(model)
+        dataset = "fashion_gen" if size == 224 else "synth_fashion/small"
+        pre = pl.Preprocessing(image_size=size, tags=TAGS)
+        fixed = next(pl.local_train_batches(pl.Source(dataset, "train", str(data_dir)), pre, global_batch=batch,
+                                            rows=range(batch)))
+        run(fixed)  # compile
+        times = []
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            run(fixed)
+            times.append(time.perf_counter() - start)
+        consumed[model] = (size, batch, statistics.median(times))
+        if fastest is None or batch / consumed[model][2] > batch / consumed[fastest][2]:
+            fastest = model
+
+    # The fastest consumer, fed by the pipeline (global arrays on a 1-device mesh) vs a fixed batch.
+    run, size, batch = step_fn(fastest)
+    dataset = "fashion_gen" if size == 224 else "synth_fashion/small"
+    mesh = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    feed = pl.train_batches(pl.Source(dataset, "train", str(data_dir)), pl.Preprocessing(image_size=size, tags=TAGS),
+                            global_batch=batch, sharding=pl.batch_sharding(mesh, ("data",)))
+    fixed = next(feed)
+    run(fixed)
+    fed_times, fixed_times = [], []
+    for _ in range(max(5, 4 * args.repeats)):
+        for times, get in ((fed_times, lambda: next(feed)), (fixed_times, lambda: fixed)):
+            start = time.perf_counter()
+            run(get())
+            times.append(time.perf_counter() - start)
+
+    print(f"machine {platform.machine()}, {os.cpu_count()} CPUs; jax {jax.__version__}, tensorflow {tf.__version__}, "
+          f"tensorflow-datasets {tfds.__version__}; pipeline batch {args.batch}, {args.steps} batches")
+    print("\n| pipeline | px | examples/s |\n|---|---|---|")
+    for label, (size, rate) in rates.items():
+        print(f"| {label} | {size} | {rate:.0f} |")
+    print("\n| E² step (fwd+bwd) | px | batch | s/step | examples/s consumed | pipeline at that px | ratio |")
+    print("|---|---|---|---|---|---|---|")
+    for model, (size, batch, seconds) in consumed.items():
+        pipeline = min(rate for s, rate in rates.values() if s == size)  # the slower source at this size
+        print(f"| {model} | {size} | {batch} | {seconds:.3f} | {batch / seconds:.1f} | {pipeline:.0f} | "
+              f"{pipeline * seconds / batch:.0f}x |")
+    fed, alone = statistics.median(fed_times), statistics.median(fixed_times)
+    print(f"\n{fastest} step fed by the pipeline: {fed:.3f} s/step; on a fixed batch: {alone:.3f} s/step "
+          f"({(fed / alone - 1) * 100:+.1f}%), medians of {len(fed_times)} interleaved steps")
+
+
+if __name__ == "__main__":
+    main()
