@@ -285,22 +285,23 @@ def write_fashiongen_h5(config: SynthConfig, directory: str | Path, split: str, 
     rows = [(i, view) for i in range(count) for view in range(config.views)]
     if shuffle_rows:
         rows = [rows[j] for j in np.random.default_rng([config.seed, 3]).permutation(len(rows))]
-    texts = [_fashiongen_texts(r, 0) for r in records]
-    lengths = {t: max(len(x[t].encode("latin-1")) for x in texts) for t in fashion_gen_h5.TEXT_FIELDS if t != "pose"}
-    lengths["pose"] = max(len(p) for p in _VIEW_POSES)
+    first_rows = [_fashiongen_row(r, 0) for r in records]
+    lengths = {t: max(len(row[t].encode("latin-1")) for row in first_rows) for t in fashion_gen_h5.TEXT_FIELDS
+               if t != "pose"} | {"pose": max(map(len, _VIEW_POSES))}
     path = Path(directory) / fashion_gen_h5.file_name(split)
     path.parent.mkdir(parents=True, exist_ok=True)
     with fashion_gen_h5.Writer(path, lengths) as writer:
         for start in range(0, len(rows), chunk_products * config.views):
             batch = rows[start : start + chunk_products * config.views]
             images = {i: render_views(config, records[i]) for i in sorted({i for i, _ in batch})}
-            writer.append([{**_fashiongen_texts(records[i], view), "image": images[i][view],
+            writer.append([{**_fashiongen_row(records[i], view), "image": images[i][view],
                             "index": start + k, "index_2": records[i]["product_id"]}
                            for k, (i, view) in enumerate(batch)])
     return path
 
 
-def _fashiongen_texts(record: dict, view: int) -> dict[str, Any]:
+def _fashiongen_row(record: dict, view: int) -> dict[str, Any]:
+    """A FashionGen row of a product's view, without the image."""
     return {"product_id": record["product_id"], "msrp": 50.0 + 10 * (record["product_id"] % 40),
             **{k: record[k] for k in ("name", "description", "brand", "category", "subcategory", "composition",
                                       "season", "gender")},

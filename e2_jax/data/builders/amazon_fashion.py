@@ -76,13 +76,16 @@ class AmazonFashion(tfds.core.GeneratorBasedBuilder):
         self._skipped.finish(split, self.info.metadata)
 
     def _example(self, root: Path, meta: dict, asin: str, split: str) -> dict[str, Any] | None:
+        """The product's example, or None (reported to the skipped log) if it has to be left out."""
         skip = lambda reason: self._skipped.add(split, asin, reason)
         item = meta.get(asin)
         if item is None:
-            return skip(f"not in {META}")
+            skip(f"not in {META}")
+            return None
         title, brand = str(item.get("title") or "").strip(), str(item.get("brand") or "").strip()
         if not title or not brand:
-            return skip("empty " + " and ".join(n for n, t in (("title", title), ("brand", brand)) if not t))
+            skip("empty " + " and ".join(n for n, t in (("title", title), ("brand", brand)) if not t))
+            return None
         images = []
         for name in item.get("images", []):
             path = root / IMAGES / asin / name
@@ -94,5 +97,6 @@ class AmazonFashion(tfds.core.GeneratorBasedBuilder):
             except ValueError as error:
                 skip(f"undecodable image ({path.name}: {error})")
         if not images:
-            return skip("no usable image")
+            skip("no usable image")
+            return None
         return {"asin": asin, "title": title, "brand": brand, "images": images}

@@ -1,8 +1,6 @@
 """TFDS builder of SynthFashion (see `e2_jax.data.synth_fashion`): one example per product.
 
-    import e2_jax.data.builders.synth_fashion  # registers "synth_fashion"
-    builder = tfds.builder("synth_fashion/small", data_dir=...)
-    builder.download_and_prepare(file_format="tfrecord")
+    python -m e2_jax.data.build synth_fashion/small --data-dir DIR   # as the pipeline reads it
 
 Configs: `default` (128 px, 10,000 training and 1,000 validation products), `small` (64 px,
 1,024 + 256, for CPU smoke runs) and `tiny` (32 px, 64 + 16, for tests). A custom one:
