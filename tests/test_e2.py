@@ -60,12 +60,13 @@ def test_groups_are_config():
 
 def test_straight_through_forward_is_exactly_one_hot_and_gradient_is_soft():
     logits = jax.random.normal(jax.random.key(0), (4, 10, 49))
-    weights, picked = straight_through_gumbel(logits, 1.0, jax.random.key(1))
+    noise = jax.random.gumbel(jax.random.key(1), logits.shape)
+    weights, picked = straight_through_gumbel(logits, 1.0, noise)
     assert set(np.unique(np.asarray(weights)).tolist()) == {0.0, 1.0}
     np.testing.assert_array_equal(np.asarray(weights).argmax(-1), picked)
     np.testing.assert_array_equal(np.asarray(weights).sum(-1), 1.0)
     values = jax.random.normal(jax.random.key(2), (49,))
-    grad = jax.grad(lambda z: jnp.sum(straight_through_gumbel(z, 1.0, jax.random.key(1))[0] * values))(logits)
+    grad = jax.grad(lambda z: jnp.sum(straight_through_gumbel(z, 1.0, noise)[0] * values))(logits)
     assert np.count_nonzero(np.asarray(grad)) > logits.size // 2  # flows to every logit, not just the pick
 
 

@@ -148,15 +148,16 @@ def group_slices(e2: E2Config) -> list[tuple[int, int]]:
     return slices
 
 
-def straight_through_gumbel(logits: Array, tau: float, key: Array | None) -> tuple[Array, Array]:
+def straight_through_gumbel(logits: Array, tau: float, noise: Array | None) -> tuple[Array, Array]:
     """Hard attention over the last axis: one-hot forward, Gumbel-softmax gradient.
 
-    `key=None` means no noise (plain argmax). Returns (weights, picked indices). The forward
-    value is exactly one-hot: `hard + (soft - stop_gradient(soft))`, where the bracket is 0.
+    `noise`: Gumbel(0, 1) samples of the logits' shape, or None for no noise (plain argmax).
+    Returns (weights, picked indices). The forward value is exactly one-hot:
+    `hard + (soft - stop_gradient(soft))`, where the bracket is 0.
     """
     z = logits.astype(jnp.float32)
-    if key is not None:
-        z = z + jax.random.gumbel(key, z.shape, jnp.float32)
+    if noise is not None:
+        z = z + noise.astype(jnp.float32)
     soft = jax.nn.softmax(z / tau, axis=-1)
     index = jnp.argmax(soft, axis=-1)  # of the soft weights, as the authors' code
     hard = jax.nn.one_hot(index, z.shape[-1], dtype=jnp.float32)
@@ -180,7 +181,7 @@ class FusionBlock(nn.Module):
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: Array, noise_key: Array | None) -> tuple[Array, Array]:
+    def __call__(self, x: Array, noise: Array | None) -> tuple[Array, Array]:
         k_tokens = self.num_tokens
         init = nn.initializers.normal(stddev=self.width**-0.5)
         w = {name: self.param(name, init, (self.width, self.width), self.param_dtype).astype(self.dtype)
@@ -189,7 +190,7 @@ class FusionBlock(nn.Module):
         q, k, v = selection @ w["proj_q"], patches @ w["proj_k"], patches @ w["proj_v"]
         scale = math.sqrt(768 if self.literal_768_scale else self.width)
         logits = jnp.einsum("bkd,bpd->bkp", q, k) / scale
-        weights, picked = straight_through_gumbel(logits, self.tau, noise_key)
+        weights, picked = straight_through_gumbel(logits, self.tau, noise)
         selection = (jnp.einsum("bkp,bpd->bkd", weights.astype(self.dtype), v) + selection) / 2
         parts = [selection, cls] if self.drop_patches else [selection, cls, patches]
         return jnp.concatenate(parts, axis=1), picked
@@ -241,7 +242,8 @@ class E2VisionTransformer(VisionTransformer):
         self.region_heads = [RegionHead(c.vision_width, c.embed_dim, pdtype, name=f"region_{g.name}")
                              for g in e2.groups]
 
-    def __call__(self, images: Array, train: bool = False) -> E2ImageOutput:  # type: ignore[override]
+    def __call__(self, images: Array, train: bool = False,  # type: ignore[override]
+                 gumbel_noise: Array | None = None) -> E2ImageOutput:
         c, e2 = self.config, self.e2
         x = self.embed(images)  # CLS + patches, with positions
         tokens = jnp.broadcast_to(self.selection_tokens.astype(x.dtype), (x.shape[0], *self.selection_tokens.shape))
@@ -249,12 +251,15 @@ class E2VisionTransformer(VisionTransformer):
         picks = None
         if e2.fusion:
             first, second = fusion_layers_for(c.vision_layers, e2.fusion_layers)
-            noisy = train or e2.eval_gumbel_noise
-            keys = jax.random.split(self.make_rng("gumbel"), 2) if noisy else (None, None)
+            noise = (None, None)
+            if train or e2.eval_gumbel_noise:
+                if gumbel_noise is None:
+                    gumbel_noise = jax.random.gumbel(self.make_rng("gumbel"), gumbel_noise_shape(c, e2, x.shape[0]))
+                noise = (gumbel_noise[:, 0], gumbel_noise[:, 1])
             x = self.transformer(x, 0, first)
-            x, picks_1 = self.fusion_1(x, keys[0])
+            x, picks_1 = self.fusion_1(x, noise[0])
             x = self.transformer(x, first, second)
-            x, picks_2 = self.fusion_2(x, keys[1])  # patches dropped: K + 1 tokens remain
+            x, picks_2 = self.fusion_2(x, noise[1])  # patches dropped: K + 1 tokens remain
             x = self.transformer(x, second, None)
             picks = jnp.stack([picks_1, picks_2])
         else:
@@ -275,8 +280,10 @@ class E2VisionTransformer(VisionTransformer):
 class E2Model(nn.Module):
     """E² (or, with `e2.selection_tokens=False`, plain CLIP for the CLIP-FT baseline).
 
-    `encode_image(images, train)` -> E2ImageOutput; `encode_text(tokens)` -> [B, D]. Training
-    draws the fusion blocks' Gumbel noise from the "gumbel" RNG stream.
+    `encode_image(images, train, gumbel_noise=None)` -> E2ImageOutput; `encode_text(tokens)` ->
+    [B, D]. Training draws the fusion blocks' Gumbel noise from the "gumbel" RNG stream, or takes
+    it as `gumbel_noise` [B, 2, K, patches] (`gumbel_noise_shape`): the trainer draws it for the
+    whole global batch, so that splitting the batch (devices, accumulation) changes nothing.
     """
 
     config: CLIPConfig
@@ -291,16 +298,22 @@ class E2Model(nn.Module):
         self.logit_scale = self.param("logit_scale", nn.initializers.constant(math.log(1 / 0.07)), (),
                                       _DTYPES[self.config.param_dtype])
 
-    def encode_image(self, images: Array, train: bool = False) -> E2ImageOutput:
+    def encode_image(self, images: Array, train: bool = False, gumbel_noise: Array | None = None) -> E2ImageOutput:
         if not self.e2.selection_tokens:
             return E2ImageOutput(self.visual(images), None, None)
-        return self.visual(images, train)
+        return self.visual(images, train, gumbel_noise)
 
     def encode_text(self, tokens: Array) -> Array:
         return self.text(tokens)
 
     def __call__(self, images: Array, tokens: Array, train: bool = False) -> tuple[E2ImageOutput, Array]:
         return self.encode_image(images, train), self.encode_text(tokens)
+
+
+def gumbel_noise_shape(config: CLIPConfig, e2: E2Config, batch: int) -> tuple[int, int, int, int]:
+    """[batch, fusion blocks, selection tokens, patches]: the Gumbel noise of one forward pass."""
+    patches = (config.image_size // config.patch_size) ** 2
+    return (batch, 2, e2.num_tokens, patches)
 
 
 def init_e2_params(config: CLIPConfig, e2: E2Config, rng: Array, clip_params: dict | None = None) -> dict:
