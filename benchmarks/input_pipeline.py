@@ -37,6 +37,7 @@ from e2_jax.data.build import build
 from e2_jax.data.synth_fashion import SynthConfig, write_fashiongen_h5
 from e2_jax.models.clip import get_config
 from e2_jax.models.e2 import AUTHORS_GROUPS, E2Config, init_e2_params
+from e2_jax.sharding import batch_sharding
 
 # The authors' five groups; tags at lengths that cover SynthFashion's and FashionGen's.
 TAGS = tuple((g.name, g.text_field, 77 if g.name == "description" else 16) for g in AUTHORS_GROUPS)
@@ -123,7 +124,7 @@ def main() -> None:
     dataset = "fashion_gen" if size == 224 else "synth_fashion/small"
     mesh = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
     feed = pl.train_batches(pl.Source(dataset, "train", str(data_dir)), pl.Preprocessing(image_size=size, tags=TAGS),
-                            global_batch=batch, sharding=pl.batch_sharding(mesh, ("data",)))
+                            global_batch=batch, sharding=batch_sharding(mesh, ("data",)))
     fixed = next(feed)
     run(fixed)
     fed_times, fixed_times = [], []

@@ -12,6 +12,7 @@ import tensorflow_datasets as tfds
 from e2_jax.data import pipeline as pl
 from e2_jax.data import synth_fashion
 from e2_jax.data.tokenizer import CLIPTokenizer
+from e2_jax.sharding import batch_sharding
 
 TAGS = (("subcategory", "subcategory", 8), ("brand", "brand", 8), ("description", "description", 77))
 PRE = pl.Preprocessing(image_size=24, tags=TAGS)
@@ -130,14 +131,14 @@ def test_evaluation_sees_each_example_once_with_first_views(synth_tiny):
 def test_global_arrays_on_one_device(synth_tiny):
     source = pl.Source("synth_fashion/tiny", "train", synth_tiny)
     mesh = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
-    sharding = pl.batch_sharding(mesh, ("data",))
+    sharding = batch_sharding(mesh, ("data",))
     batch = next(pl.train_batches(source, PRE, global_batch=8, sharding=sharding))
     assert isinstance(batch["images"], jax.Array) and batch["images"].sharding == sharding
     assert batch["tags"]["brand"].shape == (8, 8)
     local = next(pl.local_train_batches(source, PRE, global_batch=8, rows=range(8)))
     np.testing.assert_array_equal(np.asarray(batch["text"]), local["text"])
-    with pytest.raises(ValueError, match="data axes"):
-        pl.batch_sharding(mesh, ("fsdp",))
+    with pytest.raises(ValueError, match="none of the batch axes"):
+        batch_sharding(mesh, ("fsdp",))
 
 
 def test_errors_name_the_problem(synth_tiny, tmp_path):

@@ -309,14 +309,6 @@ def eval_batches(source: Source, pre: Preprocessing, *, global_batch: int,
     return _global(local_eval_batches(source, pre, global_batch=global_batch, rows=rows), sharding, global_batch)
 
 
-def batch_sharding(mesh: jax.sharding.Mesh, data_axes: Sequence[str]) -> jax.sharding.NamedSharding:
-    """Batch dimension split over `data_axes` of `mesh`, the rest replicated."""
-    missing = [a for a in data_axes if a not in mesh.axis_names]
-    if missing:
-        raise ValueError(f"data axes {missing} are not axes of the mesh {mesh.axis_names}")
-    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(tuple(data_axes)))
-
-
 def steps_per_epoch(num_examples: int, global_batch: int) -> float:
     return num_examples / global_batch
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from e2_jax.data import pipeline as pl
+from e2_jax.sharding import batch_sharding
 
 PRE = pl.Preprocessing(image_size=16, tags=(("brand", "brand", 8), ("season", "season", 8)))
 AUTO = jax.sharding.AxisType.Auto
@@ -23,7 +24,7 @@ def _mesh(shape, names):
 ])
 def test_global_batches_are_laid_out_over_the_data_axes(synth_tiny, shape, names, data_axes):
     source = pl.Source("synth_fashion/tiny", "train", synth_tiny)
-    sharding = pl.batch_sharding(_mesh(shape, names), data_axes)
+    sharding = batch_sharding(_mesh(shape, names), data_axes)
     global_batch = 16
     batches = list(itertools.islice(pl.train_batches(source, PRE, global_batch=global_batch, sharding=sharding,
                                                      seed=1), 3))
@@ -41,7 +42,7 @@ def test_global_batches_are_laid_out_over_the_data_axes(synth_tiny, shape, names
 
 def test_every_training_example_once_per_epoch_with_no_overlap(synth_tiny):
     source = pl.Source("synth_fashion/tiny", "train", synth_tiny)  # 64 examples
-    sharding = pl.batch_sharding(_mesh((8,), ("data",)), ("data",))
+    sharding = batch_sharding(_mesh((8,), ("data",)), ("data",))
     global_batch = 24  # epochs end mid-batch: nothing is dropped or repeated
     batches = itertools.islice(pl.train_batches(source, PRE, global_batch=global_batch, sharding=sharding), 8)
     per_device = {d: [] for d in jax.devices()}
@@ -57,7 +58,7 @@ def test_every_training_example_once_per_epoch_with_no_overlap(synth_tiny):
 
 def test_evaluation_covers_each_example_once_across_devices(synth_tiny):
     source = pl.Source("synth_fashion/tiny", "validation", synth_tiny)  # 16 examples
-    sharding = pl.batch_sharding(_mesh((8,), ("data",)), ("data",))
+    sharding = batch_sharding(_mesh((8,), ("data",)), ("data",))
     batches = list(pl.eval_batches(source, PRE, global_batch=24, sharding=sharding))
     assert len(batches) == 1
     valid, index = np.asarray(batches[0]["valid"]), np.asarray(batches[0]["index"])

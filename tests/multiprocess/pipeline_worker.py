@@ -21,11 +21,12 @@ jax.distributed.initialize(f"localhost:{port}", num_processes=int(num_processes)
 from jax.experimental import multihost_utils  # noqa: E402
 
 from e2_jax.data import pipeline as pl  # noqa: E402
+from e2_jax.sharding import batch_sharding  # noqa: E402
 
 GLOBAL_BATCH, STEPS, RESUME_AT, SEED = 24, 8, 5, 5
 PRE = pl.Preprocessing(image_size=16, tags=(("brand", "brand", 8),))
 mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
-sharding = pl.batch_sharding(mesh, ("data",))
+sharding = batch_sharding(mesh, ("data",))
 row_sums = jax.jit(lambda x: x.sum(axis=(1, 2, 3)))
 
 

@@ -1,0 +1,124 @@
+"""The device mesh, and where each array of the training state lives on it.
+
+The mesh comes from config as (axis name, size) pairs; one size may be -1, "all the devices
+left". The batch is split over the data-parallel axes (`data` and `fsdp`); parameters and
+optimizer state are placed by a short table of rules (big_vision style), first match wins,
+each a regex searched in the leaf's path ("visual/transformer/resblocks_3/mlp/c_fc/kernel";
+optimizer state leaves carry the same path after their own prefix, "1/mu/visual/...") and one of:
+
+- "fsdp": split the leaf's largest dimension that the `fsdp` axis divides over that axis
+  (ZeRO-3 / FSDP); leaves smaller than `min_size` elements, or with no such dimension, are
+  replicated;
+- "replicated";
+- an explicit spec, one entry per dimension: "fsdp,None" or "None,model".
+
+Everything is resolved on abstract shapes (`jax.eval_shape`), so state is created already
+sharded by `jax.jit(init, out_shardings=...)`.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+DEFAULT_RULES = ((".*", "fsdp"),)
+BATCH_AXES = ("data", "fsdp")
+
+
+def mesh_shape(axes: Sequence[tuple[str, int]], num_devices: int) -> tuple[int, ...]:
+    """Sizes of the mesh axes, the -1 one (if any) taking the devices left. Raises with the
+    arithmetic spelled out if they do not multiply to `num_devices`."""
+    names = [name for name, _ in axes]
+    sizes = [int(size) for _, size in axes]
+    if len(set(names)) != len(names):
+        raise ValueError(f"mesh axis names must be unique, got {names}")
+    if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
+        raise ValueError(f"mesh sizes must be positive, with at most one -1, got {dict(axes)}")
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if num_devices % known:
+            raise ValueError(f"mesh {dict(axes)}: {num_devices} devices are not a multiple of {known}")
+        sizes[sizes.index(-1)] = num_devices // known
+    if math.prod(sizes) != num_devices:
+        raise ValueError(f"mesh {dict(axes)} has {math.prod(sizes)} devices, but there are {num_devices}")
+    return tuple(sizes)
+
+
+def make_mesh(axes: Sequence[tuple[str, int]], devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A mesh over all devices (ordered by process, as multi-host input needs), classic GSPMD axes."""
+    devices = list(devices if devices is not None else jax.devices())
+    shape = mesh_shape(axes, len(devices))
+    names = tuple(name for name, _ in axes)
+    auto = (jax.sharding.AxisType.Auto,) * len(names)
+    if devices == list(jax.devices()):
+        return jax.make_mesh(shape, names, axis_types=auto)
+    return Mesh(np.array(devices).reshape(shape), names, axis_types=auto)
+
+
+def batch_axes(mesh: Mesh, axes: Sequence[str] = BATCH_AXES) -> tuple[str, ...]:
+    """The data-parallel axes of `mesh` that the batch is split over (those of `axes` it has)."""
+    present = tuple(a for a in axes if a in mesh.axis_names)
+    if not present:
+        raise ValueError(f"none of the batch axes {tuple(axes)} is an axis of the mesh {mesh.axis_names}")
+    return present
+
+
+def batch_sharding(mesh: Mesh, axes: Sequence[str] = BATCH_AXES) -> NamedSharding:
+    return NamedSharding(mesh, P(batch_axes(mesh, axes)))
+
+
+def num_batch_shards(mesh: Mesh, axes: Sequence[str] = BATCH_AXES) -> int:
+    return math.prod(mesh.shape[a] for a in batch_axes(mesh, axes))
+
+
+def path_name(path: tuple) -> str:
+    """'visual/transformer/resblocks_0/attn/in_proj/kernel' from a tree path."""
+    parts = []
+    for key in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(key, attr):
+                parts.append(str(getattr(key, attr)))
+                break
+    return "/".join(parts)
+
+
+def _spec(rule: str, shape: tuple[int, ...], mesh: Mesh, min_size: int) -> P:
+    if rule == "replicated":
+        return P()
+    if rule == "fsdp":
+        size = mesh.shape.get("fsdp", 1)
+        if size == 1 or math.prod(shape) < min_size:
+            return P()
+        for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
+            if shape[dim] % size == 0:
+                return P(*(["fsdp" if d == dim else None for d in range(len(shape))]))
+        return P()
+    entries = [None if e.strip() in ("None", "") else e.strip() for e in rule.split(",")]
+    if len(entries) != len(shape):
+        raise ValueError(f"sharding rule {rule!r} has {len(entries)} entries for an array of shape {shape}")
+    for entry, dim in zip(entries, shape, strict=True):
+        if entry is not None and dim % mesh.shape[entry]:
+            raise ValueError(f"sharding rule {rule!r}: dimension {dim} is not divisible by mesh axis {entry}")
+    return P(*entries)
+
+
+def tree_shardings(abstract: Any, mesh: Mesh, rules: Sequence[tuple[str, str]] = DEFAULT_RULES,
+                   min_size: int = 2**14) -> Any:
+    """NamedShardings for every leaf of `abstract` (arrays or ShapeDtypeStructs) by `rules`."""
+    compiled = [(re.compile(pattern), rule) for pattern, rule in rules]
+
+    def place(path, leaf):
+        name = path_name(path)
+        for pattern, rule in compiled:
+            if pattern.search(name):
+                return NamedSharding(mesh, _spec(rule, tuple(leaf.shape), mesh, min_size))
+        return NamedSharding(mesh, P())
+
+    return jax.tree_util.tree_map_with_path(place, abstract)
