@@ -1,0 +1,143 @@
+"""Training configs: the schema every config starts from, and the paper's recipe.
+
+Config files (`configs/*.py`) define `get_config(arg=None)` and return `base()` with fields
+changed. `base()` is locked: setting a field it does not have raises at once, naming the field,
+as does a dotted flag for one (`--config.batch_sise=32`). Stages are named sub-configs listed in
+`stages`, run in order; each trains for `epochs` (or `steps`, if set) at peak `lr` with the
+parameters `trainable` selects ("all", "e2_new", or a regex), starting from the best
+parameters of the stage before it (by validation SumR), as the authors do.
+
+Config arguments (`--config configs/e2_b32.py:dataset=amazon_fashion,ablation=no_fusion`) are
+comma-separated `key=value` or bare flags; `fashion_recipe` reads `dataset`, `ablation` and
+`runlocal` (shrinks any config to a CPU smoke run: tiny model, SynthFashion/tiny, a few steps).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from e2_jax.data.pipeline import AMAZON_TEXT, FASHIONGEN_TEXT
+
+AUTHORS_GROUPS = "subcategory,brand,description,season,composition"
+PAPER_GROUPS = "brand,season,subcategory,composition"
+# Tag context lengths (tokens, end token included) that cover FashionGen's tags; longer ones
+# are cut (keeping the end token). Any group not listed gets the full 77.
+FASHIONGEN_TAG_LENGTHS = "subcategory:16,brand:24,description:77,season:8,composition:32"
+ABLATIONS = ("none", "no_fusion", "no_selection_tokens", "no_region_loss", "paper_groups", "no_warmup",
+             "without_subcategory", "without_brand", "without_description", "without_season", "without_composition")
+
+
+def stage(epochs: float = 0.0, lr: float = 5e-5, trainable: str = "all", steps: int = 0) -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict({"epochs": float(epochs), "steps": int(steps), "lr": float(lr),
+                                      "trainable": trainable})
+
+
+def base() -> ml_collections.ConfigDict:
+    """Every field the trainer reads, with defaults (the authors' where they have one)."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.model = ml_collections.ConfigDict({
+        "preset": "ViT-B-16",  # a preset of e2_jax.models.clip
+        "pretrained": "",  # a converted CLIP (python -m e2_jax.convert to-flax ...); "" = random init
+        "overrides": ml_collections.ConfigDict(),  # CLIPConfig fields, e.g. image_size=64
+        "compute_dtype": "float32",  # "bfloat16" for mixed precision
+        "remat": False,
+    })
+    c.e2 = ml_collections.ConfigDict({
+        "enabled": True,  # False: plain CLIP fine-tuning (CLIP-FT), no selection tokens
+        "groups": AUTHORS_GROUPS,
+        "tokens_per_group": 2,
+        "fusion": True,
+        "fusion_layers": "",  # "8,11"; "" scales the paper's (8, 11) of 12 layers with the depth
+        "gumbel_tau": 1.0,
+        "eval_gumbel_noise": False,  # the authors' quirk 4
+        "reference_quirks": False,  # the authors' quirks 2, 3 and sqrt(768)
+        "proj_cls_from_clip": False,
+    })
+    c.data = ml_collections.ConfigDict({
+        "dataset": "fashion_gen",  # a TFDS name, built with python -m e2_jax.data.build
+        "data_dir": "",  # "" = TFDS's default
+        "train_split": "train",
+        "eval_split": "validation",
+        "text_format": FASHIONGEN_TEXT,
+        "tag_lengths": FASHIONGEN_TAG_LENGTHS,
+        "build_if_missing": False,  # build the dataset first if it is not (SynthFashion only)
+    })
+    c.loss = ml_collections.ConfigDict({"global_weight": 0.5, "region_weight": 0.5})
+    c.optim = ml_collections.ConfigDict({"name": "adam_l2", "b1": 0.9, "b2": 0.999, "eps": 1e-8,
+                                         "weight_decay": 1e-4, "grad_clip": 0.0, "warmup_steps": 100})
+    c.stages = "warmup,finetune"
+    c.warmup = stage(epochs=5, lr=5e-4, trainable="e2_new")
+    c.finetune = stage(epochs=20, lr=5e-5, trainable="all")
+    c.batch_size = 64  # the global batch, the contrastive batch too
+    c.accum_steps = 1  # micro-batches per step (GradCache: the loss still sees the whole batch)
+    c.mesh = (("data", -1), ("fsdp", 1))
+    c.sharding_rules = ((".*", "fsdp"),)
+    c.eval = ml_collections.ConfigDict({"every_steps": 0, "batch_size": 256})  # 0: once per epoch
+    c.checkpoint = ml_collections.ConfigDict({"every_steps": 1000, "keep": 3})
+    c.log_every_steps = 10
+    c.distributed = "auto"
+    c.peak_flops = 0.0  # per device, for MFU; 0: from the device kind (TPU, NVIDIA)
+    c.debug = ml_collections.ConfigDict({"nan_at_step": -1, "kill_during_save_at_step": -1})
+    c.lock()
+    return c
+
+
+def parse_arg(arg: str | None) -> dict[str, str | bool]:
+    """'dataset=amazon_fashion,runlocal' -> {'dataset': 'amazon_fashion', 'runlocal': True}."""
+    out: dict[str, str | bool] = {}
+    for item in filter(None, (arg or "").split(",")):
+        key, _, value = item.partition("=")
+        out[key.strip()] = value.strip() if value else True
+    return out
+
+
+def fashion_recipe(preset: str, method: str, arg: str | None) -> ml_collections.ConfigDict:
+    """The paper's setting (E2_METHOD.md section 4) on `preset`, for E² or CLIP-FT (plain CLIP
+    fine-tuning: the same data and the same 25 epochs, all parameters, no selection tokens)."""
+    options = parse_arg(arg)
+    unknown = set(options) - {"dataset", "ablation", "runlocal"}
+    if unknown:
+        raise ValueError(f"unknown config arguments {sorted(unknown)}; known: dataset, ablation, runlocal")
+    c = base()
+    c.model.preset = preset
+    c.model.pretrained = "models/clip_" + preset.lower().replace("vit-", "").replace("-", "")  # models/clip_b32
+    if options.get("dataset", "fashion_gen") == "amazon_fashion":
+        c.data.dataset, c.data.eval_split = "amazon_fashion", "test"
+        c.data.text_format, c.data.tag_lengths, c.e2.groups = AMAZON_TEXT, "brand:24", "brand"
+    elif options.get("dataset", "fashion_gen") != "fashion_gen":
+        raise ValueError(f"dataset must be fashion_gen or amazon_fashion, got {options['dataset']!r}")
+    if method == "clip_ft":
+        c.e2.enabled = False
+        c.stages = "finetune"
+        c.finetune.epochs = 25
+    ablation = options.get("ablation", "none")
+    if ablation not in ABLATIONS:
+        raise ValueError(f"ablation must be one of {ABLATIONS}, got {ablation!r}")
+    if ablation == "no_fusion":
+        c.e2.fusion = False
+    elif ablation == "no_selection_tokens":
+        c.e2.enabled, c.stages = False, "finetune"
+    elif ablation == "no_region_loss":
+        c.loss.region_weight = 0.0
+    elif ablation == "paper_groups":
+        c.e2.groups = PAPER_GROUPS
+    elif ablation == "no_warmup":
+        c.stages = "finetune"
+    elif ablation.startswith("without_"):
+        c.e2.groups = ",".join(g for g in c.e2.groups.split(",") if g != ablation[len("without_"):])
+    if options.get("runlocal"):
+        runlocal(c)
+    return c
+
+
+def runlocal(c: ml_collections.ConfigDict) -> None:
+    """Any config, shrunk to a run of a few steps on a CPU (tiny random model, SynthFashion/tiny)."""
+    c.model.preset, c.model.pretrained, c.model.overrides = "tiny", "", {}
+    c.data.dataset, c.data.eval_split, c.data.build_if_missing = "synth_fashion/tiny", "validation", True
+    if c.data.text_format == AMAZON_TEXT:  # SynthFashion has FashionGen's fields
+        c.data.text_format, c.data.tag_lengths, c.e2.groups = FASHIONGEN_TEXT, "brand:24", "brand"
+    for name in c.stages.split(","):
+        c[name].epochs, c[name].steps = 0.0, 4
+    c.batch_size, c.eval.batch_size, c.log_every_steps = 16, 16, 1
+    c.optim.warmup_steps = 2

@@ -1,0 +1,61 @@
+"""`python -m e2_jax.main --config configs/e2_b16.py --workdir DIR`: train and evaluate E².
+
+    --config configs/e2_b32.py:dataset=amazon_fashion,ablation=no_fusion   variants by argument
+    --config.batch_size=32 --config.finetune.lr=1e-5                        any field by flag
+    --mode train | evaluate | train_and_evaluate (default)
+
+The same command on a laptop CPU, one GPU, a GPU cluster (one process per host, see
+launch/) and a TPU pod (`--worker=all`). A run resumes from the latest checkpoint in
+`--workdir`; the resolved config is written there as config.json.
+"""
+
+from __future__ import annotations
+
+import logging as logging_std
+import sys
+
+import jax
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from e2_jax import train
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py[:arg]).",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and the config go.")
+_MODE = flags.DEFINE_enum("mode", "train_and_evaluate", list(train.MODES), "What to do.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+class _QuietOrbax(logging_std.Filter):
+    """Orbax logs every step of every save at INFO; keep its warnings and errors."""
+
+    def filter(self, record: logging_std.LogRecord) -> bool:
+        return record.levelno > logging_std.INFO or "/orbax/" not in record.pathname
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.get_absl_handler().addFilter(_QuietOrbax())
+    config = _CONFIG.value
+    # Multi-host start-up before anything touches a device.
+    from e2_jax import distributed
+
+    distributed.initialize(config.distributed)
+    logging.info("config:\n%s", config)
+    try:
+        result = train.run(config, _WORKDIR.value, _MODE.value)
+    except train.TrainingError as error:
+        logging.error("%s", error)
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        sys.exit(1)
+    finally:
+        if jax.process_count() > 1:
+            jax.distributed.shutdown()  # every process leaves together, now rather than at exit
+    if "eval" in result:
+        print(f"validation: {train.format_retrieval(result['eval'])}", flush=True)
+
+
+if __name__ == "__main__":
+    app.run(main)

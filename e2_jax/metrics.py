@@ -1,0 +1,101 @@
+"""Training metrics: TensorBoard event files and a JSON-lines file in the workdir, a console
+progress bar, and model FLOP utilisation. Only process 0 writes.
+
+MFU = (XLA's FLOP count of the compiled step, per device) / (seconds per step) / (the device's
+peak). XLA's `cost_analysis` counts the program each device runs after partitioning, so no
+division by the number of devices is needed. Peaks are dense bfloat16 FLOP/s from the vendors'
+data sheets; a device not in the table (a CPU) has no MFU unless `peak_flops` is configured.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+from tqdm import tqdm
+
+# Dense bfloat16 peak FLOP/s per device, matched as a prefix of `device.device_kind`.
+PEAK_FLOPS = {
+    "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v5": 459e12,
+    "TPU v6 lite": 918e12, "TPU v6e": 918e12, "TPU7x": 2307e12,
+    "NVIDIA H100": 989e12, "NVIDIA H200": 989e12, "NVIDIA H800": 989e12, "NVIDIA GH200": 989e12,
+    "NVIDIA B200": 2250e12, "NVIDIA A100": 312e12, "NVIDIA A800": 312e12, "NVIDIA L4": 121e12,
+}
+
+
+def peak_flops(device: jax.Device, configured: float = 0.0) -> float | None:
+    if configured:
+        return configured
+    kind = device.device_kind
+    for prefix in sorted(PEAK_FLOPS, key=len, reverse=True):
+        if kind.startswith(prefix):
+            return PEAK_FLOPS[prefix]
+    return None
+
+
+def step_flops(compiled: jax.stages.Compiled) -> float | None:
+    """FLOPs of one call of a compiled step, per device, as XLA counts them."""
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    flops = (cost or {}).get("flops")
+    return float(flops) if flops and flops > 0 else None
+
+
+class Writer:
+    """Scalars to `workdir/metrics.jsonl` and `workdir/tensorboard/` (process 0 only)."""
+
+    def __init__(self, workdir: str | Path) -> None:
+        self.enabled = jax.process_index() == 0
+        if not self.enabled:
+            return
+        import tensorflow as tf  # already loaded by the input pipeline
+        from tensorflow.core.framework import summary_pb2
+
+        self._tf = tf
+        # What tensorboard's own tf.summary.scalar writes, without needing the tensorboard
+        # package to write it (only to view it: pip install tensorboard).
+        plugin = summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars")
+        self._scalar = summary_pb2.SummaryMetadata(plugin_data=plugin).SerializeToString()
+        self._jsonl = (Path(workdir) / "metrics.jsonl").open("a")
+        self._tb = tf.summary.create_file_writer(str(Path(workdir) / "tensorboard"))
+
+    def write(self, step: int, scalars: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        clean = {k: float(v) for k, v in scalars.items()}
+        self._jsonl.write(json.dumps({"step": step, "time": time.time(), **clean}) + "\n")
+        self._jsonl.flush()
+        with self._tb.as_default(step=step):
+            for name, value in clean.items():
+                if math.isfinite(value):
+                    self._tf.summary.write(name, self._tf.constant(value, self._tf.float32), metadata=self._scalar)
+        self._tb.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self._jsonl.close()
+            self._tb.close()
+
+
+class Progress:
+    """A tqdm bar over the run's steps with ETA (process 0; plain lines when not a terminal)."""
+
+    def __init__(self, total: int, initial: int) -> None:
+        self._bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, file=sys.stderr,
+                         disable=jax.process_index() != 0, mininterval=1.0 if sys.stderr.isatty() else 30.0)
+
+    def update(self, steps: int, **postfix: Any) -> None:
+        self._bar.set_postfix(postfix, refresh=False)
+        self._bar.update(steps)
+
+    def write(self, line: str) -> None:
+        if jax.process_index() == 0:
+            self._bar.write(line)
+
+    def close(self) -> None:
+        self._bar.close()

@@ -1,0 +1,610 @@
+"""Training and evaluation of E² (and CLIP-FT) on any mesh: one jitted step over global arrays.
+
+A run is a list of stages (E2_METHOD.md section 4: a warm-up that trains only E²'s new
+parameters, then everything), each with its own optimizer over its own trainable parameters.
+Everything a step depends on is a function of the step number: the batch (the input
+pipeline), the Gumbel noise (drawn from `fold_in(seed, step)` for the whole global batch) and
+the learning rate; so resuming from a checkpoint of (step, parameters, optimizer state)
+continues exactly as an uninterrupted run would.
+
+Order of a run (the resume order, big_vision style): the latest checkpoint in the workdir;
+else the stage's start: the previous stage's best parameters (by validation SumR), or for the
+first stage converted CLIP weights (`model.pretrained`) with E²'s new parameters drawn, or a
+random initialisation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from jax.experimental import multihost_utils
+
+from e2_jax import evaluate, losses, optim, pretrained, sharding
+from e2_jax.checkpoints import Checkpoints
+from e2_jax.data import pipeline
+from e2_jax.metrics import Progress, Writer, peak_flops, step_flops
+from e2_jax.models.clip import CLIPConfig, get_config
+from e2_jax.models.e2 import E2Config, E2Model, Group, gumbel_noise_shape, init_e2_params
+
+MODES = ("train", "evaluate", "train_and_evaluate")
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    name: str
+    start: int  # global step at which it starts
+    steps: int
+    lr: float
+    trainable: str
+
+    @property
+    def end(self) -> int:
+        return self.start + self.steps
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on (NaN loss); the message says where and what is left."""
+
+
+# --- Everything that can be checked before compiling ----------------------------------------------
+
+
+@dataclasses.dataclass
+class Setup:
+    config: ml_collections.ConfigDict
+    workdir: Path
+    mesh: jax.sharding.Mesh
+    clip: CLIPConfig
+    e2: E2Config
+    model: E2Model
+    pre: pipeline.Preprocessing
+    train_source: pipeline.Source
+    eval_source: pipeline.Source | None
+    stages: list[Stage]
+    steps_per_epoch: float
+
+
+def model_configs(config: ml_collections.ConfigDict) -> tuple[CLIPConfig, E2Config]:
+    overrides = dict(config.model.overrides)
+    if config.model.pretrained:
+        clip = pretrained.load_config(_pretrained_path(config)).replace(**overrides)
+    else:
+        clip = get_config(config.model.preset, **overrides)
+    clip = clip.replace(compute_dtype=config.model.compute_dtype, remat=config.model.remat)
+    e = config.e2
+    groups = tuple(Group(name.strip(), e.tokens_per_group) for name in e.groups.split(",") if name.strip())
+    fusion_layers = tuple(int(x) for x in e.fusion_layers.split(",")) if e.fusion_layers else None
+    e2 = E2Config(groups=groups, fusion_layers=fusion_layers, gumbel_tau=e.gumbel_tau, fusion=e.fusion,
+                  selection_tokens=e.enabled, eval_gumbel_noise=e.eval_gumbel_noise,
+                  reference_quirks=e.reference_quirks, proj_cls_from_clip=e.proj_cls_from_clip)
+    return clip, e2
+
+
+def _pretrained_path(config: ml_collections.ConfigDict) -> Path:
+    path = Path(config.model.pretrained)
+    if not (path / pretrained.CONFIG_FILE).is_file():
+        raise FileNotFoundError(
+            f"model.pretrained: no converted CLIP at {path}. Make one from OpenAI's archive with "
+            f"`python -m e2_jax.convert to-flax ViT-B-32.pt {path} --trust-pickle` (or from open_clip or Hugging "
+            "Face weights, see docs/convert.md), or set --config.model.pretrained='' to start from random weights.")
+    return path
+
+
+def _tag_lengths(spec: str) -> dict[str, int]:
+    out = {}
+    for item in filter(None, spec.split(",")):
+        name, _, length = item.partition(":")
+        out[name.strip()] = int(length)
+    return out
+
+
+def prepare(config: ml_collections.ConfigDict, workdir: str | Path) -> Setup:
+    """Checks the config and opens the data: every error a user can make is raised here, before
+    anything is compiled."""
+    stage_names = [s.strip() for s in config.stages.split(",") if s.strip()]
+    missing = [s for s in stage_names if s not in config]
+    if missing:
+        raise ValueError(f"stages {missing} are listed in `stages` but not defined in the config")
+    for name in stage_names:
+        trainable = config[name].trainable
+        if trainable == "e2_new" and not config.e2.enabled:
+            raise ValueError(f"stage {name} trains only E²'s new parameters, but E² is disabled (e2.enabled=False)")
+    if config.optim.name not in optim.OPTIMIZERS:
+        raise ValueError(f"optim.name must be one of {optim.OPTIMIZERS}, got {config.optim.name!r}")
+    mesh = sharding.make_mesh(config.mesh)
+    shards = sharding.num_batch_shards(mesh)
+    if config.batch_size % (shards * config.accum_steps):
+        raise ValueError(f"batch_size {config.batch_size} must be divisible by the {shards} batch shards of the mesh "
+                         f"{dict(mesh.shape)} times accum_steps {config.accum_steps}")
+    if config.eval.batch_size % shards:
+        raise ValueError(f"eval.batch_size {config.eval.batch_size} must be divisible by the {shards} batch shards")
+    clip, e2 = model_configs(config)
+    data_dir = config.data.data_dir or None
+    if config.data.build_if_missing:
+        _build_if_missing(config.data.dataset, data_dir)
+    lengths = _tag_lengths(config.data.tag_lengths)
+    tags = tuple((g.name, g.text_field, lengths.get(g.name, clip.context_length)) for g in e2.groups) \
+        if e2.selection_tokens and config.loss.region_weight > 0 else ()
+    pre = pipeline.Preprocessing(image_size=clip.image_size, text_format=config.data.text_format, tags=tags,
+                                 context_length=clip.context_length)
+    train_source = pipeline.Source(config.data.dataset, config.data.train_split, data_dir)
+    eval_source = pipeline.Source(config.data.dataset, config.data.eval_split, data_dir) \
+        if config.data.eval_split else None
+    # Open the pipeline once: a text field the format or a tag names and the data lacks fails here.
+    pipeline.local_train_batches(train_source, pre, global_batch=shards, rows=range(1))
+    steps_per_epoch = pipeline.steps_per_epoch(len(train_source), config.batch_size)
+    stages, start = [], 0
+    for name in stage_names:
+        s = config[name]
+        steps = s.steps or math.ceil(s.epochs * steps_per_epoch)
+        if steps <= 0:
+            raise ValueError(f"stage {name} has no steps: set {name}.epochs or {name}.steps")
+        stages.append(Stage(name, start, steps, s.lr, s.trainable))
+        start += steps
+    return Setup(config, Path(workdir), mesh, clip, e2, E2Model(clip, e2), pre, train_source, eval_source, stages,
+                 steps_per_epoch)
+
+
+def _build_if_missing(dataset: str, data_dir: str | None) -> None:
+    import tensorflow_datasets as tfds
+
+    import e2_jax.data.builders  # noqa: F401
+
+    if not dataset.startswith("synth_fashion"):
+        return  # the others need files only the user can provide: Source says how
+    if jax.process_index() == 0 and not tfds.builder(dataset, data_dir=data_dir).is_prepared():
+        from e2_jax.data.build import build
+
+        logging.info("building %s (no download)", dataset)
+        build(dataset, data_dir)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(f"built {dataset}")
+
+
+# --- The step ----------------------------------------------------------------------------------
+
+
+def _split(x: jax.Array, parts: int) -> jax.Array:
+    """[B, ...] -> [parts, B / parts, ...], part m = rows m, m + parts, ...: every device's rows
+    are spread evenly over the parts, so each part stays split over all devices."""
+    return x.reshape(x.shape[0] // parts, parts, *x.shape[1:]).swapaxes(0, 1)
+
+
+def _unsplit(x: jax.Array) -> jax.Array:
+    return x.swapaxes(0, 1).reshape(x.shape[0] * x.shape[1], *x.shape[2:])
+
+
+def make_train_step(setup: Setup, stage: Stage, tx: optax.GradientTransformation, schedule: optax.Schedule):
+    """`step(state, batch) -> (state, metrics)`, not yet jitted."""
+    config, model, e2, mesh = setup.config, setup.model, setup.e2, setup.mesh
+    pattern = optim.trainable_pattern(stage.trainable)
+    axes = sharding.batch_axes(mesh)
+    batch_spec = sharding.batch_sharding(mesh)
+    regions = e2.selection_tokens and config.loss.region_weight > 0
+    weights = dict(global_weight=config.loss.global_weight, region_weight=config.loss.region_weight)
+    if regions:
+        sharded_loss = losses.sharded(functools.partial(losses.e2_loss, **weights), mesh, axes, num_batch_args=4)
+    else:  # CLIP-FT, or E² without its region loss: the global InfoNCE alone
+        global_only = lambda image, text, scale, axis_name: losses.e2_loss(image, text, None, None, scale,
+                                                                          axis_name=axis_name, **weights)
+        sharded_loss = losses.sharded(global_only, mesh, axes, num_batch_args=2)
+    noisy = e2.selection_tokens and e2.fusion
+    accum = config.accum_steps
+
+    def embeddings(params: dict, batch: dict, noise: jax.Array | None) -> dict[str, jax.Array]:
+        out = model.apply({"params": params}, batch["images"], True, noise, method=E2Model.encode_image)
+        emb = {"image": out.global_embedding,
+               "text": model.apply({"params": params}, batch["text"], method=E2Model.encode_text)}
+        if regions:
+            emb["region_image"] = out.region_embeddings
+            emb["region_text"] = jnp.stack([model.apply({"params": params}, batch["tags"][g.name],
+                                                        method=E2Model.encode_text) for g in e2.groups], axis=1)
+        return emb
+
+    def loss_of(emb: dict, logit_scale: jax.Array):
+        if regions:
+            return sharded_loss(emb["image"], emb["text"], emb["region_image"], emb["region_text"], logit_scale)
+        return sharded_loss(emb["image"], emb["text"], logit_scale)
+
+    def step(state: dict, batch: dict) -> tuple[dict, dict]:
+        trainable, frozen = optim.partition(state["params"], pattern)
+        key = jax.random.fold_in(jax.random.key(config.seed), state["step"])
+        inputs = {k: batch[k] for k in ("images", "text", "tags") if k in batch}
+        noise = None
+        if noisy:
+            noise = jax.random.gumbel(key, gumbel_noise_shape(setup.clip, e2, batch["images"].shape[0]))
+            noise = jax.lax.with_sharding_constraint(noise, batch_spec)
+        poison = jnp.where(state["step"] == config.debug.nan_at_step, jnp.nan, 1.0)  # a test's NaN
+
+        def total(t, emb):
+            loss, metrics = loss_of(emb, optim.merge(t, frozen)["logit_scale"])
+            return loss * poison, metrics
+
+        if accum == 1:
+            (loss, metrics), grads = jax.value_and_grad(
+                lambda t: total(t, embeddings(optim.merge(t, frozen), inputs, noise)), has_aux=True)(trainable)
+        else:
+            loss, metrics, grads = _gradcache(trainable, frozen, inputs, noise, accum, embeddings, total, batch_spec)
+        updates, opt_state = tx.update(grads, state["opt_state"], trainable)
+        trainable = optax.apply_updates(trainable, updates)
+        metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads),
+                   "learning_rate": schedule(state["step"] - stage.start)}
+        return {"step": state["step"] + 1, "params": optim.merge(trainable, frozen), "opt_state": opt_state}, metrics
+
+    return step
+
+
+def _gradcache(trainable, frozen, inputs, noise, accum, embeddings, total, batch_spec):
+    """Gradient accumulation that keeps the contrastive batch whole (GradCache, Gao et al. 2021):
+    embed every micro-batch without gradients, take the loss and its gradient with respect to
+    the embeddings on the whole batch, then back-propagate each micro-batch's share of that
+    gradient through its own forward pass. Same loss and gradients as one big batch; activation
+    memory of one micro-batch."""
+    micro = jax.tree.map(lambda x: _split(x, accum), inputs)
+    micro_noise = None if noise is None else _split(noise, accum)
+    constrain = lambda tree: jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, batch_spec), tree)
+
+    def embed(t, part, part_noise):
+        return embeddings(optim.merge(t, frozen), constrain(part), part_noise)
+
+    parts = jax.lax.map(lambda xs: embed(trainable, *xs), (micro, micro_noise))
+    whole = jax.tree.map(_unsplit, parts)
+    (loss, metrics), (emb_grads, direct) = jax.value_and_grad(
+        lambda emb, t: total(t, emb), argnums=(0, 1), has_aux=True)(whole, trainable)
+    emb_grads = jax.tree.map(lambda g: _split(g, accum), emb_grads)
+
+    def backward(acc, xs):
+        part, part_noise, part_grads = xs
+        _, vjp = jax.vjp(lambda t: embed(t, part, part_noise), trainable)
+        return jax.tree.map(jnp.add, acc, vjp(part_grads)[0]), None
+
+    grads, _ = jax.lax.scan(backward, direct, (micro, micro_noise, emb_grads))
+    return loss, metrics, grads
+
+
+# --- Parameters and state ----------------------------------------------------------------------
+
+
+def _abstract_params(setup: Setup) -> Any:
+    return jax.eval_shape(lambda r: init_e2_params(setup.clip, setup.e2, r), jax.random.key(0))
+
+
+def _shardings(setup: Setup, abstract: Any) -> Any:
+    return sharding.tree_shardings(abstract, setup.mesh, setup.config.sharding_rules)
+
+
+def _with_shardings(abstract: Any, shardings: Any) -> Any:
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+
+
+def _sharded_abstract_params(setup: Setup) -> Any:
+    abstract = _abstract_params(setup)
+    return _with_shardings(abstract, _shardings(setup, abstract))
+
+
+def initial_params(setup: Setup) -> dict:
+    """The first stage's starting point: converted CLIP weights plus E²'s new parameters, or a
+    random initialisation; created sharded."""
+    abstract = _abstract_params(setup)
+    out = _shardings(setup, abstract)
+    clip_params = None
+    if setup.config.model.pretrained:
+        _, clip_params = pretrained.load(_pretrained_path(setup.config))
+        clip_params = jax.tree.map(np.asarray, clip_params)
+    init = jax.jit(lambda r, c: init_e2_params(setup.clip, setup.e2, r, c), out_shardings=out)
+    return init(jax.random.key(setup.config.seed), clip_params)
+
+
+def stage_optimizer(setup: Setup, stage: Stage) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    o = setup.config.optim
+    schedule = optim.schedule(stage.lr, o.warmup_steps, stage.steps)
+    tx = optim.optimizer(o.name, schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
+                         grad_clip=o.grad_clip or None)
+    return tx, schedule
+
+
+def state_shardings(setup: Setup, stage: Stage, tx: optax.GradientTransformation) -> tuple[Any, Any]:
+    """(abstract state with shardings, shardings) of the stage's training state."""
+    pattern = optim.trainable_pattern(stage.trainable)
+    params = _abstract_params(setup)
+
+    def make(p):
+        return {"step": jnp.zeros((), jnp.int32), "params": p, "opt_state": tx.init(optim.partition(p, pattern)[0])}
+
+    abstract = jax.eval_shape(make, params)
+    shardings = _shardings(setup, abstract)
+    return _with_shardings(abstract, shardings), shardings
+
+
+def new_state(params: dict, stage: Stage, tx: optax.GradientTransformation, shardings: Any) -> dict:
+    pattern = optim.trainable_pattern(stage.trainable)
+
+    def make(p):
+        return {"step": jnp.asarray(stage.start, jnp.int32), "params": p,
+                "opt_state": tx.init(optim.partition(p, pattern)[0])}
+
+    return jax.jit(make, out_shardings=shardings)(params)
+
+
+# --- Evaluation --------------------------------------------------------------------------------
+
+
+def make_embed(setup: Setup):
+    model, seed = setup.model, setup.config.seed
+
+    @jax.jit
+    def embed(params: dict, batch: dict) -> tuple[jax.Array, jax.Array]:
+        rngs = {"gumbel": jax.random.key(seed)}  # used only with the authors' noisy evaluation
+        image = model.apply({"params": params}, batch["images"], False, method=E2Model.encode_image, rngs=rngs)
+        return image.global_embedding, model.apply({"params": params}, batch["text"], method=E2Model.encode_text)
+
+    return embed
+
+
+def run_evaluation(setup: Setup, params: dict, embed=None) -> dict[str, float]:
+    """Full-candidate retrieval on the evaluation split (first views, global texts)."""
+    embed = embed or make_embed(setup)
+    batches = pipeline.eval_batches(setup.eval_source, setup.pre, global_batch=setup.config.eval.batch_size,
+                                    sharding=sharding.batch_sharding(setup.mesh))
+    image, text, _ = evaluate.embed_split(lambda b: embed(params, b), batches)
+    return evaluate.retrieval_metrics(image, text)
+
+
+def format_retrieval(metrics: dict[str, float]) -> str:
+    both = " | ".join(f"{d.upper()} R@1/5/10 " + "/".join(f"{metrics[f'{d}_r{k}']:.1f}" for k in evaluate.KS)
+                      for d in ("i2t", "t2i"))
+    return f"{both} | SumR {metrics['sumr']:.1f}"
+
+
+# --- Preemption --------------------------------------------------------------------------------
+
+
+class _Preemption:
+    """SIGTERM sets a flag (one process); several processes agree on the step through JAX's
+    preemption sync point (jax.distributed's own SIGTERM notifier)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+        if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+    def reached(self, step: int) -> bool:
+        if jax.process_count() > 1:
+            return multihost_utils.reached_preemption_sync_point(step)
+        return self.requested
+
+    def close(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+# --- The run -----------------------------------------------------------------------------------
+
+
+def _stage_at(stages: list[Stage], step: int) -> int:
+    """Index of the stage that step `step` (the next one to run) belongs to."""
+    for i, s in enumerate(stages):
+        if step < s.end:
+            return i
+    return len(stages)
+
+
+def _host_metrics(metrics: dict, groups: tuple[Group, ...]) -> dict[str, float]:
+    out = {}
+    for name, value in jax.device_get(metrics).items():
+        if name == "loss_region":
+            out.update({f"loss_region/{g.name}": float(v) for g, v in zip(groups, np.asarray(value), strict=True)})
+        else:
+            out[name] = float(value)
+    return out
+
+
+def run(config: ml_collections.ConfigDict, workdir: str | Path, mode: str = "train_and_evaluate") -> dict[str, Any]:
+    """Trains (and evaluates) as `config` says, resuming from `workdir`. Returns the last
+    evaluation's metrics and where things are."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    preemption = _Preemption()  # first: a SIGTERM from now on ends the run with a checkpoint
+    try:
+        return _run(config, workdir, mode, preemption)
+    finally:
+        preemption.close()
+
+
+def _run(config: ml_collections.ConfigDict, workdir: str | Path, mode: str, preemption: _Preemption) -> dict[str, Any]:
+    setup = prepare(config, workdir)
+    setup.workdir.mkdir(parents=True, exist_ok=True)
+    if jax.process_index() == 0:
+        (setup.workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+    checkpoints = Checkpoints(setup.workdir, config.checkpoint.keep)
+    try:
+        finished = checkpoints.latest_step() == setup.stages[-1].end
+        if mode == "evaluate" or (finished and mode == "train_and_evaluate"):
+            if finished and mode != "evaluate":
+                logging.info("training in %s is complete; evaluating its best parameters", setup.workdir)
+            return _evaluate_only(setup, checkpoints)
+        return _train(setup, checkpoints, preemption, evaluate_too=mode == "train_and_evaluate")
+    finally:
+        checkpoints.wait()
+        checkpoints.close()
+
+
+def _evaluate_only(setup: Setup, checkpoints: Checkpoints) -> dict[str, Any]:
+    abstract = _sharded_abstract_params(setup)
+    params = None
+    for stage in reversed(setup.stages):
+        params = checkpoints.restore_best(stage.name, abstract)
+        if params is not None:
+            break
+    if params is None:
+        step = checkpoints.latest_step()
+        if step is None:
+            raise FileNotFoundError(f"nothing to evaluate in {setup.workdir}: no checkpoint (train first)")
+        stage = setup.stages[min(_stage_at(setup.stages, step - 1), len(setup.stages) - 1)]
+        abstract_state, _ = state_shardings(setup, stage, stage_optimizer(setup, stage)[0])
+        params = checkpoints.restore(step, abstract_state)["params"]
+    metrics = run_evaluation(setup, params)
+    logging.info("evaluation: %s", format_retrieval(metrics))
+    print(format_retrieval(metrics), flush=True)
+    return {"eval": metrics}
+
+
+def _train(setup: Setup, checkpoints: Checkpoints, preemption: _Preemption, evaluate_too: bool) -> dict[str, Any]:
+    config, stages = setup.config, setup.stages
+    total = stages[-1].end
+    latest = checkpoints.latest_step()
+    start = latest or 0
+    writer, progress = Writer(setup.workdir), Progress(total, start)
+    embed = make_embed(setup) if evaluate_too and setup.eval_source is not None else None
+    eval_every = config.eval.every_steps or max(1, round(setup.steps_per_epoch))
+    result: dict[str, Any] = {"workdir": str(setup.workdir)}
+    params = None
+    try:
+        for index in range(_stage_at(stages, start), len(stages)):
+            stage = stages[index]
+            tx, schedule = stage_optimizer(setup, stage)
+            abstract_state, shardings = state_shardings(setup, stage, tx)
+            if latest is not None and stage.start < latest:
+                state = checkpoints.restore(latest, abstract_state)
+                logging.info("resumed from %s (step %d, stage %s)", checkpoints.path(latest), latest, stage.name)
+            else:
+                params = _stage_start_params(setup, checkpoints, index, params, latest)
+                state = new_state(params, stage, tx, shardings)
+            step_fn = jax.jit(make_train_step(setup, stage, tx, schedule), donate_argnums=0,
+                              out_shardings=(shardings, None))
+            outcome = _train_stage(setup, stage, state, step_fn, checkpoints, writer, progress, preemption, embed,
+                                   eval_every)
+            result.update(outcome)
+            if outcome.get("preempted"):
+                return result
+            params, latest = outcome.pop("params"), None
+        if embed is not None:
+            final_stage = stages[-1].name
+            result["best"] = str(checkpoints.best_path(final_stage))
+            best = checkpoints.best(final_stage)
+            if best is not None:
+                progress.write(f"best {final_stage}: step {best[0]}, SumR {best[1]:.1f} ({result['best']})")
+        return result
+    finally:
+        progress.close()
+        writer.close()
+
+
+def _stage_start_params(setup: Setup, checkpoints: Checkpoints, index: int, params: dict | None,
+                        latest: int | None) -> dict:
+    """The parameters a stage starts from: the previous stage's best, else its last."""
+    if index == 0:
+        return initial_params(setup)
+    previous = setup.stages[index - 1]
+    best = checkpoints.restore_best(previous.name, _sharded_abstract_params(setup))
+    if best is not None:
+        logging.info("stage %s starts from the best of %s: %s", setup.stages[index].name, previous.name,
+                     checkpoints.best_path(previous.name))
+        return best
+    if params is not None:
+        return params
+    tx, _ = stage_optimizer(setup, previous)  # the run stopped right at the end of the previous stage
+    abstract_state, _ = state_shardings(setup, previous, tx)
+    return checkpoints.restore(latest, abstract_state)["params"]
+
+
+class _Reporter:
+    """Step metrics, read one step late (never stalling the device): throughput and MFU over
+    the steps since the last write, NaN/Inf detection, console, TensorBoard and JSON lines."""
+
+    def __init__(self, setup: Setup, writer: Writer, progress: Progress, checkpoints: Checkpoints,
+                 flops: float | None) -> None:
+        self.setup, self.writer, self.progress, self.checkpoints = setup, writer, progress, checkpoints
+        self.flops, self.peak = flops, peak_flops(jax.devices()[0], setup.config.peak_flops)
+        self.pending: tuple[int, dict] | None = None
+        self._since, self._steps = time.perf_counter(), 0
+
+    def push(self, step: int, metrics: dict) -> None:
+        """Step `step` was dispatched: report the one before it, then keep this one."""
+        self.flush()
+        self.pending = (step, metrics)
+
+    def flush(self) -> None:
+        if self.pending is None:
+            return
+        (step, metrics), self.pending = self.pending, None
+        values = _host_metrics(metrics, self.setup.e2.groups)  # waits for that step only
+        if not math.isfinite(values["loss"]):
+            self.checkpoints.wait()
+            good = self.checkpoints.latest_step()
+            where = (f"the last good checkpoint is {self.checkpoints.path(good)} (step {good})" if good is not None
+                     else "no checkpoint was saved before it")
+            raise TrainingError(f"loss is {values['loss']} at step {step}; stopping. {where}.")
+        self._steps += 1
+        seconds = (time.perf_counter() - self._since) / self._steps
+        values["examples_per_second"] = self.setup.config.batch_size / seconds
+        if self.flops and self.peak:
+            values["mfu"] = self.flops / seconds / self.peak
+        self.progress.update(1, loss=f"{values['loss']:.3f}", ex_s=f"{values['examples_per_second']:.1f}")
+        if (step + 1) % self.setup.config.log_every_steps == 0:
+            self.writer.write(step + 1, values)
+            self._since, self._steps = time.perf_counter(), 0
+
+
+def _train_stage(setup: Setup, stage: Stage, state: dict, step_fn, checkpoints: Checkpoints, writer: Writer,
+                 progress: Progress, preemption: _Preemption, embed, eval_every: int) -> dict[str, Any]:
+    config = setup.config
+    first = int(jax.device_get(state["step"]))
+    batches = pipeline.train_batches(setup.train_source, setup.pre, global_batch=config.batch_size,
+                                     sharding=sharding.batch_sharding(setup.mesh), seed=config.seed, start_step=first)
+    batch = next(batches)
+    compiled = step_fn.lower(state, batch).compile()
+    flops = step_flops(compiled)
+    trainable = optim.count(optim.partition(state["params"], optim.trainable_pattern(stage.trainable))[0])
+    progress.write(f"stage {stage.name}: steps {stage.start}-{stage.end}, {trainable:,} trainable parameters, "
+                   f"{flops / 1e9 if flops else float('nan'):.1f} GFLOPs per step per device, "
+                   f"{jax.device_count()} devices, mesh {dict(setup.mesh.shape)}")
+    reporter, outcome, saved = _Reporter(setup, writer, progress, checkpoints, flops), {}, None
+    for step in range(first, stage.end):
+        if step > first:
+            batch = next(batches)
+        state, metrics = compiled(state, batch)
+        reporter.push(step, metrics)
+        done = step + 1
+        if done == config.debug.kill_during_save_at_step:
+            checkpoints.save(done, state)
+            os.kill(os.getpid(), signal.SIGKILL)  # a test: killed while the save is being written
+        if done % config.checkpoint.every_steps == 0 or done == stage.end:
+            checkpoints.save(done, state)
+            saved = done
+        if embed is not None and (done % eval_every == 0 or done == stage.end):
+            reporter.flush()
+            metrics = run_evaluation(setup, state["params"], embed)
+            writer.write(done, {f"eval/{k}": v for k, v in metrics.items()})
+            improved = checkpoints.save_best(stage.name, done, state["params"], metrics["sumr"])
+            progress.write(f"step {done} ({stage.name}) validation: {format_retrieval(metrics)}"
+                           + (" (best so far)" if improved else ""))
+            outcome["eval"] = metrics
+        if done < stage.end and preemption.reached(done):
+            reporter.flush()
+            if saved != done:
+                checkpoints.save(done, state)
+            checkpoints.wait()
+            progress.write(f"preempted: saved step {done} to {checkpoints.path(done)}; exiting")
+            return {**outcome, "preempted": True, "step": done}
+    reporter.flush()
+    checkpoints.wait()
+    return {**outcome, "params": state["params"], "step": stage.end}

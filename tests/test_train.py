@@ -1,0 +1,147 @@
+"""Training end to end on one CPU device: the two-stage recipe, artefacts, stage-1 freezing,
+GradCache accumulation, NaN stop, and the errors raised before anything compiles."""
+
+import json
+from pathlib import Path
+
+import jax
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+import tensorflow as tf
+from flax import traverse_util
+from jax import monitoring
+
+from e2_jax import config as recipes
+from e2_jax import optim, train
+from e2_jax.data import pipeline
+from e2_jax.sharding import batch_sharding
+
+
+def tiny_config(data_dir: str, **changes):
+    """Two stages of 3 steps on SynthFashion/tiny, a tiny CLIP with two E² groups."""
+    c = recipes.base()
+    c.model.preset, c.model.pretrained = "tiny", ""
+    c.data.dataset, c.data.data_dir = "synth_fashion/tiny", data_dir
+    c.data.tag_lengths, c.e2.groups = "brand:8,season:8", "brand,season"
+    c.warmup.steps, c.finetune.steps = 3, 3
+    c.batch_size, c.eval.batch_size, c.log_every_steps, c.optim.warmup_steps = 16, 16, 1, 1
+    c.checkpoint.every_steps = 2
+    for key, value in changes.items():
+        *path, last = key.split(".")
+        node = c
+        for part in path:
+            node = node[part]
+        node[last] = value
+    return c
+
+
+def saved_state(workdir: Path, step: int) -> dict:
+    return ocp.StandardCheckpointer().restore((workdir / "checkpoints" / str(step) / "state").absolute())
+
+
+def test_two_stage_run_writes_everything(synth_tiny, tmp_path):
+    result = train.run(tiny_config(synth_tiny), tmp_path)
+    assert set(result["eval"]) >= {"i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "sumr"}
+    assert json.loads((tmp_path / "config.json").read_text())["stages"] == "warmup,finetune"
+    assert (tmp_path / "checkpoints" / "6").is_dir()
+    assert (tmp_path / "best" / "warmup").is_dir() and (tmp_path / "best" / "finetune").is_dir()
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    steps = [line for line in lines if "loss" in line]
+    assert [line["step"] for line in steps] == [1, 2, 3, 4, 5, 6]
+    for key in ("loss_global", "loss_region/brand", "loss_region/season", "logit_scale", "learning_rate",
+                "grad_norm", "examples_per_second"):
+        assert all(np.isfinite(line[key]) for line in steps), key
+    assert steps[0]["learning_rate"] == 0 and steps[1]["learning_rate"] == pytest.approx(5e-4)  # warm-up of 1 step
+    assert any("eval/sumr" in line for line in lines)
+    # TensorBoard event files, readable without the tensorboard package.
+    events = [str(p) for p in (tmp_path / "tensorboard").iterdir()]
+    tags = {value.tag for path in events for event in tf.compat.v1.train.summary_iterator(path)
+            for value in event.summary.value}
+    assert {"loss", "loss_region/brand", "eval/sumr"} <= tags
+    # Stage 2 started from stage 1's best parameters: every parameter trains in stage 2.
+    assert result["step"] == 6
+
+
+def test_stage_one_leaves_every_clip_parameter_bit_identical(synth_tiny, tmp_path):
+    config = tiny_config(synth_tiny, stages="warmup")
+    setup = train.prepare(config, tmp_path)
+    initial = traverse_util.flatten_dict(jax.device_get(train.initial_params(setup)), sep="/")
+    train.run(config, tmp_path, mode="train")
+    state = saved_state(tmp_path, 3)
+    after = traverse_util.flatten_dict(state["params"], sep="/")
+    new = optim.trainable_pattern("e2_new")
+    changed = {k for k in initial if not np.array_equal(initial[k], after[k])}
+    assert changed and all(new.search(k) for k in changed), sorted(changed)[:5]
+    assert {k for k in initial if new.search(k)} == changed  # and every new parameter moved
+    assert np.array_equal(initial["logit_scale"], after["logit_scale"])
+    # No optimizer state is spent on frozen parameters.
+    state_size = sum(np.size(x) for x in jax.tree.leaves(state["opt_state"]))
+    new_size = sum(v.size for k, v in initial.items() if new.search(k))
+    assert state_size <= 2 * new_size + 8
+
+
+def _one_step(setup, accum: int):
+    """Parameters after one SGD step of learning rate 1 (= params - gradients)."""
+    stage = setup.stages[0]
+    tx = optax.sgd(1.0)
+    _, shardings = train.state_shardings(setup, stage, tx)
+    params = train.initial_params(setup)
+    state = train.new_state(params, stage, tx, shardings)
+    setup.config.unlock()
+    setup.config.accum_steps = accum
+    step = jax.jit(train.make_train_step(setup, stage, tx, optax.constant_schedule(1.0)))
+    batch = next(pipeline.train_batches(setup.train_source, setup.pre, global_batch=setup.config.batch_size,
+                                        sharding=batch_sharding(setup.mesh)))
+    new_state, metrics = step(state, batch)
+    return jax.device_get(new_state["params"]), jax.device_get(metrics)
+
+
+def test_gradient_accumulation_keeps_the_contrastive_batch_whole(synth_tiny, tmp_path):
+    """GradCache with 4 micro-batches: the same loss and gradients as the whole batch at once
+    (not the mean of 4 small-batch losses, whose negatives would be 4 times fewer)."""
+    setup = train.prepare(tiny_config(synth_tiny, stages="finetune"), tmp_path)
+    whole, whole_metrics = _one_step(setup, 1)
+    micro, micro_metrics = _one_step(setup, 4)
+    np.testing.assert_allclose(micro_metrics["loss"], whole_metrics["loss"], rtol=1e-6)
+    np.testing.assert_allclose(micro_metrics["loss_region"], whole_metrics["loss_region"], rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(micro), jax.tree.leaves(whole), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_a_nan_loss_stops_the_run_naming_the_step_and_the_last_good_checkpoint(synth_tiny, tmp_path):
+    config = tiny_config(synth_tiny, stages="finetune", **{"debug.nan_at_step": 4, "finetune.steps": 8})
+    with pytest.raises(train.TrainingError, match=r"loss is nan at step 4; stopping\. the last good checkpoint is "
+                                                  r".*checkpoints/4 \(step 4\)"):
+        train.run(config, tmp_path)
+
+
+def _compiles_during(fn) -> int:
+    count = []
+    monitoring.register_event_duration_secs_listener(
+        lambda name, secs, **kw: count.append(1) if name == "/jax/core/compile/backend_compile_duration" else None)
+    try:
+        fn()
+    except Exception as error:
+        return len(count), error
+    return len(count), None
+
+
+def test_config_errors_come_before_any_compile(synth_tiny, tmp_path):
+    config = tiny_config(synth_tiny)
+    with pytest.raises(AttributeError, match='Did you mean "batch_size"'):
+        config.batch_sise = 32
+    cases = {
+        "divisible": tiny_config(synth_tiny, batch_size=16, accum_steps=3),
+        "converted CLIP": tiny_config(synth_tiny, **{"model.pretrained": str(tmp_path / "no_such_model")}),
+        "not defined": tiny_config(synth_tiny, stages="warmup,polish"),
+        "no text field": tiny_config(synth_tiny, **{"data.text_format": pipeline.AMAZON_TEXT}),
+        "not built": tiny_config(str(tmp_path / "empty")),
+    }
+    for expected, config in cases.items():
+        compiles, error = _compiles_during(lambda config=config: train.prepare(config, tmp_path))
+        assert error is not None and compiles == 0, (expected, error, compiles)
+        assert expected in str(error), (expected, str(error))
+    _, error = _compiles_during(lambda: train.prepare(cases["converted CLIP"], tmp_path))
+    assert "python -m e2_jax.convert to-flax" in str(error)
