@@ -85,7 +85,10 @@ def test_model_gradients_equal_on_1_and_8_devices():
     (loss_1, grads_1), (loss_8, grads_8) = results
     np.testing.assert_allclose(loss_8, loss_1, rtol=1e-5)
     for a, b in zip(jax.tree.leaves(grads_1), jax.tree.leaves(grads_8), strict=True):
-        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+        # Within 1e-5 of the tensor's scale: a gradient's tiny entries carry the float32
+        # rounding of sums taken in another order (seen: 1.3e-6 on an entry of 0.007, in a
+        # tensor whose entries reach 0.9).
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5 * float(np.abs(a).max()))
     assert np.abs(grads_8["visual"]["fusion_1"]["proj_q"]).max() > 0
 
 
