@@ -20,6 +20,13 @@ matmul rate measured in the same run (a 2048^3 matmul in XLA), as there is no da
 
 from __future__ import annotations
 
+# open_clip (through torchvision) loads triton, whose native library segfaults when it loads
+# after TensorFlow's, which the input pipeline brings in: so triton first (see tests/conftest.py).
+try:
+    import triton  # noqa: F401
+except ImportError:
+    pass
+
 import argparse
 import os
 import platform
@@ -85,7 +92,7 @@ def torch_step(preset: str, clip_config, jax_params: dict, batch: dict):
     model.train()
     loss_fn = open_clip.ClipLoss()
     optimizer = torch.optim.Adam(model.parameters(), lr=5e-5, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-4)
-    images = torch.from_numpy(np.asarray(batch["images"])).permute(0, 3, 1, 2).contiguous()
+    images = torch.from_numpy(np.array(batch["images"])).permute(0, 3, 1, 2).contiguous()
     text = torch.from_numpy(np.asarray(batch["text"]).astype(np.int64))
 
     def run() -> None:
