@@ -14,6 +14,8 @@ comma-separated `key=value` or bare flags; `fashion_recipe` reads `dataset`, `ab
 
 from __future__ import annotations
 
+import json
+
 import ml_collections
 
 from e2_jax.data.pipeline import AMAZON_TEXT, FASHIONGEN_TEXT
@@ -73,7 +75,19 @@ def base() -> ml_collections.ConfigDict:
     c.accum_steps = 1  # micro-batches per step (GradCache: the loss still sees the whole batch)
     c.mesh = (("data", -1), ("fsdp", 1))
     c.sharding_rules = ((".*", "fsdp"),)
-    c.eval = ml_collections.ConfigDict({"every_steps": 0, "batch_size": 256})  # 0: once per epoch
+    c.eval = ml_collections.ConfigDict({
+        "every_steps": 0,  # validation during training (full-candidate, global text); 0: once per epoch
+        "batch_size": 256,
+        # --mode=evaluate (and after training): the protocols and texts of e2_jax/evaluate.py.
+        "protocols": "full_candidate,full_gallery,sample_100",
+        "texts": "tags,description",  # tags = data.text_format; description = description_format
+        "description_format": "{description}",
+        "sample_field": "subcategory",  # sample-100's negatives share it; "" = any product
+        "sample_queries": 1000,
+        "sample_negatives": 100,
+        "seed": 0,
+        "selection_maps": 16,  # --mode=evaluate draws this many validation products' selection maps (E²)
+    })
     c.checkpoint = ml_collections.ConfigDict({"every_steps": 1000, "keep": 3})
     c.log_every_steps = 10
     c.distributed = "auto"
@@ -105,6 +119,7 @@ def fashion_recipe(preset: str, method: str, arg: str | None) -> ml_collections.
     if options.get("dataset", "fashion_gen") == "amazon_fashion":
         c.data.dataset, c.data.eval_split = "amazon_fashion", "test"
         c.data.text_format, c.data.tag_lengths, c.e2.groups = AMAZON_TEXT, "brand:24", "brand"
+        c.eval.description_format, c.eval.sample_field = "{title}", ""  # no sub-category in AmazonFashion
     elif options.get("dataset", "fashion_gen") != "fashion_gen":
         raise ValueError(f"dataset must be fashion_gen or amazon_fashion, got {options['dataset']!r}")
     if method == "clip_ft":
@@ -137,7 +152,38 @@ def runlocal(c: ml_collections.ConfigDict) -> None:
     c.data.dataset, c.data.eval_split, c.data.build_if_missing = "synth_fashion/tiny", "validation", True
     if c.data.text_format == AMAZON_TEXT:  # SynthFashion has FashionGen's fields
         c.data.text_format, c.data.tag_lengths, c.e2.groups = FASHIONGEN_TEXT, "brand:24", "brand"
+        c.eval.description_format, c.eval.sample_field = "{description}", "subcategory"
     for name in c.stages.split(","):
         c[name].epochs, c[name].steps = 0.0, 4
     c.batch_size, c.eval.batch_size, c.log_every_steps = 16, 16, 1
+    c.eval.sample_negatives = 8  # SynthFashion/tiny has 16 validation products
     c.optim.warmup_steps = 2
+
+
+def from_json(text: str) -> ml_collections.ConfigDict:
+    """The config a run wrote to its workdir (`config.json`), checked against `base()`: a field
+    the schema lacks (other than a stage listed in `stages`) is an error."""
+    data = json.loads(text)
+    c = base()
+    stages = [s.strip() for s in data.get("stages", c.stages).split(",") if s.strip()]
+
+    def assign(node: ml_collections.ConfigDict, values: dict, path: str) -> None:
+        for key, value in values.items():
+            where = f"{path}{key}"
+            if key not in node:
+                if path == "" and key in stages and isinstance(value, dict):
+                    with node.unlocked():
+                        node[key] = stage(**value)
+                    continue
+                raise KeyError(f"config field {where} is not in e2_jax.config.base(); was this workdir written by "
+                               "another version of e2_jax?")
+            if key == "overrides":
+                with node.unlocked():
+                    node[key] = ml_collections.ConfigDict(value)
+            elif isinstance(node[key], ml_collections.ConfigDict):
+                assign(node[key], value, where + ".")
+            else:
+                node[key] = value
+
+    assign(c, data, "")
+    return c

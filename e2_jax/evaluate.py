@@ -1,20 +1,43 @@
-"""Retrieval evaluation (E2_METHOD.md section 6): full-candidate I2T and T2I R@1/5/10 and SumR.
+"""Evaluation of a model on a split: embeddings computed on the mesh, retrieval under every
+protocol (E2_METHOD.md section 6; the metrics are `e2_jax.retrieval`), and the report.
 
-One image (the first view) and one text (the global text) per product of the split; every
-image is ranked against every text and back. `embed_split` runs the model over the split on
-the mesh (each example once, padding dropped) and gathers the embeddings on every process;
-`retrieval_metrics` ranks them on the host.
+`embed_split` runs an embedding function over a pass of the pipeline, each (product, view)
+once across every device and process, padding dropped, and gathers the result on every
+process. `retrieval_report` computes what the config asks for:
+
+- `full_candidate`: the first view and one global text per product, all against all;
+- `full_gallery`: every view of every product against one text per product;
+- `sample_100`: 1,000 query products (seeded), each with 100 negatives of its sub-category,
+  a random view (seeded) as each product's image;
+
+each with every text in `eval.texts`: `tags` (the global text the model trains on, tags and
+description) and `description` (the description alone). Results are keyed
+`<protocol>/<text>/<metric>`; `write_report` writes them as JSON and a Markdown table.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from collections.abc import Callable, Iterable
+from pathlib import Path
 
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-KS = (1, 5, 10)
+from e2_jax import retrieval
+from e2_jax.data import pipeline
+
+KS = retrieval.KS
+PROTOCOLS = ("full_candidate", "full_gallery", "sample_100")
+PROTOCOL_TEXT = {
+    "full_candidate": "one image (the first view) and one text per product, all against all (the authors')",
+    "full_gallery": "every image of every product against one text per product; for text->image any view of the "
+                    "product counts (FashionSAP's)",
+    "sample_100": "{queries} query products, each against {negatives} negatives of the same {field} (topped up "
+                  "from others when too few), a random view as each product's image (FashionBERT/FashionSAP's)",
+}
 
 
 def _host(x: jax.Array) -> np.ndarray:
@@ -24,30 +47,127 @@ def _host(x: jax.Array) -> np.ndarray:
     return np.asarray(x)
 
 
-def embed_split(embed: Callable[[dict], tuple[jax.Array, jax.Array]],
-                batches: Iterable[dict]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(image embeddings, text embeddings, example indices) of every valid row of `batches`,
-    in index order. `embed(batch) -> (image [B, D], text [B, D])`."""
-    images, texts, indices = [], [], []
+def embed_split(embed: Callable[[dict], dict[str, jax.Array]], batches: Iterable[dict]) -> dict[str, np.ndarray]:
+    """Every output of `embed(batch)` ({name: [B, ...]}) for the valid rows of `batches`,
+    in the batches' order, on every process; plus the batches' `index` (and `view`)."""
+    out: dict[str, list[np.ndarray]] = {}
     for batch in batches:
-        image, text = embed(batch)
         valid = _host(batch["valid"])
-        images.append(_host(image)[valid])
-        texts.append(_host(text)[valid])
-        indices.append(_host(batch["index"])[valid])
-    index = np.concatenate(indices)
-    order = np.argsort(index, kind="stable")
-    return np.concatenate(images)[order], np.concatenate(texts)[order], index[order]
+        got = {k: v for k, v in embed(batch).items()}
+        got["index"] = batch["index"]
+        if "view" in batch:
+            got["view"] = batch["view"]
+        for key, value in got.items():
+            out.setdefault(key, []).append(_host(value)[valid])
+    return {k: np.concatenate(v) for k, v in out.items()}
 
 
 def retrieval_metrics(image: np.ndarray, text: np.ndarray, ks: tuple[int, ...] = KS) -> dict[str, float]:
-    """Row i of `image` and of `text` belong together. R@k in percent for image-to-text (`i2t`)
-    and text-to-image (`t2i`), and SumR, their sum. A tie counts in the query's favour."""
-    image = image / np.linalg.norm(image, axis=1, keepdims=True)
-    text = text / np.linalg.norm(text, axis=1, keepdims=True)
-    similarity = image.astype(np.float64) @ text.astype(np.float64).T
-    correct = np.diag(similarity)
-    ranks = {"i2t": (similarity > correct[:, None]).sum(1), "t2i": (similarity.T > correct[:, None]).sum(1)}
-    metrics = {f"{direction}_r{k}": 100.0 * float(np.mean(rank < k)) for direction, rank in ranks.items() for k in ks}
-    metrics["sumr"] = sum(metrics.values())
-    return metrics
+    """Full-candidate R@k in percent (`i2t_r1` ... `t2i_r10`) and SumR: row i of `image` and of
+    `text` belong together. A tie counts in the query's favour."""
+    return retrieval.recall_at(retrieval.ranks(image, text), ks)
+
+
+@dataclasses.dataclass(frozen=True)
+class Protocols:
+    """Which evaluations to run (the `eval` fields of the config)."""
+
+    protocols: tuple[str, ...] = ("full_candidate",)
+    texts: dict[str, str] = dataclasses.field(default_factory=lambda: {"tags": pipeline.FASHIONGEN_TEXT})
+    sample_field: str = "subcategory"  # "" = negatives drawn from every other product
+    sample_queries: int = 1000
+    sample_negatives: int = 100
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        unknown = [p for p in self.protocols if p not in PROTOCOLS]
+        if unknown:
+            raise ValueError(f"unknown evaluation protocols {unknown}; known: {PROTOCOLS}")
+        if not self.texts:
+            raise ValueError("no evaluation texts")
+
+    def describe(self) -> dict[str, str]:
+        field = self.sample_field or "any category"
+        return {p: PROTOCOL_TEXT[p].format(queries=self.sample_queries, negatives=self.sample_negatives, field=field)
+                for p in self.protocols}
+
+
+def sampled_views(views: np.ndarray, seed: int) -> np.ndarray:
+    """One view per product, drawn from `seed` (sample-100's query and candidate images)."""
+    return np.random.default_rng([seed, 100]).integers(0, np.maximum(views, 1))
+
+
+def retrieval_report(source: pipeline.Source, pre: pipeline.Preprocessing, protocols: Protocols, *,
+                     embed_images: Callable[[dict], jax.Array], embed_texts: Callable[[dict], jax.Array],
+                     global_batch: int, sharding: jax.sharding.Sharding) -> dict:
+    """Every protocol x text of `protocols` on `source`: {"metrics": {key: value}, "counts": ...}."""
+    fields = [protocols.sample_field] if "sample_100" in protocols.protocols and protocols.sample_field else []
+    scan = source.scan(fields)
+    views, n = scan["views"], len(source)
+    if np.any(views < 1):
+        raise ValueError(f"{source.name}/{source.split}: products without images at {np.flatnonzero(views < 1)[:5]}")
+    first = np.stack([np.arange(n), np.zeros(n, np.int64)], axis=1)
+    if {"full_gallery", "sample_100"} & set(protocols.protocols):
+        items = np.concatenate([np.stack([np.full(v, i), np.arange(v)], axis=1) for i, v in enumerate(views)])
+    else:
+        items = first
+    batches = pipeline.eval_batches(source, pre, global_batch=global_batch, sharding=sharding, items=items)
+    got = embed_split(lambda b: {"image": embed_images(b)}, batches)
+    image, image_product, image_view = got["image"], got["index"], got["view"]
+    row = {(int(p), int(v)): r for r, (p, v) in enumerate(zip(image_product, image_view, strict=True))}
+    first_rows = np.array([row[(i, 0)] for i in range(n)])
+
+    texts = {}
+    for name, text_format in protocols.texts.items():
+        text_pre = dataclasses.replace(pre, text_format=text_format)
+        batches = pipeline.eval_batches(source, text_pre, global_batch=global_batch, sharding=sharding, images=False)
+        texts[name] = embed_split(lambda b: {"text": embed_texts(b)}, batches)["text"]
+
+    metrics: dict[str, float] = {}
+    counts = {"products": n, "images": len(image)}
+    for name, text in texts.items():
+        for protocol in protocols.protocols:
+            if protocol == "full_candidate":
+                result = retrieval.full_candidate(image[first_rows], text)
+            elif protocol == "full_gallery":
+                result = retrieval.full_gallery(image, image_product, text)
+            else:
+                category = scan[protocols.sample_field] if protocols.sample_field else np.zeros(n, np.int64)
+                candidates = retrieval.sample_100_candidates(category, queries=protocols.sample_queries,
+                                                             negatives=protocols.sample_negatives, seed=protocols.seed)
+                chosen = sampled_views(views, protocols.seed)
+                sampled = image[[row[(i, int(v))] for i, v in enumerate(chosen)]]
+                result = retrieval.sample_100(sampled, text, candidates)
+                counts["sample_100_queries"] = len(candidates)
+            metrics.update({f"{protocol}/{name}/{k}": v for k, v in result.items()})
+    return {"metrics": metrics, "counts": counts, "protocols": protocols.describe(),
+            "texts": dict(protocols.texts)}
+
+
+def markdown_table(metrics: dict[str, float]) -> str:
+    """One row per protocol x text: I2T R@1/5/10, T2I R@1/5/10, SumR."""
+    keys = sorted({k.rsplit("/", 1)[0] for k in metrics}, key=lambda k: (PROTOCOLS.index(k.split("/")[0]), k))
+    columns = [f"{d}_r{k}" for d in retrieval.DIRECTIONS for k in KS] + ["sumr"]
+    lines = ["| protocol | text | I2T R@1 | R@5 | R@10 | T2I R@1 | R@5 | R@10 | SumR |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for key in keys:
+        protocol, text = key.split("/")
+        lines.append(f"| {protocol} | {text} | " + " | ".join(f"{metrics[f'{key}/{c}']:.1f}" for c in columns) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(report: dict, directory: str | Path) -> tuple[Path, Path]:
+    """`report.json` and `report.md` in `directory` (process 0 only)."""
+    directory = Path(directory)
+    json_path, md_path = directory / "report.json", directory / "report.md"
+    if jax.process_index() == 0:
+        directory.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+        lines = [f"# Evaluation of {report.get('checkpoint', '?')}", "",
+                 f"Dataset `{report.get('dataset', '?')}`, split `{report.get('split', '?')}`: "
+                 + ", ".join(f"{v:,} {k.replace('_', ' ')}" for k, v in report["counts"].items()) + ".", "",
+                 markdown_table(report["metrics"]), "Protocols:", ""]
+        lines += [f"- `{p}`: {text}" for p, text in report["protocols"].items()]
+        lines += ["", "Texts:", ""] + [f"- `{name}`: `{fmt}`" for name, fmt in report["texts"].items()]
+        md_path.write_text("\n".join(lines) + "\n")
+    return json_path, md_path

@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
 import os
 import signal
+import string
 import threading
 import time
 from pathlib import Path
@@ -146,6 +148,16 @@ def prepare(config: ml_collections.ConfigDict, workdir: str | Path) -> Setup:
         if config.data.eval_split else None
     # Open the pipeline once: a text field the format or a tag names and the data lacks fails here.
     pipeline.local_train_batches(train_source, pre, global_batch=shards, rows=range(1))
+    protocols = eval_protocols(config)  # unknown protocols or texts fail here
+    if eval_source is not None:
+        fields = [name for f in protocols.texts.values() for _, name, _, _ in string.Formatter().parse(f) if name]
+        if "sample_100" in protocols.protocols and protocols.sample_field:
+            fields.append(protocols.sample_field)
+        lacking = sorted({f for f in fields if f not in eval_source.features.keys()})
+        if lacking:
+            have = sorted(eval_source.features.keys())
+            raise ValueError(f"{config.data.dataset}/{config.data.eval_split} has no field {lacking} that the "
+                             f"evaluation texts or eval.sample_field name; it has {have}")
     steps_per_epoch = pipeline.steps_per_epoch(len(train_source), config.batch_size)
     stages, start = [], 0
     for name in stage_names:
@@ -344,24 +356,50 @@ def new_state(params: dict, stage: Stage, tx: optax.GradientTransformation, shar
 
 
 def make_embed(setup: Setup):
+    """(images, texts): jitted (params, batch) -> the global image / text embeddings."""
     model, seed = setup.model, setup.config.seed
 
     @jax.jit
-    def embed(params: dict, batch: dict) -> tuple[jax.Array, jax.Array]:
+    def images(params: dict, batch: dict) -> jax.Array:
         rngs = {"gumbel": jax.random.key(seed)}  # used only with the authors' noisy evaluation
-        image = model.apply({"params": params}, batch["images"], False, method=E2Model.encode_image, rngs=rngs)
-        return image.global_embedding, model.apply({"params": params}, batch["text"], method=E2Model.encode_text)
+        return model.apply({"params": params}, batch["images"], False, method=E2Model.encode_image,
+                           rngs=rngs).global_embedding
 
-    return embed
+    @jax.jit
+    def texts(params: dict, batch: dict) -> jax.Array:
+        return model.apply({"params": params}, batch["text"], method=E2Model.encode_text)
+
+    return images, texts
+
+
+def eval_protocols(config: ml_collections.ConfigDict, validation: bool = False) -> evaluate.Protocols:
+    """What `config.eval` asks for; `validation`: the check during training (full-candidate,
+    the training's global text)."""
+    formats = {"tags": config.data.text_format, "description": config.eval.description_format}
+    if validation:
+        return evaluate.Protocols(("full_candidate",), {"tags": formats["tags"]})
+    names = [t.strip() for t in config.eval.texts.split(",") if t.strip()]
+    unknown = [t for t in names if t not in formats]
+    if unknown:
+        raise ValueError(f"eval.texts: unknown {unknown}; known: {sorted(formats)}")
+    return evaluate.Protocols(tuple(p.strip() for p in config.eval.protocols.split(",") if p.strip()),
+                              {t: formats[t] for t in names}, config.eval.sample_field, config.eval.sample_queries,
+                              config.eval.sample_negatives, config.eval.seed)
+
+
+def evaluation_report(setup: Setup, params: dict, protocols: evaluate.Protocols, embed=None) -> dict[str, Any]:
+    images, texts = embed or make_embed(setup)
+    return evaluate.retrieval_report(setup.eval_source, setup.pre, protocols,
+                                     embed_images=lambda b: images(params, b), embed_texts=lambda b: texts(params, b),
+                                     global_batch=setup.config.eval.batch_size,
+                                     sharding=sharding.batch_sharding(setup.mesh))
 
 
 def run_evaluation(setup: Setup, params: dict, embed=None) -> dict[str, float]:
-    """Full-candidate retrieval on the evaluation split (first views, global texts)."""
-    embed = embed or make_embed(setup)
-    batches = pipeline.eval_batches(setup.eval_source, setup.pre, global_batch=setup.config.eval.batch_size,
-                                    sharding=sharding.batch_sharding(setup.mesh))
-    image, text, _ = evaluate.embed_split(lambda b: embed(params, b), batches)
-    return evaluate.retrieval_metrics(image, text)
+    """Validation during training: full-candidate retrieval (first views, the global text),
+    as `i2t_r1` ... `sumr`."""
+    report = evaluation_report(setup, params, eval_protocols(setup.config, validation=True), embed)
+    return {k.rsplit("/", 1)[-1]: v for k, v in report["metrics"].items()}
 
 
 def format_retrieval(metrics: dict[str, float]) -> str:
@@ -434,6 +472,9 @@ def _run(config: ml_collections.ConfigDict, workdir: str | Path, mode: str, pree
     setup.workdir.mkdir(parents=True, exist_ok=True)
     if jax.process_index() == 0:
         (setup.workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+        # The model itself, so that the workdir is usable without the weights it started from.
+        model = {"clip": json.loads(setup.clip.to_json()), "e2": setup.e2.to_dict()}
+        (setup.workdir / "model.json").write_text(json.dumps(model, indent=2) + "\n")
     checkpoints = Checkpoints(setup.workdir, config.checkpoint.keep)
     try:
         finished = checkpoints.latest_step() == setup.stages[-1].end
@@ -453,6 +494,7 @@ def _evaluate_only(setup: Setup, checkpoints: Checkpoints) -> dict[str, Any]:
     for stage in reversed(setup.stages):
         params = checkpoints.restore_best(stage.name, abstract)
         if params is not None:
+            where = f"the best {stage.name} parameters in {setup.workdir}"
             break
     if params is None:
         step = checkpoints.latest_step()
@@ -461,10 +503,37 @@ def _evaluate_only(setup: Setup, checkpoints: Checkpoints) -> dict[str, Any]:
         stage = setup.stages[min(_stage_at(setup.stages, step - 1), len(setup.stages) - 1)]
         abstract_state, _ = state_shardings(setup, stage, stage_optimizer(setup, stage)[0])
         params = checkpoints.restore(step, abstract_state)["params"]
-    metrics = run_evaluation(setup, params)
-    logging.info("evaluation: %s", format_retrieval(metrics))
-    print(format_retrieval(metrics), flush=True)
-    return {"eval": metrics}
+        where = f"step {step} of {setup.workdir}"
+    report = evaluation_report(setup, params, eval_protocols(setup.config))
+    report.update(checkpoint=str(where), dataset=setup.config.data.dataset, split=setup.config.data.eval_split)
+    json_path, md_path = evaluate.write_report(report, setup.workdir / "eval")
+    _selection_maps(setup, params, where)
+    table = evaluate.markdown_table(report["metrics"])
+    logging.info("evaluation of %s:\n%s", where, table)
+    print(f"evaluation of {where} ({report['counts']}):\n{table}report: {json_path}, {md_path}", flush=True)
+    first = next(iter(report["texts"]))
+    validation = {k.rsplit("/", 1)[-1]: v for k, v in report["metrics"].items()
+                  if k.startswith(f"full_candidate/{first}/")}
+    return {"report": report, **({"eval": validation} if validation else {})}
+
+
+def _selection_maps(setup: Setup, params: dict, where: str) -> None:
+    """Selection maps of the first `eval.selection_maps` validation products (E² with fusion
+    blocks; one process: with several, draw them afterwards with `python -m e2_jax.visualize`)."""
+    count = setup.config.eval.selection_maps
+    if not count or not setup.e2.selection_tokens or not setup.e2.fusion or setup.eval_source is None:
+        return
+    if jax.process_count() > 1:
+        logging.info("selection maps are drawn by one process: run python -m e2_jax.visualize --workdir %s "
+                     "--split %s", setup.workdir, setup.config.data.eval_split)
+        return
+    from e2_jax import visualize
+    from e2_jax.inference import Encoder
+
+    encoder = Encoder(setup.clip, setup.e2, params, source=where)
+    images, names = visualize.split_images(setup.workdir, count)
+    written = visualize.write_selection_maps(encoder, images, names, setup.workdir / "eval" / "selection_maps")
+    logging.info("%d selection maps in %s", len(written), written[0].parent)
 
 
 def _train(setup: Setup, checkpoints: Checkpoints, preemption: _Preemption, evaluate_too: bool) -> dict[str, Any]:

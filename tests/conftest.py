@@ -7,6 +7,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+# One XLA compilation cache for the session, inherited by the processes tests start: the
+# training-process tests compile the same tiny step in several processes (resume, kill, SIGTERM),
+# and a cached executable is the same program, so results are unchanged (bitwise).
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    import tempfile
+
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="e2_jax_test_xla_cache_")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
 # torchvision and open_clip import triton, whose native library segfaults when it loads after
 # TensorFlow's (checked with tensorflow-cpu 2.21 and triton 3.8: `import tensorflow, triton`
 # crashes, `import triton, tensorflow` does not). The data tests load TensorFlow and the parity
@@ -44,3 +54,14 @@ def synth_tiny(tmp_path_factory) -> str:
         patch.setenv("E2_SYNTH_WORKERS", "1")  # a worker pool costs more than 80 tiny products
         build("synth_fashion/tiny", str(data_dir))
     return str(data_dir)
+
+
+@pytest.fixture(scope="session")
+def trained_tiny(synth_tiny, tmp_path_factory):
+    """One two-stage run of `tests.test_train.tiny_config` (3 + 3 steps, gradient clipping on):
+    (its workdir, what `train.run` returned). Shared by the training and inference tests."""
+    from e2_jax import train
+    from tests.test_train import tiny_config
+
+    workdir = tmp_path_factory.mktemp("trained_tiny")
+    return workdir, train.run(tiny_config(synth_tiny, **{"optim.grad_clip": 1.0}), workdir)

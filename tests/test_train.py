@@ -41,13 +41,13 @@ def saved_state(workdir: Path, step: int) -> dict:
     return ocp.StandardCheckpointer().restore((workdir / "checkpoints" / str(step) / "state").absolute())
 
 
-def test_two_stage_run_writes_everything(synth_tiny, tmp_path):
-    result = train.run(tiny_config(synth_tiny, **{"optim.grad_clip": 1.0}), tmp_path)
+def test_two_stage_run_writes_everything(synth_tiny, trained_tiny):
+    workdir, result = trained_tiny
     assert set(result["eval"]) >= {"i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "sumr"}
-    assert json.loads((tmp_path / "config.json").read_text())["stages"] == "warmup,finetune"
-    assert (tmp_path / "checkpoints" / "6").is_dir()
-    assert (tmp_path / "best" / "warmup").is_dir() and (tmp_path / "best" / "finetune").is_dir()
-    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert json.loads((workdir / "config.json").read_text())["stages"] == "warmup,finetune"
+    assert (workdir / "checkpoints" / "6").is_dir()
+    assert (workdir / "best" / "warmup").is_dir() and (workdir / "best" / "finetune").is_dir()
+    lines = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     steps = [line for line in lines if "loss" in line]
     assert [line["step"] for line in steps] == [1, 2, 3, 4, 5, 6]
     for key in ("loss_global", "loss_region/brand", "loss_region/season", "logit_scale", "learning_rate",
@@ -56,12 +56,23 @@ def test_two_stage_run_writes_everything(synth_tiny, tmp_path):
     assert steps[0]["learning_rate"] == 0 and steps[1]["learning_rate"] == pytest.approx(5e-4)  # warm-up of 1 step
     assert any("eval/sumr" in line for line in lines)
     # TensorBoard event files, readable without the tensorboard package.
-    events = [str(p) for p in (tmp_path / "tensorboard").iterdir()]
+    events = [str(p) for p in (workdir / "tensorboard").iterdir()]
     tags = {value.tag for path in events for event in tf.compat.v1.train.summary_iterator(path)
             for value in event.summary.value}
     assert {"loss", "loss_region/brand", "eval/sumr"} <= tags
     # Stage 2 started from stage 1's best parameters: every parameter trains in stage 2.
     assert result["step"] == 6
+    # Evaluation mode: every protocol on the best parameters, written as JSON and Markdown; its
+    # full-candidate numbers with the training's text are the validation of the best step.
+    evaluated = train.run(tiny_config(synth_tiny, **{"eval.sample_negatives": 8}), workdir, mode="evaluate")
+    report = json.loads((workdir / "eval" / "report.json").read_text())
+    assert report["metrics"] == evaluated["report"]["metrics"] and len(report["metrics"]) == 3 * 2 * 7
+    assert "best finetune parameters" in report["checkpoint"]
+    table = (workdir / "eval" / "report.md").read_text()
+    assert table.count("| full_gallery | ") == 2 and "| sample_100 | description |" in table
+    assert len(list((workdir / "eval" / "selection_maps").glob("validation_*_selection.png"))) == 16
+    best = max((line for line in lines if "eval/sumr" in line and line["step"] > 3), key=lambda x: x["eval/sumr"])
+    assert evaluated["eval"]["sumr"] == pytest.approx(best["eval/sumr"], abs=1e-4)
 
 
 def test_stage_one_leaves_every_clip_parameter_bit_identical(synth_tiny, tmp_path):

@@ -22,7 +22,7 @@ tokenised (tags at the group's own context length; a tag seen before comes from 
 
 Output of each step: `images` float32 [B, S, S, 3], `text` int32 [B, context], `tags`
 {group: int32 [B, group context]}, `index` int32 [B] (the example's index in the split), and
-for evaluation `valid` bool [B].
+for evaluation `valid` bool [B] and `view` int32 [B].
 """
 
 from __future__ import annotations
@@ -90,6 +90,31 @@ class Source:
     def read(self, indices: Sequence[int]) -> list[bytes]:
         return self._records.__getitems__([int(i) for i in indices])
 
+    def scan(self, fields: Sequence[str] = (), chunk: int = 1024) -> dict[str, np.ndarray]:
+        """Every example's number of views (`views`, int64) and the text `fields` (str), read
+        from the records without decoding any image."""
+        spec = {k: v for k, v in self.features.tf_example_spec.items() if k in ("images", *fields)}
+        missing = [f for f in fields if f not in spec]
+        if missing:
+            raise ValueError(f"{self.name}: no field {missing}; it has {sorted(self.features.keys())}")
+
+        @tf.function
+        def parse(records):
+            parsed = tf.io.parse_example(records, spec)
+            images = parsed.pop("images")
+            views = images.row_lengths() if isinstance(images, tf.RaggedTensor) else tf.reduce_sum(
+                tf.cast(tf.strings.length(images) > 0, tf.int64), axis=1)
+            return {"views": views, **parsed}
+
+        out: dict[str, list[np.ndarray]] = {"views": [], **{f: [] for f in fields}}
+        for start in range(0, len(self), chunk):
+            got = parse(tf.constant(self.read(range(start, min(start + chunk, len(self))))))
+            for key, value in got.items():
+                value = value.numpy()
+                out[key].append(np.array([v.decode("utf-8") for v in value], dtype=str) if value.dtype == object
+                                else value.astype(np.int64))
+        return {k: np.concatenate(v) if v else np.zeros(0, np.int64 if k == "views" else str) for k, v in out.items()}
+
 
 # --- Which examples, in which order ---------------------------------------------------------------
 
@@ -125,8 +150,8 @@ def eval_steps(num_examples: int, global_batch: int) -> int:
 
 
 def eval_indices(num_examples: int, global_batch: int, step: int, rows: range) -> tuple[np.ndarray, np.ndarray]:
-    """(example indices, valid) of `rows` of the global batch at `step`: examples in order,
-    the last batch padded with example 0."""
+    """(positions, valid) of `rows` of the global batch at `step`: positions 0, 1, ... in
+    order, the last batch padded with position 0."""
     positions = step * global_batch + np.arange(rows.start, rows.stop, dtype=np.int64)
     valid = positions < num_examples
     return np.where(valid, positions, 0), valid
@@ -210,8 +235,9 @@ class _Tokenize:
 
 
 def _dataset(source: Source, pre: Preprocessing, batches: Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]],
-             local_batch: int, train: bool) -> tf.data.Dataset:
-    """tf.data over `batches` of (indices, view seeds, valid)."""
+             local_batch: int, train: bool, images: bool = True) -> tf.data.Dataset:
+    """tf.data over `batches` of (indices, views, valid); an example's view is its `views`
+    entry modulo its number of views (a random seed for training, the view for evaluation)."""
     fields = pre.fields()
     known = [k for k, f in source.features.items() if isinstance(f, tfds.features.Text)]
     unknown = [f for f in fields if f not in known]
@@ -225,11 +251,13 @@ def _dataset(source: Source, pre: Preprocessing, batches: Iterator[tuple[np.ndar
 
     def decode(record, index, seed, valid):
         example = tf.io.parse_single_example(record, spec)
-        views = example["images"]
-        view = seed % tf.cast(tf.size(views), tf.int64) if train else 0
-        image = tf.io.decode_image(views[view], channels=3, expand_animations=False)
-        out = {"images": normalize(resize_and_crop(image, pre.image_size)),
-               "text": _format_text(pre.text_format, example), "index": tf.cast(index, tf.int32), "valid": valid}
+        out = {"text": _format_text(pre.text_format, example), "index": tf.cast(index, tf.int32), "valid": valid}
+        if images:
+            views = example["images"]
+            image = tf.io.decode_image(views[seed % tf.cast(tf.size(views), tf.int64)], channels=3,
+                                       expand_animations=False)
+            out["images"] = normalize(resize_and_crop(image, pre.image_size))
+            out["view"] = tf.cast(seed % tf.cast(tf.size(views), tf.int64), tf.int32)
         for group, field, _ in pre.tags:
             out[f"tag/{group}"] = example[field]
         return out
@@ -244,7 +272,7 @@ def _dataset(source: Source, pre: Preprocessing, batches: Iterator[tuple[np.ndar
         batch["tags"] = {g: tf.ensure_shape(x, (local_batch, length))
                          for g, x, (_, _, length) in zip(groups, ids[1:], pre.tags, strict=True)}
         if train:
-            del batch["valid"]
+            del batch["valid"], batch["view"]
         return batch
 
     signature = (tf.TensorSpec([local_batch], tf.string), tf.TensorSpec([local_batch], tf.int64),
@@ -276,15 +304,23 @@ def local_train_batches(source: Source, pre: Preprocessing, *, global_batch: int
     return _dataset(source, pre, batches(), len(rows), train=True).as_numpy_iterator()
 
 
-def local_eval_batches(source: Source, pre: Preprocessing, *, global_batch: int, rows: range) -> Iterator[dict]:
-    """NumPy batches of `rows` of each global evaluation batch: one pass, first views, `valid`."""
+def local_eval_batches(source: Source, pre: Preprocessing, *, global_batch: int, rows: range,
+                       items: np.ndarray | None = None, images: bool = True) -> Iterator[dict]:
+    """NumPy batches of `rows` of each global evaluation batch: one pass over `items`
+    ([M, 2] of (example index, view); default every example's first view) in order, the last
+    batch padded with the first item and marked by `valid`. `images=False` reads texts only."""
+    if items is None:
+        items = np.stack([np.arange(len(source)), np.zeros(len(source), np.int64)], axis=1)
+    items = np.asarray(items, np.int64).reshape(-1, 2)
+    if len(items) == 0:
+        raise ValueError(f"{source.name}/{source.split}: nothing to evaluate")
 
     def batches():
-        for step in range(eval_steps(len(source), global_batch)):
-            indices, valid = eval_indices(len(source), global_batch, step, rows)
-            yield indices, np.zeros(len(rows), np.int64), valid
+        for step in range(eval_steps(len(items), global_batch)):
+            positions, valid = eval_indices(len(items), global_batch, step, rows)
+            yield items[positions, 0], items[positions, 1], valid
 
-    return _dataset(source, pre, batches(), len(rows), train=False).as_numpy_iterator()
+    return _dataset(source, pre, batches(), len(rows), train=False, images=images).as_numpy_iterator()
 
 
 def _global(batches: Iterator[dict], sharding: jax.sharding.Sharding, global_batch: int) -> Iterator[dict]:
@@ -302,11 +338,13 @@ def train_batches(source: Source, pre: Preprocessing, *, global_batch: int, shar
     return _global(local, sharding, global_batch)
 
 
-def eval_batches(source: Source, pre: Preprocessing, *, global_batch: int,
-                 sharding: jax.sharding.Sharding) -> Iterator[dict[str, jax.Array]]:
-    """One pass over the split in global batches, padded, with a `valid` mask."""
+def eval_batches(source: Source, pre: Preprocessing, *, global_batch: int, sharding: jax.sharding.Sharding,
+                 items: np.ndarray | None = None, images: bool = True) -> Iterator[dict[str, jax.Array]]:
+    """One pass over the split (or over `items`, (example, view) pairs) in global batches,
+    padded, with a `valid` mask."""
     rows = process_rows(sharding, global_batch)
-    return _global(local_eval_batches(source, pre, global_batch=global_batch, rows=rows), sharding, global_batch)
+    local = local_eval_batches(source, pre, global_batch=global_batch, rows=rows, items=items, images=images)
+    return _global(local, sharding, global_batch)
 
 
 def steps_per_epoch(num_examples: int, global_batch: int) -> float:

@@ -1,0 +1,215 @@
+"""Embeddings from a trained model, for use outside training: `Encoder`.
+
+    from e2_jax.inference import Encoder
+    enc = Encoder.from_workdir("workdirs/e2_b16")           # E² or CLIP-FT, its best parameters
+    enc = Encoder.from_pretrained("models/clip_b16")         # a converted CLIP, as it is
+    images = enc.encode_images(["a.jpg", "b.png"])          # [2, D], L2-normalised
+    texts = enc.encode_texts(["black leather jacket"])       # [1, D], L2-normalised
+    out = enc.image_outputs(["a.jpg"])                       # global, region embeddings, picks
+
+Inputs of any number, in batches of `batch_size` over every local device (the last batch
+padded). Images are file paths, PIL images or uint8 arrays [H, W, 3], preprocessed exactly as
+the training pipeline does (shorter side resized bicubically to the model's size, centre crop,
+CLIP normalisation); texts are tokenised by the same tokenizer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from e2_jax import config as recipes
+from e2_jax import pretrained
+from e2_jax.checkpoints import Checkpoints
+from e2_jax.models.clip import CLIPConfig
+from e2_jax.models.e2 import E2Config, E2Model, init_e2_params
+
+ImageInput = str | os.PathLike | np.ndarray | Any  # Any: a PIL image
+
+
+class ImageOutputs(NamedTuple):
+    """`global_embedding` [N, D]; `region_embeddings` [N, G, D] (None for CLIP and CLIP-FT);
+    `picks` [N, 2, K] patch index per fusion block and selection token (None without fusion).
+    Embeddings L2-normalised."""
+
+    global_embedding: np.ndarray
+    region_embeddings: np.ndarray | None
+    picks: np.ndarray | None
+
+
+def load_image(image: ImageInput) -> np.ndarray:
+    """uint8 [H, W, 3] from a path, a PIL image or an array; a missing or unreadable file is
+    an error naming it."""
+    if isinstance(image, np.ndarray):
+        array = image
+    else:
+        from PIL import Image, UnidentifiedImageError
+
+        if isinstance(image, (str, os.PathLike)):
+            path = Path(image)
+            if not path.is_file():
+                raise FileNotFoundError(f"no image file {path}")
+            try:
+                with Image.open(path) as opened:
+                    array = np.asarray(opened.convert("RGB"))
+            except (UnidentifiedImageError, OSError) as error:
+                raise ValueError(f"{path} is not a readable image: {error}") from error
+        else:
+            array = np.asarray(image.convert("RGB"))
+    if array.ndim == 2:
+        array = np.repeat(array[..., None], 3, axis=2)
+    if array.ndim != 3 or array.shape[2] not in (3, 4) or array.dtype != np.uint8:
+        raise ValueError(f"an image must be uint8 [H, W, 3], got {array.dtype} {array.shape}")
+    return np.ascontiguousarray(array[..., :3])
+
+
+def preprocess(image: np.ndarray, size: int) -> np.ndarray:
+    """The training pipeline's evaluation preprocessing of one uint8 image: float32 [S, S, 3]."""
+    import tensorflow as tf
+
+    from e2_jax.data.pipeline import normalize, resize_and_crop
+
+    return normalize(resize_and_crop(tf.constant(image), size)).numpy()
+
+
+class Encoder:
+    """A model and its parameters on this process's devices (replicated; batches split)."""
+
+    def __init__(self, clip: CLIPConfig, e2: E2Config, params: dict, *, batch_size: int = 64,
+                 source: str = "") -> None:
+        from e2_jax.data.tokenizer import CLIPTokenizer
+
+        self.clip, self.e2, self.source = clip, e2, source
+        self.origin: dict[str, str] = {}  # how to load it again: {"workdir": ...} or {"pretrained": ...}
+        self.model = E2Model(clip, e2)
+        devices = np.asarray(jax.local_devices())
+        self.mesh = jax.sharding.Mesh(devices, ("data",))
+        self._replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+        self._rows = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec("data"))
+        self.params = jax.device_put(params, self._replicated)
+        self.batch_size = -(-batch_size // len(devices)) * len(devices)
+        self.tokenizer = CLIPTokenizer()
+        model = self.model
+
+        @jax.jit
+        def images(params, x):
+            out = model.apply({"params": params}, x, False, method=E2Model.encode_image,
+                              rngs={"gumbel": jax.random.key(0)})
+            norm = lambda v: v / jax.numpy.linalg.norm(v, axis=-1, keepdims=True)
+            regions = None if out.region_embeddings is None else norm(out.region_embeddings)
+            picks = None if out.picks is None else out.picks.transpose(1, 0, 2)
+            return norm(out.global_embedding), regions, picks
+
+        @jax.jit
+        def texts(params, tokens):
+            v = model.apply({"params": params}, tokens, method=E2Model.encode_text)
+            return v / jax.numpy.linalg.norm(v, axis=-1, keepdims=True)
+
+        self._images, self._texts = images, texts
+
+    # --- loading --------------------------------------------------------------------------------
+
+    @classmethod
+    def from_workdir(cls, workdir: str | os.PathLike, *, checkpoint: str = "best", **kw) -> Encoder:
+        """The model a training run in `workdir` trained. `checkpoint`: "best" (the best
+        parameters of the last stage that kept any, else the latest step), "latest", or a
+        step number."""
+        workdir = Path(workdir)
+        config_file = workdir / "config.json"
+        if not config_file.is_file():
+            raise FileNotFoundError(f"no {config_file}: {workdir} is not a training workdir (python -m e2_jax.main "
+                                    "writes config.json there)")
+        config = recipes.from_json(config_file.read_text())
+        clip, e2 = model_configs_of(config, workdir)
+        abstract = jax.eval_shape(lambda r: init_e2_params(clip, e2, r), jax.random.key(0))
+        checkpoints = Checkpoints(workdir, config.checkpoint.keep)
+        try:
+            params, where = None, ""
+            if checkpoint == "best":
+                for stage in reversed([s.strip() for s in config.stages.split(",") if s.strip()]):
+                    params = checkpoints.restore_best(stage, abstract)
+                    if params is not None:
+                        where = f"{workdir}, best {stage} parameters"
+                        break
+            if params is None:
+                step = checkpoints.latest_step() if checkpoint in ("best", "latest") else int(checkpoint)
+                if step is None or not (checkpoints.path(step) / "state").is_dir():
+                    raise FileNotFoundError(f"no checkpoint {checkpoint!r} in {workdir}")
+                state = ocp.StandardCheckpointer().restore((checkpoints.path(step) / "state").absolute())
+                params, where = state["params"], f"{workdir}, step {step}"
+        finally:
+            checkpoints.close()
+        encoder = cls(clip, e2, params, source=where, **kw)
+        encoder.origin = {"workdir": str(workdir.absolute()), "checkpoint": checkpoint}
+        return encoder
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, **kw) -> Encoder:
+        """A converted CLIP (`python -m e2_jax.convert to-flax ...`), without E²'s parts; or an
+        E² model exported with its `e2.json`."""
+        clip, params = pretrained.load(path)
+        e2_file = Path(path) / pretrained.E2_FILE
+        e2 = E2Config.from_dict(json.loads(e2_file.read_text())) if e2_file.is_file() else E2Config(
+            selection_tokens=False)
+        encoder = cls(clip, e2, params, source=str(path), **kw)
+        encoder.origin = {"pretrained": str(Path(path).absolute())}
+        return encoder
+
+    # --- encoding -------------------------------------------------------------------------------
+
+    def apply_images(self, images: jax.Array) -> ImageOutputs:
+        """The model on a batch of preprocessed images (float32 [B, S, S, 3], B a multiple of
+        the local device count), as device arrays."""
+        return ImageOutputs(*self._images(self.params, images))
+
+    def _batches(self, n: int):
+        for start in range(0, n, self.batch_size):
+            yield start, min(start + self.batch_size, n)
+
+    def _pad(self, x: np.ndarray) -> np.ndarray:
+        missing = self.batch_size - len(x)
+        return np.concatenate([x, np.repeat(x[:1], missing, axis=0)]) if missing else x
+
+    def image_outputs(self, images: Sequence[ImageInput]) -> ImageOutputs:
+        outs: list[tuple] = []
+        for start, stop in self._batches(len(images)):
+            x = np.stack([preprocess(load_image(im), self.clip.image_size) for im in images[start:stop]])
+            got = self._images(self.params, jax.device_put(self._pad(x), self._rows))
+            outs.append(tuple(None if g is None else np.asarray(g)[: stop - start] for g in got))
+        if not outs:
+            d = self.clip.embed_dim
+            return ImageOutputs(np.zeros((0, d), np.float32), None, None)
+        join = lambda i: None if outs[0][i] is None else np.concatenate([o[i] for o in outs])
+        return ImageOutputs(join(0), join(1), join(2))
+
+    def encode_images(self, images: Sequence[ImageInput]) -> np.ndarray:
+        """[N, D] L2-normalised global image embeddings."""
+        return self.image_outputs(images).global_embedding
+
+    def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
+        """[N, D] L2-normalised text embeddings."""
+        outs = []
+        for start, stop in self._batches(len(texts)):
+            tokens = self.tokenizer(list(texts[start:stop]), context_length=self.clip.context_length)
+            got = self._texts(self.params, jax.device_put(self._pad(np.asarray(tokens, np.int32)), self._rows))
+            outs.append(np.asarray(got)[: stop - start])
+        return np.concatenate(outs) if outs else np.zeros((0, self.clip.embed_dim), np.float32)
+
+
+def model_configs_of(config, workdir: Path) -> tuple[CLIPConfig, E2Config]:
+    """The model a run trained: from `model.json` in its workdir (written by training, so that
+    the converted weights it started from need not be here), else from its config."""
+    model_file = workdir / "model.json"
+    if model_file.is_file():
+        data = json.loads(model_file.read_text())
+        return CLIPConfig.from_json(json.dumps(data["clip"])), E2Config.from_dict(data["e2"])
+    from e2_jax.train import model_configs
+
+    return model_configs(config)

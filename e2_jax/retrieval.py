@@ -1,0 +1,191 @@
+"""Retrieval metrics on embeddings, under each published protocol (E2_METHOD.md section 6).
+
+R@k is the percentage of queries whose correct candidate ranks in the top k; SumR is the sum
+of R@1/5/10 both ways. A query's rank is the number of wrong candidates scoring strictly
+higher than its correct one: ties count in the query's favour.
+
+- `full_candidate(image, text)`: row i of each belongs together (the authors' protocol: the
+  first view and the global text of each product, all against all).
+- `full_gallery(image, image_product, text)`: every image (all views) against one text per
+  product (FashionSAP's): an image's correct text is its product's; for text->image, any view
+  of the product counts (its best view is the correct one, the other views are not
+  candidates against it).
+- `sample_100(...)`: 1,000 query products, each against 100 negative products of the same
+  sub-category (topped up from other sub-categories when too few); `sample_100_candidates`
+  draws the candidate lists from a seed.
+
+Full protocols never hold the [queries, candidates] matrix: similarities are computed in
+[tile, tile] blocks on the local devices (rows split over them), and only counts are kept. The
+similarity of each correct pair is read from a block computed by the same program, on the same
+inputs, as the block that compares it with the others, so a correct pair can never lose to
+itself by rounding.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+KS = (1, 5, 10)
+DIRECTIONS = ("i2t", "t2i")
+
+
+def normalize(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def recall_at(ranks: dict[str, np.ndarray], ks: tuple[int, ...] = KS) -> dict[str, float]:
+    """{"i2t": ranks, "t2i": ranks} -> i2t_r1 ... t2i_r10 in percent, and sumr."""
+    out = {f"{d}_r{k}": 100.0 * float(np.mean(np.asarray(r) < k)) for d, r in ranks.items() for k in ks}
+    out["sumr"] = sum(out.values())
+    return out
+
+
+# --- Blocked ranks ----------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=8)
+def _block_fns(mesh: Mesh):
+    rows, cols = NamedSharding(mesh, P("rows")), NamedSharding(mesh, P())
+
+    @functools.partial(jax.jit, in_shardings=(rows, cols), out_shardings=rows)
+    def similarities(a, b):
+        """One [rows, cols] block of cosine similarities. Both passes read the blocks this one
+        program computes, so a pair's similarity is the same number in both."""
+        return jnp.einsum("rd,cd->rc", a, b, precision=jax.lax.Precision.HIGHEST)
+
+    @functools.partial(jax.jit, in_shardings=(rows, rows, cols), out_shardings=(rows, cols))
+    def positives(s, row_target, col_ids):
+        """Row i is a query of product `row_target[i]` (-1: padding), column j the text of
+        product `col_ids[j]` (-1: padding): the best positive similarity per row and per
+        column within the block."""
+        match = (row_target[:, None] == col_ids[None, :]) & (col_ids[None, :] >= 0)
+        positive = jnp.where(match, s, -jnp.inf)
+        return positive.max(axis=1), positive.max(axis=0)
+
+    @functools.partial(jax.jit, in_shardings=(rows, rows, cols), out_shardings=(rows, cols))
+    def counts(s, row_positive, col_positive):
+        """Per row, the columns scoring strictly higher than `row_positive`; per column, the
+        rows scoring strictly higher than `col_positive`. The positive pair itself never counts
+        (it equals the positive), nor do a text's other images of its product (its positive is
+        the best of them); padding is subtracted by the caller."""
+        return jnp.sum(s > row_positive[:, None], axis=1), jnp.sum(s > col_positive[None, :], axis=0)
+
+    return similarities, positives, counts
+
+
+def local_mesh() -> Mesh:
+    """This process's devices as one axis: every process ranks the whole set on its own."""
+    return Mesh(np.asarray(jax.local_devices()), ("rows",))
+
+
+def _pad(x: np.ndarray, n: int, value) -> np.ndarray:
+    if len(x) == n:
+        return x
+    pad = np.full((n - len(x), *x.shape[1:]), value, x.dtype)
+    return np.concatenate([x, pad])
+
+
+def ranks(image: np.ndarray, text: np.ndarray, image_product: np.ndarray | None = None, *,
+          tile: int = 4096, mesh: Mesh | None = None) -> dict[str, np.ndarray]:
+    """Ranks of every image query (`i2t`, [images]) and every text query (`t2i`, [texts]).
+
+    Text j belongs to product j; image i to product `image_product[i]` (default: i). For
+    t2i, a text's positive is its product's best image, and its product's other images are
+    not counted against it. Embeddings are L2-normalised here.
+    """
+    image, text = normalize(image), normalize(text)
+    n_images, n_texts = len(image), len(text)
+    product = np.arange(n_images, dtype=np.int32) if image_product is None else np.asarray(image_product, np.int32)
+    if product.shape != (n_images,) or (n_images and (product.min() < 0 or product.max() >= n_texts)):
+        raise ValueError(f"image_product must give each of the {n_images} images a text index in [0, {n_texts})")
+    mesh = mesh or local_mesh()
+    tile = max(mesh.size, -(-min(tile, max(n_images, n_texts)) // mesh.size) * mesh.size)
+    image_tiles, text_tiles = -(-n_images // tile), -(-n_texts // tile)
+    image = _pad(image, image_tiles * tile, 0.0)
+    text = _pad(text, text_tiles * tile, 0.0)
+    product = _pad(product, image_tiles * tile, -1)
+    col_ids = _pad(np.arange(n_texts, dtype=np.int32), text_tiles * tile, -1)
+    similarities, positives, counts = _block_fns(mesh)
+    rows = lambda a: slice(a * tile, (a + 1) * tile)
+    row_positive = np.full(len(image), -np.inf, np.float32)
+    col_positive = np.full(len(text), -np.inf, np.float32)
+    row_rank = np.zeros(len(image), np.int64)
+    col_rank = np.zeros(len(text), np.int64)
+
+    # Pass 1: the positive pairs' similarities, from the blocks that hold them.
+    for a in range(image_tiles):
+        targets = product[rows(a)]
+        for b in np.unique(targets[targets >= 0] // tile):
+            row_best, col_best = positives(similarities(image[rows(a)], text[rows(b)]), targets, col_ids[rows(b)])
+            row_positive[rows(a)] = np.maximum(row_positive[rows(a)], np.asarray(row_best))
+            col_positive[rows(b)] = np.maximum(col_positive[rows(b)], np.asarray(col_best))
+
+    # Pass 2: count who beats them.
+    for a in range(image_tiles):
+        for b in range(text_tiles):
+            r, c = counts(similarities(image[rows(a)], text[rows(b)]), row_positive[rows(a)], col_positive[rows(b)])
+            row_rank[rows(a)] += np.asarray(r)
+            col_rank[rows(b)] += np.asarray(c)
+    # Padding rows and columns are zero vectors: similarity 0 with everything.
+    row_rank -= (len(text) - n_texts) * (row_positive < 0)
+    col_rank -= (len(image) - n_images) * (col_positive < 0)
+    return {"i2t": row_rank[:n_images], "t2i": col_rank[:n_texts]}
+
+
+def full_candidate(image: np.ndarray, text: np.ndarray, **kw) -> dict[str, float]:
+    """The authors' protocol: row i of `image` and of `text` are one product's."""
+    if len(image) != len(text):
+        raise ValueError(f"full-candidate needs one image per text: {len(image)} images, {len(text)} texts")
+    return recall_at(ranks(image, text, **kw))
+
+
+def full_gallery(image: np.ndarray, image_product: np.ndarray, text: np.ndarray, **kw) -> dict[str, float]:
+    """FashionSAP's protocol: every image of every product, one text per product."""
+    return recall_at(ranks(image, text, image_product, **kw))
+
+
+# --- Sample-100 ---------------------------------------------------------------------------------
+
+
+def sample_100_candidates(category: np.ndarray, *, queries: int = 1000, negatives: int = 100,
+                          seed: int = 0) -> np.ndarray:
+    """[Q, 1 + negatives] product indices: column 0 the query product, then `negatives`
+    distinct other products of its category, topped up at random from other categories when
+    it has too few. Q = min(queries, products). The same seed gives the same lists."""
+    category = np.asarray(category)
+    n = len(category)
+    if n < negatives + 1:
+        raise ValueError(f"sample-{negatives} needs at least {negatives + 1} products, the split has {n}")
+    rng = np.random.default_rng(seed)
+    query = np.sort(rng.choice(n, size=min(queries, n), replace=False))
+    members = {c: np.flatnonzero(category == c) for c in np.unique(category)}
+    out = np.empty((len(query), negatives + 1), np.int64)
+    for row, q in enumerate(query):
+        same = members[category[q]]
+        same = same[same != q]
+        if len(same) >= negatives:
+            chosen = rng.choice(same, size=negatives, replace=False)
+        else:
+            others = np.flatnonzero(category != category[q])
+            chosen = np.concatenate([rng.permutation(same),
+                                     rng.choice(others, size=negatives - len(same), replace=False)])
+        out[row, 0], out[row, 1:] = q, chosen
+    return out
+
+
+def sample_100(image: np.ndarray, text: np.ndarray, candidates: np.ndarray) -> dict[str, float]:
+    """`image`, `text`: one per product (image = the product's sampled view). Each row of
+    `candidates` ([Q, 101], query product first) is one image query against those products'
+    texts, and one text query against their images."""
+    image, text = normalize(image).astype(np.float64), normalize(text).astype(np.float64)
+    query = candidates[:, 0]
+    i2t = np.einsum("qd,qcd->qc", image[query], text[candidates])
+    t2i = np.einsum("qd,qcd->qc", text[query], image[candidates])
+    return recall_at({d: (s[:, 1:] > s[:, :1]).sum(1) for d, s in (("i2t", i2t), ("t2i", t2i))})

@@ -1,0 +1,149 @@
+"""Selection maps: which image patch each E² selection token picked, in each fusion block.
+
+    python -m e2_jax.visualize --workdir workdirs/e2_b16 --images a.jpg b.png --out maps/
+    python -m e2_jax.visualize --workdir workdirs/e2_b16 --split validation --count 16 --out maps/
+
+One PNG per image: the image as the model sees it (resized and centre-cropped), enlarged, with
+the patch grid, and one panel per group (sub-category, brand, ...). In a group's panel each of
+its selection tokens' picks is a box in the group's colour: solid for the first fusion block,
+dashed for the second, labelled with the token (a, b) and block (1, 2). Evaluation is
+deterministic (argmax, no Gumbel noise), so a map shows what the model uses at test time.
+`--split` draws the first `--count` products of the training run's evaluation split (first
+views), named by product index.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+COLOURS = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240),
+           (240, 50, 230), (210, 245, 60)]
+SCALE = 4  # the drawn image is this many times the model's input size (at least 256 px)
+
+
+def _display(image: np.ndarray, size: int) -> np.ndarray:
+    """uint8 [S, S, 3], the crop the model sees, without normalisation."""
+    import tensorflow as tf
+
+    from e2_jax.data.pipeline import resize_and_crop
+
+    return resize_and_crop(tf.constant(image), size).numpy()
+
+
+def _dashed_rectangle(draw, box, colour, width: int, dash: int = 6) -> None:
+    x0, y0, x1, y1 = box
+    for a, b, fixed, horizontal in ((x0, x1, y0, True), (x0, x1, y1, True), (y0, y1, x0, False), (y0, y1, x1, False)):
+        for start in range(int(a), int(b), 2 * dash):
+            stop = min(start + dash, b)
+            line = [(start, fixed), (stop, fixed)] if horizontal else [(fixed, start), (fixed, stop)]
+            draw.line(line, fill=colour, width=width)
+
+
+def draw_selection_map(image: np.ndarray, picks: np.ndarray, groups: Sequence[tuple[str, int]], patch_size: int,
+                       title: str = ""):
+    """A PIL image: `image` (uint8 [S, S, 3], as the model saw it), `picks` [2, K] patch indices
+    (row-major over the grid, K tokens grouped as `groups` = [(name, tokens)]), one panel per
+    group."""
+    from PIL import Image, ImageDraw
+
+    size = image.shape[0]
+    grid = size // patch_size
+    scale = max(SCALE, -(-256 // size))
+    cell = patch_size * scale
+    base = Image.fromarray(image).resize((size * scale, size * scale), Image.NEAREST)
+    header = 18
+    panels = Image.new("RGB", (len(groups) * (size * scale + 8), size * scale + 2 * header + 4), "white")
+    token = 0
+    for g, (name, tokens) in enumerate(groups):
+        colour = COLOURS[g % len(COLOURS)]
+        panel = base.copy()
+        draw = ImageDraw.Draw(panel)
+        for i in range(1, grid):  # the patch grid, faint
+            draw.line([(i * cell, 0), (i * cell, size * scale)], fill=(200, 200, 200), width=1)
+            draw.line([(0, i * cell), (size * scale, i * cell)], fill=(200, 200, 200), width=1)
+        for t in range(tokens):
+            for block in (0, 1):
+                p = int(picks[block, token + t])
+                row, col = divmod(p, grid)
+                inset = 2 + 3 * block
+                box = (col * cell + inset, row * cell + inset, (col + 1) * cell - inset, (row + 1) * cell - inset)
+                if block == 0:
+                    draw.rectangle(box, outline=colour, width=3)
+                else:
+                    _dashed_rectangle(draw, box, colour, width=3)
+                draw.text((box[0] + 3, box[1] + 1 + 10 * block), f"{'ab'[t % 2] if tokens <= 2 else t}{block + 1}",
+                          fill=colour)
+        token += tokens
+        x = g * (size * scale + 8)
+        panels.paste(panel, (x, header))
+        ImageDraw.Draw(panels).text((x + 2, 2), name, fill=colour)
+    if title:
+        ImageDraw.Draw(panels).text((2, size * scale + header + 4), title, fill=(0, 0, 0))
+    return panels
+
+
+def write_selection_maps(encoder, images: Sequence, names: Sequence[str], out: str | Path) -> list[Path]:
+    """One PNG per image into `out`; returns the paths."""
+    from e2_jax.inference import load_image
+
+    if encoder.e2.num_tokens == 0 or not encoder.e2.fusion:
+        raise ValueError(f"{encoder.source} has no selection tokens or no fusion blocks: nothing picks a patch")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    arrays = [load_image(im) for im in images]
+    picks = encoder.image_outputs(arrays).picks
+    groups = [(g.name, g.tokens) for g in encoder.e2.groups]
+    written = []
+    for array, pick, name in zip(arrays, picks, names, strict=True):
+        shown = _display(array, encoder.clip.image_size)
+        path = out / f"{Path(name).stem}_selection.png"
+        draw_selection_map(shown, pick, groups, encoder.clip.patch_size, title=name).save(path)
+        written.append(path)
+    return written
+
+
+def split_images(workdir: str | Path, count: int, split: str | None = None) -> tuple[list[np.ndarray], list[str]]:
+    """The first views of the first `count` products of the run's evaluation split."""
+    import tensorflow as tf
+
+    from e2_jax import config as recipes
+    from e2_jax.data import pipeline
+
+    config = recipes.from_json((Path(workdir) / "config.json").read_text())
+    source = pipeline.Source(config.data.dataset, split or config.data.eval_split, config.data.data_dir or None)
+    spec = {"images": source.features.tf_example_spec["images"]}
+    images, names = [], []
+    for i, record in enumerate(source.read(range(min(count, len(source))))):
+        views = tf.io.parse_single_example(record, spec)["images"]
+        images.append(tf.io.decode_image(views[0], channels=3, expand_animations=False).numpy())
+        names.append(f"{source.split}_{i:05d}")
+    return images, names
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", required=True, help="a training run (its best parameters)")
+    parser.add_argument("--images", nargs="*", default=[], help="image files")
+    parser.add_argument("--split", help="draw products of this split of the run's dataset instead")
+    parser.add_argument("--count", type=int, default=16)
+    parser.add_argument("--out", help="output folder (default: WORKDIR/selection_maps)")
+    args = parser.parse_args(argv)
+    from e2_jax.inference import Encoder
+
+    if bool(args.images) == bool(args.split):
+        raise SystemExit("give --images FILES or --split NAME")
+    encoder = Encoder.from_workdir(args.workdir)
+    if args.split:
+        images, names = split_images(args.workdir, args.count, args.split)
+    else:
+        images, names = args.images, [str(p) for p in args.images]
+    written = write_selection_maps(encoder, images, names, args.out or Path(args.workdir) / "selection_maps")
+    print(f"{len(written)} selection maps of {encoder.source} in {written[0].parent}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,51 @@
+"""One process of an evaluation run (tests/test_evaluate.py): the report of a random tiny model
+on SynthFashion/tiny's validation split, every protocol, from 1 or 2 processes.
+
+    python tests/multiprocess/eval_worker.py PROCESS_ID NUM_PROCESSES PORT DATA_DIR OUT_JSON
+
+One CPU device per process. Writes the metrics and the embeddings every process gathered.
+"""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository, for tests.test_evaluate
+process_id, num_processes, port, data_dir, out = sys.argv[1:6]
+os.environ.pop("XLA_FLAGS", None)
+import jax  # noqa: E402
+
+if int(num_processes) > 1:
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(f"localhost:{port}", num_processes=int(num_processes), process_id=int(process_id))
+
+import numpy as np  # noqa: E402
+
+from e2_jax import evaluate, train  # noqa: E402
+from e2_jax.sharding import batch_sharding  # noqa: E402
+from tests.test_evaluate import eval_config  # noqa: E402
+
+setup = train.prepare(eval_config(data_dir), "/tmp/unused")
+params = train.initial_params(setup)
+images, texts = train.make_embed(setup)
+seen = {}
+
+
+def keep(name, fn):
+    def run(batch):
+        x = fn(params, batch)
+        seen.setdefault(name, []).append(evaluate._host(x)[evaluate._host(batch["valid"])])
+        return x
+    return run
+
+
+report = evaluate.retrieval_report(setup.eval_source, setup.pre, train.eval_protocols(setup.config),
+                                   embed_images=keep("image", images), embed_texts=keep("text", texts),
+                                   global_batch=setup.config.eval.batch_size,
+                                   sharding=batch_sharding(setup.mesh))
+embeddings = {k: np.concatenate(v).tolist() for k, v in seen.items()}
+with open(out, "w") as f:
+    json.dump({"report": report, "embeddings": embeddings, "devices": jax.device_count()}, f)
+if int(num_processes) > 1:
+    jax.distributed.shutdown()

@@ -1,0 +1,82 @@
+"""The evaluation run: every protocol through the real pipeline and model, on 1 and 2
+processes (tests/multiprocess/eval_worker.py), and the report it writes."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from e2_jax import config as recipes
+from e2_jax import evaluate, retrieval
+
+WORKER = Path(__file__).parent / "multiprocess" / "eval_worker.py"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def eval_config(data_dir: str):
+    """A random tiny model on SynthFashion/tiny (16 validation products, 3 views each); an
+    evaluation batch of 40 divides neither the 16 texts nor the 48 images."""
+    c = recipes.base()
+    recipes.runlocal(c)
+    c.data.data_dir, c.data.build_if_missing = data_dir, False
+    c.eval.batch_size = 40
+    return c
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(data_dir: str, tmp_path: Path, processes: int) -> list[dict]:
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {"JAX_PLATFORMS": "cpu"}
+    outs = [tmp_path / f"{processes}_{i}.json" for i in range(processes)]
+    procs = [subprocess.Popen([sys.executable, str(WORKER), str(i), str(processes), str(port), data_dir, str(out)],
+                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i, out in enumerate(outs)]
+    logs = []
+    for p in procs:
+        try:
+            logs.append(p.communicate(timeout=600)[0])
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+    for p, log in zip(procs, logs, strict=True):
+        assert p.returncode == 0, log[-6000:]
+    return [json.loads(out.read_text()) for out in outs]
+
+
+def test_every_protocol_on_one_and_two_processes(synth_tiny, tmp_path):
+    (alone,) = _run(synth_tiny, tmp_path, 1)
+    first, second = _run(synth_tiny, tmp_path, 2)
+    assert alone["devices"] == 1 and first["devices"] == second["devices"] == 2
+    report = alone["report"]
+    assert report["counts"] == {"products": 16, "images": 48, "sample_100_queries": 16}
+    keys = {f"{p}/{t}/{m}" for p in evaluate.PROTOCOLS for t in ("tags", "description")
+            for m in ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "sumr")}
+    assert set(report["metrics"]) == keys
+    # Two processes: the same embeddings on both, equal to one process's, and the same numbers.
+    for other in (first, second):
+        assert other["report"] == report
+        for name in ("image", "text"):
+            np.testing.assert_allclose(np.array(other["embeddings"][name]), np.array(alone["embeddings"][name]),
+                                       rtol=1e-5, atol=1e-6)
+    # The plumbing: images are every view of every product in order (3 each), texts the two
+    # formats one after the other; the report's numbers are the metrics of those rows.
+    image, text = np.array(alone["embeddings"]["image"]), np.array(alone["embeddings"]["text"])
+    assert image.shape[0] == 48 and text.shape[0] == 32
+    tags, description = text[:16], text[16:]
+    product = np.repeat(np.arange(16), 3)
+    for name, t in (("tags", tags), ("description", description)):
+        want = retrieval.full_candidate(image[::3], t)
+        assert {k: report["metrics"][f"full_candidate/{name}/{k}"] for k in want} == want
+        want = retrieval.full_gallery(image, product, t)
+        assert {k: report["metrics"][f"full_gallery/{name}/{k}"] for k in want} == want
+    assert not np.allclose(tags, description)  # two texts really were encoded

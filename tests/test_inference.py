@@ -1,0 +1,97 @@
+"""The embedding API, the image search command and selection maps, on a trained tiny run."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from e2_jax import search, train, visualize
+from e2_jax.data import pipeline
+from e2_jax.inference import Encoder
+from e2_jax.sharding import batch_sharding
+from tests.test_train import tiny_config
+
+
+def _raw_first_views(data_dir: str, n: int) -> list[np.ndarray]:
+    source = pipeline.Source("synth_fashion/tiny", "validation", data_dir)
+    spec = {"images": source.features.tf_example_spec["images"]}
+    return [tf.io.decode_image(tf.io.parse_single_example(r, spec)["images"][0], channels=3).numpy()
+            for r in source.read(range(n))]
+
+
+@pytest.fixture(scope="module")
+def encoder(trained_tiny):
+    workdir, _ = trained_tiny
+    return Encoder.from_workdir(workdir, batch_size=4)
+
+
+def test_encoder_gives_the_evaluation_embeddings(synth_tiny, trained_tiny, encoder):
+    """The API on raw images and strings equals the trainer's evaluation on the pipeline's
+    batches, for a count (7) that does not divide the batch (4)."""
+    workdir, _ = trained_tiny
+    assert "best finetune" in encoder.source and (workdir / "model.json").is_file()
+    setup = train.prepare(tiny_config(synth_tiny), workdir)
+    images_fn, texts_fn = train.make_embed(setup)
+    batch = next(pipeline.eval_batches(setup.eval_source, setup.pre, global_batch=16,
+                                       sharding=batch_sharding(setup.mesh)))
+    want_images = np.array(images_fn(encoder.params, batch))[:7]
+    want_texts = np.array(texts_fn(encoder.params, batch))[:7]
+    want_images /= np.linalg.norm(want_images, axis=1, keepdims=True)
+    want_texts /= np.linalg.norm(want_texts, axis=1, keepdims=True)
+    got_images = encoder.encode_images(_raw_first_views(synth_tiny, 7))
+    source = pipeline.Source("synth_fashion/tiny", "validation", synth_tiny)
+    fields = source.scan(["composition", "subcategory", "brand", "season", "description"])
+    texts = [pipeline.FASHIONGEN_TEXT.format(**{k: fields[k][i] for k in fields if k != "views"}) for i in range(7)]
+    got_texts = encoder.encode_texts(texts)
+    np.testing.assert_allclose(got_images, want_images, atol=2e-5)
+    np.testing.assert_allclose(got_texts, want_texts, atol=2e-5)
+    out = encoder.image_outputs(_raw_first_views(synth_tiny, 3))
+    assert out.region_embeddings.shape == (3, 2, encoder.clip.embed_dim) and out.picks.shape == (3, 2, 4)
+
+
+def test_bad_images_are_named(tmp_path, encoder):
+    with pytest.raises(FileNotFoundError, match=r"no_such\.png"):
+        encoder.encode_images([tmp_path / "no_such.png"])
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match=r"broken\.png is not a readable image"):
+        encoder.encode_images([tmp_path / "broken.png"])
+    with pytest.raises(FileNotFoundError, match="not a training workdir"):
+        Encoder.from_workdir(tmp_path)
+
+
+def test_index_a_folder_and_query_it(synth_tiny, trained_tiny, encoder, tmp_path, capsys):
+    workdir, _ = trained_tiny
+    folder = tmp_path / "catalog" / "sub"
+    folder.mkdir(parents=True)
+    for i, image in enumerate(_raw_first_views(synth_tiny, 6)):
+        Image.fromarray(image).save(folder / f"item_{i}.png")
+    (folder / "corrupt.jpg").write_bytes(b"\xff\xd8 truncated")
+    search.main(["index", "--workdir", str(workdir), "--images", str(tmp_path / "catalog"),
+                 "--out", str(tmp_path / "index.npz"), "--batch-size", "4"])
+    assert "indexed 6 images" in capsys.readouterr().out
+    search.main(["query", "--index", str(tmp_path / "index.npz"), "red", "blue dress", "--top", "3"])
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0] == "red" and len(printed) == 8
+    # The ranking is the cosine similarity of the text with each indexed image.
+    got = search.query(tmp_path / "index.npz", ["blue dress"], encoder, top=6)[0]
+    with np.load(tmp_path / "index.npz") as data:
+        scores = encoder.encode_texts(["blue dress"])[0] @ data["embeddings"].T
+    assert [s for _, s in got] == pytest.approx(sorted(scores, reverse=True), abs=1e-6)
+
+
+def test_selection_maps_box_the_picked_patches(synth_tiny, encoder, tmp_path):
+    images = _raw_first_views(synth_tiny, 3)
+    paths = visualize.write_selection_maps(encoder, images, ["a", "b", "c"], tmp_path)
+    picks = encoder.image_outputs(images).picks
+    size, patch = encoder.clip.image_size, encoder.clip.patch_size
+    scale = max(visualize.SCALE, -(-256 // size))
+    for path, pick in zip(paths, picks, strict=True):
+        drawn = np.asarray(Image.open(path).convert("RGB"))
+        assert drawn.shape[1] == 2 * (size * scale + 8)  # one panel per group (brand, season)
+        for g in range(2):
+            colour = visualize.COLOURS[g]
+            p = int(pick[0, 2 * g])  # the group's first token, first fusion block: a solid box
+            row, col = divmod(p, size // patch)
+            x = g * (size * scale + 8) + col * patch * scale + 2
+            y = 18 + row * patch * scale + 2 + patch * scale // 2  # the middle of the box's left edge
+            assert tuple(drawn[y, x]) == colour, (path, g, p)
