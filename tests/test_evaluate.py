@@ -1,20 +1,15 @@
 """The evaluation run: every protocol through the real pipeline and model, on 1 and 2
 processes (tests/multiprocess/eval_worker.py), and the report it writes."""
 
-import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 
 from e2_jax import config as recipes
 from e2_jax import evaluate, retrieval
+from tests.processes import run_workers
 
 WORKER = Path(__file__).parent / "multiprocess" / "eval_worker.py"
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def eval_config(data_dir: str):
@@ -27,35 +22,9 @@ def eval_config(data_dir: str):
     return c
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _run(data_dir: str, tmp_path: Path, processes: int) -> list[dict]:
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {"JAX_PLATFORMS": "cpu"}
-    outs = [tmp_path / f"{processes}_{i}.json" for i in range(processes)]
-    procs = [subprocess.Popen([sys.executable, str(WORKER), str(i), str(processes), str(port), data_dir, str(out)],
-                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for i, out in enumerate(outs)]
-    logs = []
-    for p in procs:
-        try:
-            logs.append(p.communicate(timeout=600)[0])
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            raise
-    for p, log in zip(procs, logs, strict=True):
-        assert p.returncode == 0, log[-6000:]
-    return [json.loads(out.read_text()) for out in outs]
-
-
 def test_every_protocol_on_one_and_two_processes(synth_tiny, tmp_path):
-    (alone,) = _run(synth_tiny, tmp_path, 1)
-    first, second = _run(synth_tiny, tmp_path, 2)
+    (alone,) = run_workers(WORKER, 1, synth_tiny, tmp_path)
+    first, second = run_workers(WORKER, 2, synth_tiny, tmp_path)
     assert alone["devices"] == 1 and first["devices"] == second["devices"] == 2
     report = alone["report"]
     assert report["counts"] == {"products": 16, "images": 48, "sample_100_queries": 16}

@@ -4,49 +4,19 @@ sees the same global batch (equal to the one-process pipeline's), resume is exac
 evaluation visits every example once."""
 
 import itertools
-import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 
 from e2_jax.data import pipeline as pl
+from tests.processes import run_workers
 
 WORKER = Path(__file__).parent / "multiprocess" / "pipeline_worker.py"
 GLOBAL_BATCH, STEPS, RESUME_AT, SEED = 24, 8, 5, 5  # as in the worker
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _run_workers(data_dir: str, tmp_path: Path) -> list[dict]:
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {"JAX_PLATFORMS": "cpu"}
-    outs = [tmp_path / f"process_{i}.json" for i in range(2)]
-    procs = [subprocess.Popen([sys.executable, str(WORKER), str(i), "2", str(port), data_dir, str(out)], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for i, out in enumerate(outs)]
-    logs = []
-    for p in procs:
-        try:
-            logs.append(p.communicate(timeout=600)[0])
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            raise
-    for p, log in zip(procs, logs, strict=True):
-        assert p.returncode == 0, log[-6000:]
-    return [json.loads(out.read_text()) for out in outs]
-
-
 def test_pipeline_on_two_processes(synth_tiny, tmp_path):
-    first, second = _run_workers(synth_tiny, tmp_path)
+    first, second = run_workers(WORKER, 2, synth_tiny, tmp_path)
     assert first["rows"] == [0, 12] and second["rows"] == [12, 24]  # each reads only its half
     # Every process sees the same global batch, made of the two processes' rows.
     assert first["train"]["global"] == second["train"]["global"]
