@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -42,31 +43,30 @@ class ProbeResult:
     penalty: float
 
 
-def fit_logistic(x: np.ndarray, y: np.ndarray, classes: int, penalty: float, steps: int = 200) -> np.ndarray:
-    """Weights [D + 1, C] of a multinomial logistic regression (with bias) minimising the mean
-    cross-entropy + penalty * |W|^2, by full-batch L-BFGS."""
-    x = jnp.asarray(np.concatenate([x, np.ones((len(x), 1), x.dtype)], axis=1), jnp.float32)
-    y = jnp.asarray(y)
-
+@functools.partial(jax.jit, static_argnames=("steps",))
+def _lbfgs(x: jax.Array, y: jax.Array, w: jax.Array, penalty: jax.Array, steps: int) -> jax.Array:
     def loss(w):
-        logits = x @ w
-        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean() + penalty * jnp.sum(w[:-1] ** 2)
+        return optax.softmax_cross_entropy_with_integer_labels(x @ w, y).mean() + penalty * jnp.sum(w[:-1] ** 2)
 
     solver = optax.lbfgs()
     value_and_grad = optax.value_and_grad_from_state(loss)
 
-    @jax.jit
-    def run(w):
-        def step(carry, _):
-            w, state = carry
-            value, grad = value_and_grad(w, state=state)
-            updates, state = solver.update(grad, state, w, value=value, grad=grad, value_fn=loss)
-            return (optax.apply_updates(w, updates), state), None
+    def step(carry, _):
+        w, state = carry
+        value, grad = value_and_grad(w, state=state)
+        updates, state = solver.update(grad, state, w, value=value, grad=grad, value_fn=loss)
+        return (optax.apply_updates(w, updates), state), None
 
-        (w, _), _ = jax.lax.scan(step, (w, solver.init(w)), None, length=steps)
-        return w
+    (w, _), _ = jax.lax.scan(step, (w, solver.init(w)), None, length=steps)
+    return w
 
-    return np.asarray(run(jnp.zeros((x.shape[1], classes), jnp.float32)))
+
+def fit_logistic(x: np.ndarray, y: np.ndarray, classes: int, penalty: float, steps: int = 200) -> np.ndarray:
+    """Weights [D + 1, C] of a multinomial logistic regression (with bias) minimising the mean
+    cross-entropy + penalty * |W|^2, by full-batch L-BFGS (one compile per data shape)."""
+    x = jnp.asarray(np.concatenate([x, np.ones((len(x), 1), x.dtype)], axis=1), jnp.float32)
+    w = jnp.zeros((x.shape[1], classes), jnp.float32)
+    return np.asarray(_lbfgs(x, jnp.asarray(y), w, jnp.float32(penalty), steps))
 
 
 def _predict(w: np.ndarray, x: np.ndarray) -> np.ndarray:
