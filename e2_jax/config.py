@@ -126,24 +126,30 @@ def fashion_recipe(preset: str, method: str, arg: str | None) -> ml_collections.
         c.e2.enabled = False
         c.stages = "finetune"
         c.finetune.epochs = 25
-    ablation = options.get("ablation", "none")
+    apply_ablation(c, options.get("ablation", "none"))
+    if options.get("runlocal"):
+        runlocal(c)
+    return c
+
+
+def apply_ablation(c: ml_collections.ConfigDict, ablation: str, main_stage: str = "finetune") -> None:
+    """One of the paper's ablations (`ABLATIONS`) applied to an E² config whose stages are a
+    warm-up of E²'s new parameters, then `main_stage` (all parameters)."""
     if ablation not in ABLATIONS:
         raise ValueError(f"ablation must be one of {ABLATIONS}, got {ablation!r}")
     if ablation == "no_fusion":
         c.e2.fusion = False
     elif ablation == "no_selection_tokens":
-        c.e2.enabled, c.stages = False, "finetune"
+        c.e2.enabled, c.stages = False, main_stage
     elif ablation == "no_region_loss":
         c.loss.region_weight = 0.0
     elif ablation == "paper_groups":
         c.e2.groups = PAPER_GROUPS
     elif ablation == "no_warmup":
-        c.stages = "finetune"
+        c.stages = main_stage
     elif ablation.startswith("without_"):
-        c.e2.groups = ",".join(g for g in c.e2.groups.split(",") if g != ablation[len("without_"):])
-    if options.get("runlocal"):
-        runlocal(c)
-    return c
+        group = ablation[len("without_"):]
+        c.e2.groups = ",".join(g for g in c.e2.groups.split(",") if g != group)
 
 
 def runlocal(c: ml_collections.ConfigDict) -> None:

@@ -18,6 +18,7 @@ and `LAYOUT` maps it onto the Flax tree. The architecture is inferred from tenso
     python -m e2_jax.convert from-flax out/m hf_folder/ --format hf
     python -m e2_jax.convert to-flax authors_e2.pt out/e2 --trust-pickle
     python -m e2_jax.convert from-flax out/e2 authors_format.pt --format e2_authors
+    python -m e2_jax.convert from-workdir TRAINING_WORKDIR out/m      # a trained run's best parameters
 """
 
 from __future__ import annotations
@@ -771,9 +772,23 @@ def main(argv: list[str] | None = None) -> int:
     exp.add_argument("out", help="file (.safetensors/.pt) for open_clip and e2_authors, folder for hf")
     exp.add_argument("--format", choices=["open_clip", "hf", "e2_authors"], required=True)
     exp.add_argument("--overwrite", action="store_true")
+    wk = sub.add_parser("from-workdir", help="training workdir -> e2_jax model directory (CLIP or E²)")
+    wk.add_argument("workdir", help="a directory python -m e2_jax.main trained in")
+    wk.add_argument("out", help="output directory (written atomically)")
+    wk.add_argument("--checkpoint", default="best",
+                    help='"best" (by validation SumR, else the latest), "latest", or a step number')
+    wk.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
     try:
-        if args.command == "to-flax":
+        if args.command == "from-workdir":
+            from e2_jax.inference import Encoder
+
+            encoder = Encoder.from_workdir(args.workdir, checkpoint=args.checkpoint)
+            e2 = encoder.e2 if encoder.e2.selection_tokens else None
+            pretrained.save(args.out, encoder.clip, pretrained.to_numpy(encoder.params), overwrite=args.overwrite,
+                            e2=e2)
+            print(f"wrote {args.out}: {'E² model' if e2 else 'CLIP'} from {encoder.source}")
+        elif args.command == "to-flax":
             heads = {k: v for k, v in (("vision_heads", args.vision_heads),
                                        ("text_heads", args.text_heads)) if v is not None}
             e2 = E2Config(reference_quirks=False) if args.no_reference_quirks else None

@@ -47,6 +47,8 @@ class SynthFashion(tfds.core.GeneratorBasedBuilder):
     RELEASE_NOTES = {"1.0.0": "First version."}  # noqa: RUF012 (TFDS reads class attributes)
     BUILDER_CONFIGS = [  # noqa: RUF012
         SynthFashionConfig(name="default", description="128 px, 10,000 + 1,000 products", synth=SynthConfig()),
+        SynthFashionConfig(name="medium", description="64 px, 4,096 + 1,024 products (the seed study)",
+                           synth=SynthConfig(image_size=64, num_train=4096, num_validation=1024)),
         SynthFashionConfig(name="small", description="64 px, 1,024 + 256 products",
                            synth=SynthConfig(image_size=64, num_train=1024, num_validation=256)),
         SynthFashionConfig(name="tiny", description="32 px, 64 + 16 products (tests)",

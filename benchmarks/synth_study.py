@@ -1,0 +1,217 @@
+"""The SynthFashion study: E² against CLIP-FT and the paper's ablations, three seeds, one CPU.
+
+    python -m benchmarks.synth_study --out /tmp/synth_study                 # the whole study
+    python -m benchmarks.synth_study --out /tmp/synth_study --seeds 0       # one seed of it
+    python -m benchmarks.synth_study --out /tmp/synth_study --report-only   # tables of what ran
+
+Every run is an ordinary command of this project (printed as it starts), with the config
+`configs/synth_study.py`, which fixes the data, model, budget and hyper-parameters:
+
+1. `variant=pretrain`: a CLIP trained from random weights on SynthFashion's generic captions
+   ("a red coat"), exported with `python -m e2_jax.convert from-workdir` as the initial
+   weights every other run starts from;
+2. for each seed and variant (`clip_ft`, `e2`, `no_fusion`, `no_region_loss`,
+   `without_<group>`), in one process: training (the best checkpoint by validation SumR),
+   evaluation (as `--mode evaluate`: full-candidate and sample-100 retrieval with the
+   tag-augmented and the description-only text, selection maps) and linear probes of the frozen
+   image embedding (as `python -m e2_jax.probe`: brand, season, sub-category, composition,
+   fitted on 2,048 training products, scored on the 1,024 validation products).
+
+The study resumes: a run whose `result.json` exists is not run again, a run that was
+interrupted resumes from its checkpoints. It ends by writing `summary.md` (mean ± std over the
+seeds that completed, wall times included) and `summary.json` in `--out`.
+"""
+
+from __future__ import annotations
+
+# triton before TensorFlow (which the config below imports), as in tests/conftest.py: if
+# anything loads triton after TensorFlow, the process segfaults.
+try:
+    import triton  # noqa: F401
+except ImportError:
+    pass
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "configs"))
+import synth_study  # noqa: E402  (configs/synth_study.py: the variants)
+
+PROBE_FIELDS = ("brand", "season", "subcategory", "composition")
+DATASET = "synth_fashion/medium"
+PROBE_TRAIN = 2048  # training products the probes are fitted on (of 4,096)
+
+
+def _run(cmd: list[str], log: Path) -> float:
+    """Runs a command of the project, its output to `log`; returns its wall time."""
+    print("$", " ".join(cmd), flush=True)
+    start = time.perf_counter()
+    with log.open("a") as f:
+        done = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=_env(), check=False)
+    if done.returncode:
+        raise SystemExit(f"failed ({done.returncode}): {' '.join(cmd)}; see {log}")
+    return time.perf_counter() - start
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    # Runs of a variant differ only in their seed: the second and third reuse the first's compiled
+    # programs from XLA's persistent cache (it changes no result).
+    env.setdefault("JAX_COMPILATION_CACHE_DIR", str(Path(os.environ.get("TMPDIR", "/tmp")) / "e2_jax_xla_cache"))
+    env.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
+    return env
+
+
+def _main(config_arg: str, workdir: Path, mode: str) -> list[str]:
+    return [sys.executable, "-m", "e2_jax.main", f"--config=configs/synth_study.py:{config_arg}",
+            f"--workdir={workdir}", f"--mode={mode}"]
+
+
+def pretrain(out: Path, steps: int | None) -> Path:
+    """The shared initial weights: trained once, exported to OUT/init."""
+    workdir, init = out / "pretrain", out / "init"
+    timing = out / "pretrain_time.json"
+    if not init.is_dir():
+        arg = "variant=pretrain" + (f",steps={steps}" if steps else "")
+        seconds = _run(_main(arg, workdir, "train"), out / "pretrain.log")
+        seconds += _run([sys.executable, "-m", "e2_jax.convert", "from-workdir", str(workdir), str(init)],
+                        out / "pretrain.log")
+        timing.write_text(json.dumps({"seconds": seconds}) + "\n")
+    return init
+
+
+def run_variant(out: Path, init: Path, variant: str, seed: int, steps: int | None) -> dict:
+    """Trains, evaluates and probes one (variant, seed) in a process of its own; the result is
+    kept in its workdir."""
+    workdir = out / "runs" / f"{variant}_seed{seed}"
+    result_file = workdir / "result.json"
+    if not result_file.is_file():
+        workdir.mkdir(parents=True, exist_ok=True)
+        arg = f"variant={variant},seed={seed},init={init}" + (f",steps={steps}" if steps else "")
+        _run([sys.executable, "-m", "benchmarks.synth_study", "--one", arg, "--out", str(workdir)],
+             workdir / "log.txt")
+    return json.loads(result_file.read_text())
+
+
+def one(arg: str, workdir: Path) -> None:
+    """What `run_variant` runs, in one process (one start-up, one set of compilations): the same
+    as `python -m e2_jax.main --config configs/synth_study.py:ARG --workdir W` (training, then
+    `--mode evaluate`) and `python -m e2_jax.probe --model W --dataset synth_fashion/medium
+    --max-train 2048`."""
+    from e2_jax import probe, train
+    from e2_jax.inference import Encoder
+
+    config = synth_study.get_config(arg)
+    times = {}
+    start = time.perf_counter()
+    train.run(config, workdir, "train")
+    times["train"] = time.perf_counter() - start
+    start = time.perf_counter()
+    report = train.run(config, workdir, "evaluate")["report"]
+    times["evaluate"] = time.perf_counter() - start
+    start = time.perf_counter()
+    probes = probe.probe_models({"model": Encoder.from_workdir(workdir)}, DATASET, PROBE_FIELDS,
+                                max_train=PROBE_TRAIN)["model"]
+    times["probe"] = time.perf_counter() - start
+    (workdir / "probe.json").write_text(json.dumps(probes, indent=2) + "\n")
+    options = dict(item.split("=", 1) for item in arg.split(","))
+    result = {"variant": options["variant"], "seed": int(options["seed"]), "config": arg, "seconds": times,
+              "checkpoint": report["checkpoint"], "retrieval": report["metrics"],
+              "probe": {f: probes[f]["accuracy"] for f in PROBE_FIELDS}}
+    (workdir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+
+
+# --- the tables -----------------------------------------------------------------------------------
+
+COLUMNS = (  # (heading, how to read it from a result)
+    ("full-cand. SumR, tags", lambda r: r["retrieval"]["full_candidate/tags/sumr"]),
+    ("full-cand. SumR, descr.", lambda r: r["retrieval"]["full_candidate/description/sumr"]),
+    ("sample-100 SumR, tags", lambda r: r["retrieval"]["sample_100/tags/sumr"]),
+    ("sample-100 SumR, descr.", lambda r: r["retrieval"]["sample_100/description/sumr"]),
+    ("I2T R@1, tags", lambda r: r["retrieval"]["full_candidate/tags/i2t_r1"]),
+    ("T2I R@1, tags", lambda r: r["retrieval"]["full_candidate/tags/t2i_r1"]),
+    ("I2T R@1, descr.", lambda r: r["retrieval"]["full_candidate/description/i2t_r1"]),
+    ("T2I R@1, descr.", lambda r: r["retrieval"]["full_candidate/description/t2i_r1"]),
+    *((f"probe {f}", lambda r, f=f: r["probe"][f]) for f in PROBE_FIELDS),
+    ("train s", lambda r: r["seconds"]["train"]),
+)
+
+
+def _mean_std(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.1f}"
+    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
+
+
+def summary(results: list[dict]) -> tuple[str, dict]:
+    """Markdown tables (retrieval; probes and time) and the numbers behind them."""
+    by_variant: dict[str, list[dict]] = {}
+    for r in results:
+        by_variant.setdefault(r["variant"], []).append(r)
+    data = {v: {name: [get(r) for r in rs] for name, get in COLUMNS} | {"seeds": [r["seed"] for r in rs]}
+            for v, rs in by_variant.items()}
+    tables = []
+    for names in (COLUMNS[:8], COLUMNS[8:]):
+        heads = [n for n, _ in names]
+        lines = ["| variant | seeds | " + " | ".join(heads) + " |", "|---|---|" + "---|" * len(heads)]
+        for v in (x for x in synth_study.VARIANTS if x in data):
+            lines.append(f"| {v} | {len(data[v]['seeds'])} | "
+                         + " | ".join(_mean_std(data[v][h]) for h in heads) + " |")
+        tables.append("\n".join(lines))
+    return "\n\n".join(tables) + "\n", data
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.synth_study", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, help="where the runs and the summary go (resumable)")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--variants", default=",".join(synth_study.VARIANTS))
+    parser.add_argument("--steps", type=int, help=f"fine-tuning steps (default {synth_study.STEPS}; "
+                        "smaller for a smoke run)")
+    parser.add_argument("--pretrain-steps", type=int, help=f"default {synth_study.PRETRAIN_STEPS}")
+    parser.add_argument("--report-only", action="store_true", help="tables of the runs in --out, run nothing")
+    parser.add_argument("--one", metavar="CONFIG_ARG", help=argparse.SUPPRESS)  # one run, into --out
+    args = parser.parse_args(argv)
+    out = Path(args.out).absolute()
+    if args.one:
+        return one(args.one, out)
+    out.mkdir(parents=True, exist_ok=True)
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = set(variants) - set(synth_study.VARIANTS)
+    if unknown:
+        parser.error(f"unknown variants {sorted(unknown)}; known: {', '.join(synth_study.VARIANTS)}")
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    start = time.perf_counter()
+    if not args.report_only:
+        init = pretrain(out, args.pretrain_steps)
+        for seed in seeds:  # seed-major: a study cut short still has every variant at some seed
+            for variant in variants:
+                r = run_variant(out, init, variant, seed, args.steps)
+                print(f"{variant} seed {seed}: full-candidate SumR (tags) "
+                      f"{r['retrieval']['full_candidate/tags/sumr']:.1f}, (description) "
+                      f"{r['retrieval']['full_candidate/description/sumr']:.1f}; "
+                      f"{sum(r['seconds'].values()):.0f} s", flush=True)
+    results = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*/result.json"))]
+    table, data = summary(results)
+    pretrain_file = out / "pretrain_time.json"
+    total = sum(sum(r["seconds"].values()) for r in results)
+    total += json.loads(pretrain_file.read_text())["seconds"] if pretrain_file.is_file() else 0.0
+    header = (f"SynthFashion study, {len(results)} runs, {total / 3600:.2f} h of run time in all (pre-training "
+              f"included); this invocation {time.perf_counter() - start:.0f} s. Machine: {platform.processor() or '?'}"
+              f", {os.cpu_count()} CPUs, Python {platform.python_version()}.\n\n")
+    (out / "summary.md").write_text(header + table)
+    (out / "summary.json").write_text(json.dumps(data, indent=2) + "\n")
+    print(header + table)
+
+
+if __name__ == "__main__":
+    main()
