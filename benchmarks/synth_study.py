@@ -11,8 +11,9 @@ Every run is an ordinary command of this project (printed as it starts), with th
    ("a red coat"), exported with `python -m e2_jax.convert from-workdir` as the initial
    weights every other run starts from;
 2. for each seed and variant (`clip_ft`, `e2`, `no_fusion`, `no_region_loss`,
-   `without_<group>`), in one process: training (the best checkpoint by validation SumR),
-   evaluation (as `--mode evaluate`: full-candidate and sample-100 retrieval with the
+   `without_<group>`), in one process: training (as `--mode train`: no validation during
+   training, so that no checkpoint is chosen on the split the study reports on; the final
+   parameters are evaluated), evaluation (as `--mode evaluate`: full-candidate and sample-100 retrieval with the
    tag-augmented and the description-only text, selection maps) and linear probes of the frozen
    image embedding (as `python -m e2_jax.probe`: brand, season, sub-category, composition,
    fitted on 2,048 training products, scored on the 1,024 validation products).
@@ -103,8 +104,8 @@ def run_variant(out: Path, init: Path, variant: str, seed: int, steps: int | Non
 
 def one(arg: str, workdir: Path) -> None:
     """What `run_variant` runs, in one process (one start-up, one set of compilations): the same
-    as `python -m e2_jax.main --config configs/synth_study.py:ARG --workdir W` (training, then
-    `--mode evaluate`) and `python -m e2_jax.probe --model W --dataset synth_fashion/medium
+    as `python -m e2_jax.main --config configs/synth_study.py:ARG --workdir W --mode train`,
+    then `--mode evaluate`, and `python -m e2_jax.probe --model W --dataset synth_fashion/medium
     --max-train 2048`."""
     from e2_jax import probe, train
     from e2_jax.inference import Encoder

@@ -5,7 +5,8 @@ docs/results.md; each run is also a plain command:
 
     python -m e2_jax.main --config configs/synth_study.py:variant=pretrain --workdir W0
     python -m e2_jax.convert from-workdir W0 models/synth_clip          # the shared initial weights
-    python -m e2_jax.main --config configs/synth_study.py:variant=e2,seed=1,init=models/synth_clip --workdir W1
+    python -m e2_jax.main --config configs/synth_study.py:variant=e2,seed=1,init=models/synth_clip --workdir W1 \
+        --mode train                                                   # then --mode evaluate
 
 `variant`: `pretrain` (CLIP-style training from random weights on SynthFashion's generic
 captions, "a red coat": colour and sub-category only, standing in for OpenAI's pre-training),
@@ -16,7 +17,9 @@ Everything below is fixed before the study runs; the difficulty of the data is S
 Budget: every fine-tuning variant trains `steps` steps of batch 64 from the same initial
 weights. E² variants spend the first fifth on E²'s new parameters only (the paper's warm-up
 stage: 5 of 25 epochs) and the rest on all parameters; CLIP-FT trains all parameters
-throughout, as in the paper.
+throughout, as in the paper. The study trains with `--mode train`: no checkpoint is chosen on
+the validation split it reports on (and stage 2 starts from the end of stage 1), so every
+variant is judged by its final parameters.
 """
 
 from e2_jax import config as recipes

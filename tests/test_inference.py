@@ -95,3 +95,23 @@ def test_selection_maps_box_the_picked_patches(synth_tiny, encoder, tmp_path):
             x = g * (size * scale + 8) + col * patch * scale + 2
             y = 18 + row * patch * scale + 2 + patch * scale // 2  # the middle of the box's left edge
             assert tuple(drawn[y, x]) == colour, (path, g, p)
+
+
+def test_workdir_exported_as_a_model_directory_encodes_the_same(trained_tiny, encoder, tmp_path, capsys):
+    """`convert from-workdir` writes the run's best parameters as a model directory (with its
+    e2.json), which `from_pretrained` loads to the same embeddings; the export refuses to
+    overwrite, and a directory that is no workdir is named in the error."""
+    from e2_jax import convert
+
+    workdir, _ = trained_tiny
+    out = tmp_path / "exported"
+    assert convert.main(["from-workdir", str(workdir), str(out)]) == 0
+    assert "E² model" in capsys.readouterr().out and (out / "e2.json").is_file()
+    exported = Encoder.from_pretrained(out, batch_size=4)
+    images = [np.full((40, 32, 3), v, np.uint8) for v in (0, 90, 200)]
+    np.testing.assert_array_equal(exported.encode_images(images), encoder.encode_images(images))
+    np.testing.assert_array_equal(exported.encode_texts(["a red coat", "x"]), encoder.encode_texts(["a red coat", "x"]))
+    assert convert.main(["from-workdir", str(workdir), str(out)]) == 1
+    assert "already exists" in capsys.readouterr().err
+    assert convert.main(["from-workdir", str(tmp_path / "nothing"), str(tmp_path / "m")]) == 1
+    assert "not a training workdir" in capsys.readouterr().err

@@ -1,7 +1,7 @@
 """Training through `python -m e2_jax.main` in separate processes: killed (SIGKILL, in the
 middle and during a save) and resumed runs end bitwise equal to an uninterrupted one; SIGTERM
 saves and exits cleanly; 8 devices, a checkpoint moved from 1 device to 8, and 2 processes over
-localhost all give the 1-device losses."""
+localhost (started by the Slurm launch script) all give the 1-device losses."""
 
 import json
 import os
@@ -130,23 +130,26 @@ def test_a_one_device_checkpoint_resumes_on_eight_devices(reference, synth_tiny,
     np.testing.assert_allclose([got[s] for s in sorted(got)], [want[s] for s in sorted(got)], rtol=1e-5)
 
 
-def test_two_processes_give_the_one_process_losses(reference, synth_tiny, tmp_path):
+def test_two_processes_started_by_the_slurm_script_give_the_one_process_losses(reference, synth_tiny, tmp_path):
+    """launch/gpu_slurm.sbatch as Slurm would run it (its `srun` and `scontrol` stood in for by
+    tests/test_launch.py's shims): 2 tasks on localhost, each given its process id by the
+    script's environment, train together to the 1-process losses."""
+    from tests.test_launch import slurm_env
+
     # One CPU device per process: with several, XLA's CPU collectives over gloo crawl on a
     # 2-core machine (about 37 s a step, measured); on GPUs and TPUs each process has several.
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    processes = [subprocess.Popen(_command(tmp_path, synth_tiny), cwd=ROOT, stdout=subprocess.PIPE,
-                                  stderr=subprocess.STDOUT, text=True,
-                                  env=_env(1, JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2",
-                                           JAX_PROCESS_ID=str(i)))
-                 for i in range(2)]
-    outputs = [p.communicate(timeout=900)[0] for p in processes]
-    for p, output in zip(processes, outputs, strict=True):
-        assert p.returncode == 0, output[-6000:]
-    assert "2 devices" in outputs[0]
-    want, got = _losses(reference), _losses(tmp_path)
+    env = _env(1, E2_PORT=str(port), E2_PYTHON=sys.executable, **slurm_env(tmp_path, 2))
+    main_args = _command(tmp_path / "run", synth_tiny)[3:]  # what follows python -m e2_jax.main
+    result = subprocess.run(["bash", str(ROOT / "launch" / "gpu_slurm.sbatch"), *main_args], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-6000:]
+    assert f"JAX_COORDINATOR_ADDRESS=localhost:{port} JAX_NUM_PROCESSES=2" in result.stdout
+    assert "process 1 of 2" in result.stderr and "2 devices" in result.stdout + result.stderr
+    want, got = _losses(reference), _losses(tmp_path / "run")
     assert sorted(got) == list(range(1, STEPS + 1))
     np.testing.assert_allclose([got[s] for s in sorted(got)], [want[s] for s in sorted(got)], rtol=1e-5)
-    np.testing.assert_allclose(_state(tmp_path)["params"]["logit_scale"], _state(reference)["params"]["logit_scale"],
-                               rtol=1e-5)  # the two processes wrote one readable checkpoint
+    np.testing.assert_allclose(_state(tmp_path / "run")["params"]["logit_scale"],
+                               _state(reference)["params"]["logit_scale"], rtol=1e-5)  # one readable checkpoint

@@ -1,0 +1,92 @@
+"""The seed study's config (configs/synth_study.py) and its runner's tables: equal budgets,
+one initial model, the ablations as the paper defines them."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from e2_jax import train
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _study_config():
+    spec = importlib.util.spec_from_file_location("synth_study", ROOT / "configs" / "synth_study.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+study = _study_config()
+
+
+def _steps(c):
+    return {name: c[name].steps for name in c.stages.split(",")}
+
+
+def test_every_variant_has_the_same_budget_and_initial_weights():
+    configs = {v: study.get_config(f"variant={v},seed=2,init=/models/synth_clip") for v in study.VARIANTS}
+    for variant, c in configs.items():
+        assert sum(_steps(c).values()) == study.STEPS, variant
+        assert c.model.pretrained == "/models/synth_clip" and c.seed == 2 and c.batch_size == 64
+        assert dict(c.model.overrides) == study.MODEL and c.data.dataset == "synth_fashion/medium"
+    assert configs["clip_ft"].stages == "finetune" and not configs["clip_ft"].e2.enabled
+    e2 = configs["e2"]
+    assert e2.stages == "warmup,finetune" and e2.warmup.trainable == "e2_new" and e2.finetune.trainable == "all"
+    assert _steps(e2) == {"warmup": study.STEPS // 5, "finetune": study.STEPS - study.STEPS // 5}
+    assert not configs["no_fusion"].e2.fusion and configs["no_region_loss"].loss.region_weight == 0
+    for group in e2.e2.groups.split(","):
+        kept = configs[f"without_{group}"].e2.groups.split(",")
+        assert group not in kept and len(kept) == len(e2.e2.groups.split(",")) - 1
+    # Apart from what each ablation changes, every E² variant is the E² config.
+    for variant in study.VARIANTS[2:]:
+        c = configs[variant]
+        assert (c.optim.to_dict(), c.data.to_dict(), _steps(c)) == (e2.optim.to_dict(), e2.data.to_dict(), _steps(e2))
+
+
+def test_pretraining_sees_only_the_generic_captions():
+    c = study.get_config("variant=pretrain")
+    assert c.data.text_format == "{caption}" and not c.e2.enabled and not c.model.pretrained
+    assert _steps(c) == {"pretrain": study.PRETRAIN_STEPS}
+
+
+def test_fusion_blocks_sit_where_the_papers_do_for_the_depth():
+    from e2_jax.models.e2 import fusion_layers_for
+
+    assert fusion_layers_for(study.MODEL["vision_layers"]) == (3, 4)  # as (8, 11) of 12
+
+
+def test_mistakes_are_named():
+    with pytest.raises(ValueError, match="init=DIR"):
+        study.get_config("variant=e2")
+    with pytest.raises(ValueError, match="variant must be"):
+        study.get_config("variant=no_logo,init=x")
+    with pytest.raises(ValueError, match="unknown config arguments"):
+        study.get_config("variant=e2,init=x,sed=1")
+
+
+def test_every_variant_passes_the_trainers_checks(synth_tiny, tmp_path):
+    """runlocal shrinks a variant to SynthFashion/tiny; `train.prepare` checks every field and
+    opens the data (what a run does before compiling anything)."""
+    for variant in ("pretrain", *study.VARIANTS):
+        c = study.get_config(f"variant={variant},init=unused,runlocal")
+        c.data.data_dir = synth_tiny
+        setup = train.prepare(c, tmp_path / variant)
+        assert [s.name for s in setup.stages] == c.stages.split(",")
+
+
+def test_summary_is_mean_and_spread_over_seeds():
+    from benchmarks import synth_study as runner
+
+    def result(variant, seed, sumr):
+        retrieval = {f"{p}/{t}/{m}": sumr for p in ("full_candidate", "sample_100") for t in ("tags", "description")
+                     for m in ("sumr", "i2t_r1", "t2i_r1")}
+        return {"variant": variant, "seed": seed, "retrieval": retrieval, "seconds": {"train": 10.0},
+                "probe": dict.fromkeys(runner.PROBE_FIELDS, 50.0)}
+
+    table, data = runner.summary([result("e2", 0, 100.0), result("e2", 1, 110.0), result("e2", 2, 120.0),
+                                  result("clip_ft", 0, 90.0)])
+    assert data["e2"]["full-cand. SumR, tags"] == [100.0, 110.0, 120.0]
+    rows = table.splitlines()
+    assert rows[2].startswith("| clip_ft | 1 | 90.0 |") and rows[3].startswith("| e2 | 3 | 110.0 ± 10.0 |")
