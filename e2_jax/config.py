@@ -132,21 +132,21 @@ def fashion_recipe(preset: str, method: str, arg: str | None) -> ml_collections.
     return c
 
 
-def apply_ablation(c: ml_collections.ConfigDict, ablation: str, main_stage: str = "finetune") -> None:
-    """One of the paper's ablations (`ABLATIONS`) applied to an E² config whose stages are a
-    warm-up of E²'s new parameters, then `main_stage` (all parameters)."""
+def apply_ablation(c: ml_collections.ConfigDict, ablation: str) -> None:
+    """One of the paper's ablations (`ABLATIONS`) applied to an E² config whose stages are
+    `warmup` (E²'s new parameters) then `finetune` (all parameters)."""
     if ablation not in ABLATIONS:
         raise ValueError(f"ablation must be one of {ABLATIONS}, got {ablation!r}")
     if ablation == "no_fusion":
         c.e2.fusion = False
     elif ablation == "no_selection_tokens":
-        c.e2.enabled, c.stages = False, main_stage
+        c.e2.enabled, c.stages = False, "finetune"
     elif ablation == "no_region_loss":
         c.loss.region_weight = 0.0
     elif ablation == "paper_groups":
         c.e2.groups = PAPER_GROUPS
     elif ablation == "no_warmup":
-        c.stages = main_stage
+        c.stages = "finetune"
     elif ablation.startswith("without_"):
         group = ablation[len("without_"):]
         c.e2.groups = ",".join(g for g in c.e2.groups.split(",") if g != group)
