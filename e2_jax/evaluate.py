@@ -53,19 +53,13 @@ def embed_split(embed: Callable[[dict], dict[str, jax.Array]], batches: Iterable
     out: dict[str, list[np.ndarray]] = {}
     for batch in batches:
         valid = _host(batch["valid"])
-        got = {k: v for k, v in embed(batch).items()}
+        got = dict(embed(batch))
         got["index"] = batch["index"]
         if "view" in batch:
             got["view"] = batch["view"]
         for key, value in got.items():
             out.setdefault(key, []).append(_host(value)[valid])
     return {k: np.concatenate(v) for k, v in out.items()}
-
-
-def retrieval_metrics(image: np.ndarray, text: np.ndarray, ks: tuple[int, ...] = KS) -> dict[str, float]:
-    """Full-candidate R@k in percent (`i2t_r1` ... `t2i_r10`) and SumR: row i of `image` and of
-    `text` belong together. A tie counts in the query's favour."""
-    return retrieval.recall_at(retrieval.ranks(image, text), ks)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -169,6 +169,26 @@ class Encoder:
         the local device count), as device arrays."""
         return ImageOutputs(*self._images(self.params, images))
 
+    def split_outputs(self, source, items: np.ndarray | None = None, batch_size: int = 256) -> dict[str, np.ndarray]:
+        """A split's images through the input pipeline (every product's first view, or `items`,
+        [M, 2] (product, view) pairs), each once across processes: {"global": [M, D],
+        "regions": [M, G, D] (E² only), "index", "view"}, embeddings L2-normalised."""
+        from e2_jax import evaluate
+        from e2_jax.data import pipeline
+        from e2_jax.sharding import batch_sharding
+
+        pre = pipeline.Preprocessing(image_size=self.clip.image_size, text_format="",
+                                     context_length=self.clip.context_length)
+
+        def embed(batch: dict) -> dict[str, jax.Array]:
+            out = self.apply_images(batch["images"])
+            return {"global": out.global_embedding} | (
+                {} if out.region_embeddings is None else {"regions": out.region_embeddings})
+
+        batches = pipeline.eval_batches(source, pre, global_batch=-(-batch_size // self.mesh.size) * self.mesh.size,
+                                        sharding=batch_sharding(self.mesh, ("data",)), items=items)
+        return evaluate.embed_split(embed, batches)
+
     def _batches(self, n: int):
         for start in range(0, n, self.batch_size):
             yield start, min(start + self.batch_size, n)

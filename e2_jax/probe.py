@@ -97,19 +97,6 @@ def linear_probe(train_x: np.ndarray, train_labels: Sequence[str], eval_x: np.nd
     return ProbeResult(accuracy, len(kept), len(names) - len(kept), len(tx), len(ex), int((~eval_keep).sum()), best)
 
 
-def _embed_split(encoder, source, pre, indices: np.ndarray, batch_size: int) -> np.ndarray:
-    from e2_jax import evaluate
-    from e2_jax.data import pipeline
-    from e2_jax.sharding import batch_sharding
-
-    items = np.stack([indices, np.zeros_like(indices)], axis=1)
-    batch_size = -(-batch_size // encoder.mesh.size) * encoder.mesh.size
-    sharding = batch_sharding(encoder.mesh, ("data",))
-    batches = pipeline.eval_batches(source, pre, global_batch=batch_size, sharding=sharding, items=items)
-    got = evaluate.embed_split(lambda b: {"x": encoder.apply_images(b["images"]).global_embedding}, batches)
-    return got["x"]
-
-
 def probe_models(encoders: dict, dataset: str, fields: Sequence[str], *, data_dir: str | None = None,
                  train_split: str = "train", eval_split: str = "validation", max_train: int = 0,
                  min_count: int = 5, seed: int = 0, batch_size: int = 256) -> dict:
@@ -123,13 +110,11 @@ def probe_models(encoders: dict, dataset: str, fields: Sequence[str], *, data_di
     train_index = np.arange(len(train_source))
     if max_train and max_train < len(train_index):
         train_index = np.sort(np.random.default_rng(seed).choice(train_index, max_train, replace=False))
-    eval_index = np.arange(len(eval_source))
+    first_views = np.stack([train_index, np.zeros_like(train_index)], axis=1)
     report = {}
     for name, encoder in encoders.items():
-        pre = pipeline.Preprocessing(image_size=encoder.clip.image_size, text_format="",
-                                     context_length=encoder.clip.context_length)
-        tx = _embed_split(encoder, train_source, pre, train_index, batch_size)
-        ex = _embed_split(encoder, eval_source, pre, eval_index, batch_size)
+        tx = encoder.split_outputs(train_source, first_views, batch_size)["global"]
+        ex = encoder.split_outputs(eval_source, batch_size=batch_size)["global"]
         report[name] = {f: dataclasses.asdict(linear_probe(tx, train_labels[f][train_index], ex, eval_labels[f],
                                                            min_count=min_count, seed=seed)) for f in fields}
     return report

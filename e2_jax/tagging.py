@@ -84,28 +84,13 @@ def _training_values(config, fields: Sequence[str]) -> dict[str, np.ndarray]:
 def evaluate_tagging(encoder, config, fields: Sequence[str], *, use_global: bool = False,
                      template: str | None = None, batch_size: int = 256) -> dict:
     """Top-1/top-5 per field on the run's evaluation split."""
-    from e2_jax import evaluate
     from e2_jax.data import pipeline
-    from e2_jax.sharding import batch_sharding
+    from e2_jax.inference import ImageOutputs
 
     candidates = _training_values(config, fields)
     source = pipeline.Source(config.data.dataset, config.data.eval_split, config.data.data_dir or None)
     labels = source.scan(fields)
-    pre = pipeline.Preprocessing(image_size=encoder.clip.image_size, text_format="",
-                                 context_length=encoder.clip.context_length)
-    batch_size = -(-batch_size // encoder.mesh.size) * encoder.mesh.size
-
-    def embed(batch):
-        out = encoder.apply_images(batch["images"])
-        got = {"global": out.global_embedding}
-        if out.region_embeddings is not None:
-            got["regions"] = out.region_embeddings
-        return got
-
-    got = evaluate.embed_split(embed, pipeline.eval_batches(source, pre, global_batch=batch_size,
-                                                             sharding=batch_sharding(encoder.mesh, ("data",))))
-    from e2_jax.inference import ImageOutputs
-
+    got = encoder.split_outputs(source, batch_size=batch_size)
     outputs = ImageOutputs(got["global"], got.get("regions"), None)
     report = {}
     for field in fields:

@@ -6,7 +6,6 @@ localhost (started by the Slurm launch script) all give the 1-device losses."""
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -134,13 +133,12 @@ def test_two_processes_started_by_the_slurm_script_give_the_one_process_losses(r
     """launch/gpu_slurm.sbatch as Slurm would run it (its `srun` and `scontrol` stood in for by
     tests/test_launch.py's shims): 2 tasks on localhost, each given its process id by the
     script's environment, train together to the 1-process losses."""
+    from tests.processes import free_port
     from tests.test_launch import slurm_env
 
     # One CPU device per process: with several, XLA's CPU collectives over gloo crawl on a
     # 2-core machine (about 37 s a step, measured); on GPUs and TPUs each process has several.
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = _env(1, E2_PORT=str(port), E2_PYTHON=sys.executable, **slurm_env(tmp_path, 2))
     main_args = _command(tmp_path / "run", synth_tiny)[3:]  # what follows python -m e2_jax.main
     result = subprocess.run(["bash", str(ROOT / "launch" / "gpu_slurm.sbatch"), *main_args], cwd=ROOT, env=env,
