@@ -5,31 +5,36 @@
     best/<stage>/<step>/  the parameters with the best validation SumR of each stage (one kept)
 
 Orbax writes each checkpoint into a temporary directory and renames it into place only when it
-is complete, and this manager removes temporary directories left by a killed save when it
-starts: a kill at any moment leaves the last complete checkpoint usable. Restoring takes an
+is complete (in a bucket, where nothing renames atomically, it marks it complete with a
+commit file instead), and this manager removes temporary directories left by a killed save
+when it starts: a kill at any moment leaves the last complete checkpoint usable. The workdir
+may be local or a bucket (storage.path). Restoring takes an
 abstract target carrying the current run's shardings, so a run may resume on another number of
 devices or another mesh than it was saved from.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
 from typing import Any
 
 import orbax.checkpoint as ocp
+from etils import epath
+
+from e2_jax import storage
 
 
-def _manager(directory: Path, keep: int, best_metric: str | None = None) -> ocp.CheckpointManager:
+def _manager(directory: epath.Path, keep: int, best_metric: str | None = None) -> ocp.CheckpointManager:
     # With a best_fn Orbax also stores each checkpoint's metrics (it does not without one).
     best_fn = (lambda metrics: metrics[best_metric]) if best_metric else None
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, cleanup_tmp_directories=True,
                                            enable_async_checkpointing=True, best_fn=best_fn, best_mode="max")
-    return ocp.CheckpointManager(directory.absolute(), options=options)
+    return ocp.CheckpointManager(directory, options=options)
 
 
 class Checkpoints:
-    def __init__(self, workdir: str | Path, keep: int = 3) -> None:
-        self.workdir = Path(workdir)
+    def __init__(self, workdir: str | os.PathLike, keep: int = 3) -> None:
+        self.workdir = storage.path(workdir)
         self._latest = _manager(self.workdir / "checkpoints", keep)
         self._best: dict[str, ocp.CheckpointManager] = {}
 
@@ -38,7 +43,7 @@ class Checkpoints:
     def latest_step(self) -> int | None:
         return self._latest.latest_step()
 
-    def path(self, step: int) -> Path:
+    def path(self, step: int) -> epath.Path:
         return self.workdir / "checkpoints" / str(step)
 
     def save(self, step: int, state: Any) -> None:
@@ -82,7 +87,7 @@ class Checkpoints:
         args = ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params))
         return self._best_manager(stage).restore(best[0], args=args)["params"]
 
-    def best_path(self, stage: str) -> Path | None:
+    def best_path(self, stage: str) -> epath.Path | None:
         best = self.best(stage)
         return None if best is None else self.workdir / "best" / stage / str(best[0])
 

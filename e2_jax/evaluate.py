@@ -19,14 +19,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from collections.abc import Callable, Iterable
-from pathlib import Path
 
 import jax
 import numpy as np
+from etils import epath
 from jax.experimental import multihost_utils
 
-from e2_jax import retrieval
+from e2_jax import retrieval, storage
 from e2_jax.data import pipeline
 
 KS = retrieval.KS
@@ -150,9 +151,9 @@ def markdown_table(metrics: dict[str, float]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(report: dict, directory: str | Path) -> tuple[Path, Path]:
+def write_report(report: dict, directory: str | os.PathLike) -> tuple[epath.Path, epath.Path]:
     """`report.json` and `report.md` in `directory` (process 0 only)."""
-    directory = Path(directory)
+    directory = storage.path(directory)
     json_path, md_path = directory / "report.json", directory / "report.md"
     if jax.process_index() == 0:
         directory.mkdir(parents=True, exist_ok=True)

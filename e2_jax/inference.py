@@ -24,9 +24,10 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 from e2_jax import config as recipes
-from e2_jax import pretrained
+from e2_jax import pretrained, storage
 from e2_jax.checkpoints import Checkpoints
 from e2_jax.models.clip import CLIPConfig
 from e2_jax.models.e2 import E2Config, E2Model, init_e2_params
@@ -121,7 +122,7 @@ class Encoder:
         """The model a training run in `workdir` trained. `checkpoint`: "best" (the best
         parameters of the last stage that kept any, else the latest step), "latest", or a
         step number."""
-        workdir = Path(workdir)
+        workdir = storage.path(workdir)
         config_file = workdir / "config.json"
         if not config_file.is_file():
             raise FileNotFoundError(f"no {config_file}: {workdir} is not a training workdir (python -m e2_jax.main "
@@ -142,12 +143,12 @@ class Encoder:
                 step = checkpoints.latest_step() if checkpoint in ("best", "latest") else int(checkpoint)
                 if step is None or not (checkpoints.path(step) / "state").is_dir():
                     raise FileNotFoundError(f"no checkpoint {checkpoint!r} in {workdir}")
-                state = ocp.StandardCheckpointer().restore((checkpoints.path(step) / "state").absolute())
+                state = ocp.StandardCheckpointer().restore(checkpoints.path(step) / "state")
                 params, where = state["params"], f"{workdir}, step {step}"
         finally:
             checkpoints.close()
         encoder = cls(clip, e2, params, source=where, **kw)
-        encoder.origin = {"workdir": str(workdir.absolute()), "checkpoint": checkpoint}
+        encoder.origin = {"workdir": str(workdir), "checkpoint": checkpoint}
         return encoder
 
     @classmethod
@@ -155,7 +156,7 @@ class Encoder:
         """A converted CLIP (`python -m e2_jax.convert to-flax ...`), without E²'s parts; or an
         E² model exported with its `e2.json`."""
         clip, params = pretrained.load(path)
-        e2_file = Path(path) / pretrained.E2_FILE
+        e2_file = storage.path(path) / pretrained.E2_FILE
         e2 = E2Config.from_dict(json.loads(e2_file.read_text())) if e2_file.is_file() else E2Config(
             selection_tokens=False)
         encoder = cls(clip, e2, params, source=str(path), **kw)
@@ -223,7 +224,7 @@ class Encoder:
         return np.concatenate(outs) if outs else np.zeros((0, self.clip.embed_dim), np.float32)
 
 
-def model_configs_of(config, workdir: Path) -> tuple[CLIPConfig, E2Config]:
+def model_configs_of(config, workdir: epath.Path) -> tuple[CLIPConfig, E2Config]:
     """The model a run trained: from `model.json` in its workdir (written by training, so that
     the converted weights it started from need not be here), else from its config."""
     model_file = workdir / "model.json"

@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import jax
 from tqdm import tqdm
+
+from e2_jax import storage
 
 # Dense bfloat16 peak FLOP/s per device, matched as a prefix of `device.device_kind`.
 PEAK_FLOPS = {
@@ -47,9 +49,10 @@ def step_flops(compiled: jax.stages.Compiled) -> float | None:
 
 
 class Writer:
-    """Scalars to `workdir/metrics.jsonl` and `workdir/tensorboard/` (process 0 only)."""
+    """Scalars to `workdir/metrics.jsonl` and `workdir/tensorboard/` (process 0 only; in a
+    bucket workdir both are written locally and uploaded after each write, see storage.Mirror)."""
 
-    def __init__(self, workdir: str | Path) -> None:
+    def __init__(self, workdir: str | os.PathLike) -> None:
         self.enabled = jax.process_index() == 0
         if not self.enabled:
             return
@@ -61,8 +64,9 @@ class Writer:
         # package to write it (only to view it: pip install tensorboard).
         plugin = summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars")
         self._scalar = summary_pb2.SummaryMetadata(plugin_data=plugin).SerializeToString()
-        self._jsonl = (Path(workdir) / "metrics.jsonl").open("a")
-        self._tb = tf.summary.create_file_writer(str(Path(workdir) / "tensorboard"))
+        self._files = storage.Mirror(workdir, resume=("metrics.jsonl",))
+        self._jsonl = (self._files.local / "metrics.jsonl").open("a")
+        self._tb = tf.summary.create_file_writer(str(self._files.local / "tensorboard"))
 
     def write(self, step: int, scalars: dict[str, float]) -> None:
         if not self.enabled:
@@ -75,11 +79,13 @@ class Writer:
                 if math.isfinite(value):
                     self._tf.summary.write(name, self._tf.constant(value, self._tf.float32), metadata=self._scalar)
         self._tb.flush()
+        self._files.upload()
 
     def close(self) -> None:
         if self.enabled:
             self._jsonl.close()
             self._tb.close()
+            self._files.close()
 
 
 class Progress:

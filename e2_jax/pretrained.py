@@ -20,6 +20,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from e2_jax import storage
 from e2_jax.models.clip import CLIPConfig, param_shapes
 from e2_jax.models.e2 import E2Config, init_e2_params
 
@@ -69,7 +70,7 @@ def save(path: str | os.PathLike, config: CLIPConfig, params: dict, overwrite: b
 
 
 def load_config(path: str | os.PathLike) -> CLIPConfig:
-    config_file = Path(path) / CONFIG_FILE
+    config_file = storage.path(path) / CONFIG_FILE
     if not config_file.is_file():
         raise FileNotFoundError(
             f"{config_file} not found: {path} is not a converted e2_jax model. Make one with "
@@ -80,7 +81,7 @@ def load_config(path: str | os.PathLike) -> CLIPConfig:
 
 def load_e2_config(path: str | os.PathLike) -> E2Config | None:
     """E²'s config of a saved E² model, None for a CLIP."""
-    e2_file = Path(path) / E2_FILE
+    e2_file = storage.path(path) / E2_FILE
     return E2Config.from_dict(json.loads(e2_file.read_text())) if e2_file.is_file() else None
 
 
@@ -93,7 +94,7 @@ def load(path: str | os.PathLike, **config_overrides) -> tuple[CLIPConfig, dict]
         abstract = param_shapes(config)
     else:
         abstract = jax.eval_shape(lambda rng: init_e2_params(config, e2, rng), jax.random.key(0))
-    params = ocp.StandardCheckpointer().restore(Path(path).absolute() / PARAMS_DIR, abstract)
+    params = ocp.StandardCheckpointer().restore(storage.path(path) / PARAMS_DIR, abstract)
     return config, params
 
 

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from e2_jax import storage
+
 KS = (1, 5)
 TEMPLATES = {
     "brand": "a fashion product by {}.",
@@ -139,7 +141,7 @@ def main(argv: list[str] | None = None) -> None:
     from e2_jax.inference import Encoder
 
     encoder = Encoder.from_workdir(args.workdir)
-    config = recipes.from_json((Path(args.workdir) / "config.json").read_text())
+    config = recipes.from_json((storage.path(args.workdir) / "config.json").read_text())
     fields = [f.strip() for f in args.fields.split(",") if f.strip()]
     if args.command == "evaluate":
         report = evaluate_tagging(encoder, config, fields, use_global=args.use_global, template=args.template)
@@ -147,7 +149,7 @@ def main(argv: list[str] | None = None) -> None:
         for f, r in report.items():
             print(f"| {f} | {r['by']} | {r['candidates']} | {r['top1']:.1f} | {r['top5']:.1f} | {r['scored']} | "
                   f"{r['left_out']} |")
-        out = Path(args.workdir) / "eval" / "tagging.json"
+        out = storage.path(args.workdir) / "eval" / "tagging.json"
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, indent=2) + "\n")
         return

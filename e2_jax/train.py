@@ -24,7 +24,6 @@ import signal
 import string
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -33,9 +32,10 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
+from etils import epath
 from jax.experimental import multihost_utils
 
-from e2_jax import evaluate, losses, optim, pretrained, sharding
+from e2_jax import evaluate, losses, optim, pretrained, sharding, storage
 from e2_jax.checkpoints import Checkpoints
 from e2_jax.data import pipeline
 from e2_jax.metrics import Progress, Writer, peak_flops, step_flops
@@ -68,7 +68,7 @@ class TrainingError(RuntimeError):
 @dataclasses.dataclass
 class Setup:
     config: ml_collections.ConfigDict
-    workdir: Path
+    workdir: epath.Path  # local or a bucket (storage.path)
     mesh: jax.sharding.Mesh
     clip: CLIPConfig
     e2: E2Config
@@ -96,8 +96,8 @@ def model_configs(config: ml_collections.ConfigDict) -> tuple[CLIPConfig, E2Conf
     return clip, e2
 
 
-def _pretrained_path(config: ml_collections.ConfigDict) -> Path:
-    path = Path(config.model.pretrained)
+def _pretrained_path(config: ml_collections.ConfigDict) -> epath.Path:
+    path = storage.path(config.model.pretrained)
     if not (path / pretrained.CONFIG_FILE).is_file():
         raise FileNotFoundError(
             f"model.pretrained: no converted CLIP at {path}. Make one from OpenAI's archive with "
@@ -114,7 +114,7 @@ def _tag_lengths(spec: str) -> dict[str, int]:
     return out
 
 
-def prepare(config: ml_collections.ConfigDict, workdir: str | Path) -> Setup:
+def prepare(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Setup:
     """Checks the config and opens the data: every error a user can make is raised here, before
     anything is compiled."""
     stage_names = [s.strip() for s in config.stages.split(",") if s.strip()]
@@ -167,8 +167,8 @@ def prepare(config: ml_collections.ConfigDict, workdir: str | Path) -> Setup:
             raise ValueError(f"stage {name} has no steps: set {name}.epochs or {name}.steps")
         stages.append(Stage(name, start, steps, s.lr, s.trainable))
         start += steps
-    return Setup(config, Path(workdir), mesh, clip, e2, E2Model(clip, e2), pre, train_source, eval_source, stages,
-                 steps_per_epoch)
+    return Setup(config, storage.path(workdir), mesh, clip, e2, E2Model(clip, e2), pre, train_source, eval_source,
+                 stages, steps_per_epoch)
 
 
 def _build_if_missing(dataset: str, data_dir: str | None) -> None:
@@ -455,7 +455,8 @@ def _host_metrics(metrics: dict, groups: tuple[Group, ...]) -> dict[str, float]:
     return out
 
 
-def run(config: ml_collections.ConfigDict, workdir: str | Path, mode: str = "train_and_evaluate") -> dict[str, Any]:
+def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
+        mode: str = "train_and_evaluate") -> dict[str, Any]:
     """Trains (and evaluates) as `config` says, resuming from `workdir`. Returns the last
     evaluation's metrics and where things are."""
     if mode not in MODES:
@@ -467,7 +468,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, mode: str = "tra
         preemption.close()
 
 
-def _run(config: ml_collections.ConfigDict, workdir: str | Path, mode: str, preemption: _Preemption) -> dict[str, Any]:
+def _run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, mode: str,
+         preemption: _Preemption) -> dict[str, Any]:
     setup = prepare(config, workdir)
     setup.workdir.mkdir(parents=True, exist_ok=True)
     if jax.process_index() == 0:

@@ -15,10 +15,15 @@ views), named by product index.
 from __future__ import annotations
 
 import argparse
+import io
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from etils import epath
+
+from e2_jax import storage
 
 COLOURS = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240),
            (240, 50, 230), (210, 245, 60)]
@@ -86,13 +91,13 @@ def draw_selection_map(image: np.ndarray, picks: np.ndarray, groups: Sequence[tu
     return panels
 
 
-def write_selection_maps(encoder, images: Sequence, names: Sequence[str], out: str | Path) -> list[Path]:
+def write_selection_maps(encoder, images: Sequence, names: Sequence[str], out: str | os.PathLike) -> list[epath.Path]:
     """One PNG per image into `out`; returns the paths."""
     from e2_jax.inference import load_image
 
     if encoder.e2.num_tokens == 0 or not encoder.e2.fusion:
         raise ValueError(f"{encoder.source} has no selection tokens or no fusion blocks: nothing picks a patch")
-    out = Path(out)
+    out = storage.path(out)
     out.mkdir(parents=True, exist_ok=True)
     arrays = [load_image(im) for im in images]
     picks = encoder.image_outputs(arrays).picks
@@ -101,19 +106,22 @@ def write_selection_maps(encoder, images: Sequence, names: Sequence[str], out: s
     for array, pick, name in zip(arrays, picks, names, strict=True):
         shown = _display(array, encoder.clip.image_size)
         path = out / f"{Path(name).stem}_selection.png"
-        draw_selection_map(shown, pick, groups, encoder.clip.patch_size, title=name).save(path)
+        png = io.BytesIO()  # via bytes: `out` may be in a bucket
+        draw_selection_map(shown, pick, groups, encoder.clip.patch_size, title=name).save(png, format="png")
+        path.write_bytes(png.getvalue())
         written.append(path)
     return written
 
 
-def split_images(workdir: str | Path, count: int, split: str | None = None) -> tuple[list[np.ndarray], list[str]]:
+def split_images(workdir: str | os.PathLike, count: int,
+                 split: str | None = None) -> tuple[list[np.ndarray], list[str]]:
     """The first views of the first `count` products of the run's evaluation split."""
     import tensorflow as tf
 
     from e2_jax import config as recipes
     from e2_jax.data import pipeline
 
-    config = recipes.from_json((Path(workdir) / "config.json").read_text())
+    config = recipes.from_json((storage.path(workdir) / "config.json").read_text())
     source = pipeline.Source(config.data.dataset, split or config.data.eval_split, config.data.data_dir or None)
     spec = {"images": source.features.tf_example_spec["images"]}
     images, names = [], []
@@ -141,7 +149,7 @@ def main(argv: list[str] | None = None) -> None:
         images, names = split_images(args.workdir, args.count, args.split)
     else:
         images, names = args.images, [str(p) for p in args.images]
-    written = write_selection_maps(encoder, images, names, args.out or Path(args.workdir) / "selection_maps")
+    written = write_selection_maps(encoder, images, names, args.out or storage.path(args.workdir) / "selection_maps")
     print(f"{len(written)} selection maps of {encoder.source} in {written[0].parent}")
 
 

@@ -5,7 +5,7 @@
 #   launch/tpu_vm.sh create  --name e2 --zone us-central2-b --type v4-32
 #   launch/tpu_vm.sh setup   --name e2 --zone us-central2-b                     # this checkout, to every worker
 #   launch/tpu_vm.sh train   --name e2 --zone us-central2-b --config configs/e2_b16.py \
-#        --workdir /mnt/shared/runs/e2_b16 --weights gs://BUCKET/models/clip_b16 --data-dir gs://BUCKET/tfds
+#        --workdir gs://BUCKET/runs/e2_b16 --weights gs://BUCKET/models/clip_b16 --data-dir gs://BUCKET/tfds
 #   launch/tpu_vm.sh logs | stop | delete  --name e2 --zone us-central2-b
 #   launch/tpu_vm.sh all ...      create + setup + train
 #   ... --dry-run                 print every command, run none
@@ -21,8 +21,8 @@
 #   --prepare NAME=gs://.../DIR   build TFDS dataset NAME (fashion_gen, amazon_fashion) from the files
 #                                 in DIR into --data-dir, on worker 0, before training
 #   --data-dir gs://.../tfds      where the training processes read the datasets (TFDS reads GCS)
-#   --config FILE[:ARG]  --workdir DIR    what to train, and where checkpoints and metrics go (storage
-#                                 every worker sees; gs:// workdirs are not supported yet)
+#   --config FILE[:ARG]  --workdir DIR    what to train, and where checkpoints and metrics go: a
+#                                 bucket (gs://BUCKET/runs/NAME) or a file system every worker mounts
 #
 # Every worker must run the same program: `train` starts `python -m e2_jax.main` on all of
 # them at once (--worker=all); JAX's runtime finds the others by itself on a TPU VM.
