@@ -59,7 +59,7 @@ def main() -> None:
     print(f"full-candidate, {args.n:,} pairs x {args.dim}-d, tile {args.tile}; {platform.machine()}, "
           f"{os.cpu_count()} CPUs, {len(jax.local_devices())} device(s); jax {jax.__version__}")
     print(f"time: best {best:.2f} s, median {np.median(times):.2f} s of {args.repeats} "
-          f"({flops / best / 1e9:.0f} GFLOP/s on the similarities, plus the pass that finds the positives)")
+          f"({flops / best / 1e9:.0f} GFLOP/s counting the one similarity matrix)")
     print(f"peak resident memory: {rss_gb():.2f} GB (before the first call: {baseline:.2f} GB)")
     # The floor: the similarity matrix's FLOPs at this machine's best float32 GEMM rate
     # (NumPy's BLAS on one tile-sized block, the best of 3).
