@@ -16,9 +16,11 @@ Every run is an ordinary command of this project (printed as it starts), with th
    parameters are evaluated), evaluation (as `--mode evaluate`: full-candidate and sample-100 retrieval with the
    tag-augmented and the description-only text, selection maps) and linear probes of the frozen
    image embedding (as `python -m e2_jax.probe`: brand, season, sub-category, composition,
-   fitted on 2,048 training products, scored on the 1,024 validation products).
+   fitted on 2,048 training products, scored on the 1,024 validation products; on the front
+   view, and composition again on the back view, the only one with the care label).
 
-The study resumes: a run whose `result.json` exists is not run again, a run that was
+The study resumes: a run whose `result.json` exists is not run again (a result from before the
+back-view probe only gets that probe), a run that was
 interrupted resumes from its checkpoints. It ends by writing `summary.md` (mean ± std over the
 seeds that completed, wall times included) and `summary.json` in `--out`.
 """
@@ -46,7 +48,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "configs"))
 import synth_study  # noqa: E402  (configs/synth_study.py: the variants)
 
-PROBE_FIELDS = ("brand", "season", "subcategory", "composition")
+PROBE_FIELDS = ("brand", "season", "subcategory", "composition")  # probed on the front view
+# SynthFashion's care label (composition) is only on the back view: on the front view a
+# composition probe can only score chance. It is probed on the back view too ("composition_back").
+BACK_PROBE_FIELDS = ("composition",)
 DATASET = "synth_fashion/medium"
 PROBE_TRAIN = 2048  # training products the probes are fitted on (of 4,096)
 
@@ -94,22 +99,44 @@ def run_variant(out: Path, init: Path, variant: str, seed: int, steps: int | Non
     kept in its workdir."""
     workdir = out / "runs" / f"{variant}_seed{seed}"
     result_file = workdir / "result.json"
+    arg = f"variant={variant},seed={seed},init={init}" + (f",steps={steps}" if steps else "")
     if not result_file.is_file():
         workdir.mkdir(parents=True, exist_ok=True)
-        arg = f"variant={variant},seed={seed},init={init}" + (f",steps={steps}" if steps else "")
         _run([sys.executable, "-m", "benchmarks.synth_study", "--one", arg, "--out", str(workdir)],
              workdir / "log.txt")
+    elif any(f"{f}_back" not in json.loads(result_file.read_text())["probe"] for f in BACK_PROBE_FIELDS):
+        # A run from before the back-view probes: probe its final parameters, train nothing.
+        _run([sys.executable, "-m", "benchmarks.synth_study", "--one", arg, "--out", str(workdir),
+              "--probes-only"], workdir / "log.txt")
     return json.loads(result_file.read_text())
 
 
-def one(arg: str, workdir: Path) -> None:
+def _back_probes(workdir: Path) -> dict:
+    from e2_jax import probe
+    from e2_jax.inference import Encoder
+
+    probes = probe.probe_models({"model": Encoder.from_workdir(workdir)}, DATASET, BACK_PROBE_FIELDS,
+                                max_train=PROBE_TRAIN, view=1)["model"]
+    (workdir / "probe_back.json").write_text(json.dumps(probes, indent=2) + "\n")
+    return {f"{f}_back": probes[f]["accuracy"] for f in BACK_PROBE_FIELDS}
+
+
+def one(arg: str, workdir: Path, probes_only: bool = False) -> None:
     """What `run_variant` runs, in one process (one start-up, one set of compilations): the same
     as `python -m e2_jax.main --config configs/synth_study.py:ARG --workdir W --mode train`,
     then `--mode evaluate`, and `python -m e2_jax.probe --model W --dataset synth_fashion/medium
-    --max-train 2048`."""
+    --max-train 2048` (and again with `--view 1 --fields composition`). `probes_only`: add the
+    back-view probes to an existing result."""
     from e2_jax import probe, train
     from e2_jax.inference import Encoder
 
+    if probes_only:
+        result = json.loads((workdir / "result.json").read_text())
+        start = time.perf_counter()
+        result["probe"] |= _back_probes(workdir)
+        result["seconds"]["probe"] += time.perf_counter() - start
+        (workdir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+        return
     config = synth_study.get_config(arg)
     times = {}
     start = time.perf_counter()
@@ -121,12 +148,13 @@ def one(arg: str, workdir: Path) -> None:
     start = time.perf_counter()
     probes = probe.probe_models({"model": Encoder.from_workdir(workdir)}, DATASET, PROBE_FIELDS,
                                 max_train=PROBE_TRAIN)["model"]
-    times["probe"] = time.perf_counter() - start
     (workdir / "probe.json").write_text(json.dumps(probes, indent=2) + "\n")
+    back = _back_probes(workdir)
+    times["probe"] = time.perf_counter() - start
     options = dict(item.split("=", 1) for item in arg.split(","))
     result = {"variant": options["variant"], "seed": int(options["seed"]), "config": arg, "seconds": times,
               "checkpoint": report["checkpoint"], "retrieval": report["metrics"],
-              "probe": {f: probes[f]["accuracy"] for f in PROBE_FIELDS}}
+              "probe": {f: probes[f]["accuracy"] for f in PROBE_FIELDS} | back}
     (workdir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
 
 
@@ -142,6 +170,7 @@ COLUMNS = (  # (heading, how to read it from a result)
     ("I2T R@1, descr.", lambda r: r["retrieval"]["full_candidate/description/i2t_r1"]),
     ("T2I R@1, descr.", lambda r: r["retrieval"]["full_candidate/description/t2i_r1"]),
     *((f"probe {f}", lambda r, f=f: r["probe"][f]) for f in PROBE_FIELDS),
+    *((f"probe {f} (back view)", lambda r, f=f: r["probe"][f"{f}_back"]) for f in BACK_PROBE_FIELDS),
     ("train s", lambda r: r["seconds"]["train"]),
 )
 
@@ -181,10 +210,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pretrain-steps", type=int, help=f"default {synth_study.PRETRAIN_STEPS}")
     parser.add_argument("--report-only", action="store_true", help="tables of the runs in --out, run nothing")
     parser.add_argument("--one", metavar="CONFIG_ARG", help=argparse.SUPPRESS)  # one run, into --out
+    parser.add_argument("--probes-only", action="store_true", help=argparse.SUPPRESS)  # with --one
     args = parser.parse_args(argv)
     out = Path(args.out).absolute()
     if args.one:
-        return one(args.one, out)
+        return one(args.one, out, args.probes_only)
     out.mkdir(parents=True, exist_ok=True)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = set(variants) - set(synth_study.VARIANTS)

@@ -5,8 +5,10 @@
 
 For each model (a training workdir's best parameters, or a converted CLIP) and each field, a
 multinomial logistic regression is fitted on the L2-normalised global image embeddings of the
-training split (first views; `--max-train` products drawn at random from `--seed`) and scored
-on the evaluation split (first views): top-1 accuracy in percent. The L2 penalty is picked
+training split (first views, or `--view`; `--max-train` products drawn at random from `--seed`)
+and scored on the evaluation split (the same view): top-1 accuracy in percent. `--view V` embeds
+each product's view V (modulo its number of views): the detail a field is read from may be on
+another view than the first, as SynthFashion's care label (composition) is on the back. The L2 penalty is picked
 from a small grid by accuracy on a held-out tenth of the training products, then the probe is
 refitted on all of them (full-batch L-BFGS, as CLIP's linear-probe evaluation does).
 
@@ -97,10 +99,20 @@ def linear_probe(train_x: np.ndarray, train_labels: Sequence[str], eval_x: np.nd
     return ProbeResult(accuracy, len(kept), len(names) - len(kept), len(tx), len(ex), int((~eval_keep).sum()), best)
 
 
+def view_embeddings(encoder, source, index: np.ndarray, view: int = 0, batch_size: int = 256) -> np.ndarray:
+    """Global image embeddings [len(index), D] of products `index`, view `view` of each
+    (modulo its number of views)."""
+    if view < 0:
+        raise ValueError(f"view must be >= 0, got {view}")
+    items = np.stack([index, np.full_like(index, view)], axis=1)
+    return encoder.split_outputs(source, items, batch_size)["global"]
+
+
 def probe_models(encoders: dict, dataset: str, fields: Sequence[str], *, data_dir: str | None = None,
                  train_split: str = "train", eval_split: str = "validation", max_train: int = 0,
-                 min_count: int = 5, seed: int = 0, batch_size: int = 256) -> dict:
-    """{model: {field: ProbeResult as a dict}} for every encoder and field."""
+                 min_count: int = 5, seed: int = 0, batch_size: int = 256, view: int = 0) -> dict:
+    """{model: {field: ProbeResult as a dict}} for every encoder and field, on each product's
+    view `view` (modulo its number of views) in both splits."""
     from e2_jax.data import pipeline
 
     train_source = pipeline.Source(dataset, train_split, data_dir)
@@ -110,11 +122,10 @@ def probe_models(encoders: dict, dataset: str, fields: Sequence[str], *, data_di
     train_index = np.arange(len(train_source))
     if max_train and max_train < len(train_index):
         train_index = np.sort(np.random.default_rng(seed).choice(train_index, max_train, replace=False))
-    first_views = np.stack([train_index, np.zeros_like(train_index)], axis=1)
     report = {}
     for name, encoder in encoders.items():
-        tx = encoder.split_outputs(train_source, first_views, batch_size)["global"]
-        ex = encoder.split_outputs(eval_source, batch_size=batch_size)["global"]
+        tx = view_embeddings(encoder, train_source, train_index, view, batch_size)
+        ex = view_embeddings(encoder, eval_source, np.arange(len(eval_source)), view, batch_size)
         report[name] = {f: dataclasses.asdict(linear_probe(tx, train_labels[f][train_index], ex, eval_labels[f],
                                                            min_count=min_count, seed=seed)) for f in fields}
     return report
@@ -140,6 +151,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-train", type=int, default=0, help="0: every training product")
     parser.add_argument("--min-count", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--view", type=int, default=0, help="which view of each product to embed (0: the first)")
     parser.add_argument("--out", help="write the report as JSON here")
     args = parser.parse_args(argv)
     from e2_jax.inference import Encoder
@@ -151,7 +163,7 @@ def main(argv: list[str] | None = None) -> None:
     fields = [f.strip() for f in args.fields.split(",") if f.strip()]
     report = probe_models(encoders, args.dataset, fields, data_dir=args.data_dir, train_split=args.train_split,
                           eval_split=args.eval_split, max_train=args.max_train, min_count=args.min_count,
-                          seed=args.seed)
+                          seed=args.seed, view=args.view)
     print(markdown_table(report, fields))
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=2) + "\n")

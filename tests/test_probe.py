@@ -48,3 +48,26 @@ def test_probe_of_a_trained_model(synth_tiny, trained_tiny):
         assert r["train_examples"] + 0 <= 64 and r["eval_examples"] + r["eval_left_out"] == 16
         assert 0 <= r["accuracy"] <= 100
     assert "| e2 |" in probe.markdown_table(report, ["season", "subcategory"])
+
+
+def test_probe_embeds_the_view_it_is_asked_for(synth_tiny, trained_tiny):
+    # SynthFashion's care label (composition) is only on the back view: a probe of it must be able
+    # to embed that view, and the embedding must be the back image's, not the front's.
+    import tensorflow_datasets as tfds
+
+    from e2_jax.data import pipeline
+    from e2_jax.inference import Encoder
+
+    workdir, _ = trained_tiny
+    encoder = Encoder.from_workdir(workdir, batch_size=8)
+    source = pipeline.Source("synth_fashion/tiny", "validation", synth_tiny)
+    index = np.array([0, 3, 7, 11])
+    images = tfds.data_source("synth_fashion/tiny", split="validation", data_dir=synth_tiny)
+    for view in (0, 1):
+        got = probe.view_embeddings(encoder, source, index, view, batch_size=8)
+        want = encoder.encode_images([np.asarray(images[int(i)]["images"][view]) for i in index])
+        np.testing.assert_allclose(got, want, atol=1e-5)
+    front, back = (probe.view_embeddings(encoder, source, index, v, batch_size=8) for v in (0, 1))
+    assert np.abs(front - back).max() > 1e-3
+    with pytest.raises(ValueError, match="view must be >= 0"):
+        probe.view_embeddings(encoder, source, index, -1)

@@ -83,10 +83,12 @@ def test_summary_is_mean_and_spread_over_seeds():
         retrieval = {f"{p}/{t}/{m}": sumr for p in ("full_candidate", "sample_100") for t in ("tags", "description")
                      for m in ("sumr", "i2t_r1", "t2i_r1")}
         return {"variant": variant, "seed": seed, "retrieval": retrieval, "seconds": {"train": 10.0},
-                "probe": dict.fromkeys(runner.PROBE_FIELDS, 50.0)}
+                "probe": dict.fromkeys(runner.PROBE_FIELDS, 50.0) | {"composition_back": 30.0 + seed}}
 
     table, data = runner.summary([result("e2", 0, 100.0), result("e2", 1, 110.0), result("e2", 2, 120.0),
                                   result("clip_ft", 0, 90.0)])
     assert data["e2"]["full-cand. SumR, tags"] == [100.0, 110.0, 120.0]
     rows = table.splitlines()
     assert rows[2].startswith("| clip_ft | 1 | 90.0 |") and rows[3].startswith("| e2 | 3 | 110.0 ± 10.0 |")
+    assert data["e2"]["probe composition (back view)"] == [30.0, 31.0, 32.0]
+    assert "probe composition (back view)" in table
