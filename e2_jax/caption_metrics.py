@@ -1,0 +1,67 @@
+"""Caption metrics as captioning papers report them: the COCO caption evaluation code.
+
+`score(references, candidates)` returns BLEU@1-4, METEOR, ROUGE-L and CIDEr (CIDEr-D, as the
+COCO server computes it) in the usual scale (BLEU, METEOR, ROUGE-L in [0, 1]; CIDEr up to 10),
+from `pycocoevalcap` (the COCO server's code, packaged on PyPI), after its PTB tokenizer. It is
+what DeCap and the captioning papers E² compares with report, so the numbers are comparable;
+its METEOR (1.5) and the tokenizer run in Java (a JRE: `apt-get install default-jre-headless`).
+
+CIDEr's document frequencies come from the references scored together: a corpus-level metric,
+meaningful over a whole split, not one caption. SPICE is left out (it downloads Stanford CoreNLP
+on first use).
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Sequence
+
+METRICS = ("BLEU@1", "BLEU@2", "BLEU@3", "BLEU@4", "METEOR", "ROUGE-L", "CIDEr")
+
+
+def _check_java() -> None:
+    if shutil.which("java") is None:
+        raise RuntimeError("caption metrics need a Java runtime for the PTB tokenizer and METEOR "
+                           "(pycocoevalcap runs Java): apt-get install default-jre-headless")
+
+
+def tokenize(texts: dict[int, list[str]]) -> dict[int, list[str]]:
+    """The PTB tokenizer of the COCO evaluation (lower case, punctuation removed)."""
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    _check_java()
+    return PTBTokenizer().tokenize({k: [{"caption": t} for t in v] for k, v in texts.items()})
+
+
+def score(references: Sequence[str] | Sequence[Sequence[str]], candidates: Sequence[str]) -> dict[str, float]:
+    """Corpus scores of `candidates` against `references` (one string, or a list of strings,
+    per candidate)."""
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.meteor.meteor import Meteor
+    from pycocoevalcap.rouge.rouge import Rouge
+
+    if len(references) != len(candidates):
+        raise ValueError(f"{len(references)} references but {len(candidates)} candidates")
+    if not candidates:
+        raise ValueError("no captions to score")
+    refs = tokenize({i: [r] if isinstance(r, str) else list(r) for i, r in enumerate(references)})
+    cands = tokenize({i: [c] for i, c in enumerate(candidates)})
+    # An empty caption would make METEOR's Java process wait forever: score it as one unknown word.
+    cands = {i: [c[0] if c[0].strip() else "<empty>"] for i, c in cands.items()}
+    bleu, _ = Bleu(4).compute_score(refs, cands, verbose=0)
+    out = {f"BLEU@{n + 1}": float(b) for n, b in enumerate(bleu)}
+    meteor = Meteor()  # a Java process, ended when the object goes
+    out["METEOR"] = float(meteor.compute_score(refs, cands)[0])
+    del meteor
+    out["ROUGE-L"] = float(Rouge().compute_score(refs, cands)[0])
+    out["CIDEr"] = float(Cider().compute_score(refs, cands)[0])
+    return out
+
+
+def markdown_table(scores: dict[str, dict[str, float]]) -> str:
+    """Rows: decoding (greedy, beam...); columns: METRICS, in percent as papers print them."""
+    lines = ["| decoding | " + " | ".join(METRICS) + " |", "|---|" + "---|" * len(METRICS)]
+    for name, values in scores.items():
+        lines.append(f"| {name} | " + " | ".join(f"{100 * values[m]:.1f}" for m in METRICS) + " |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,413 @@
+"""Zero-shot captioning with any encoder of this project inside DeCap (Li et al., ICLR 2023).
+
+    python -m e2_jax.captioning --config configs/decap.py:encoder=workdirs/e2 --workdir runs/decap_e2 --mode train
+    python -m e2_jax.captioning --config configs/decap.py:encoder=workdirs/e2 --workdir runs/decap_e2 --mode evaluate
+    python -m e2_jax.captioning --config ... --workdir runs/decap_e2 --mode caption --images ~/catalog
+
+DeCap's recipe, the encoder frozen throughout:
+1. *train* (text only): the captions of the training split (`config.text_field`, FashionGen's
+   description by default) are embedded by the encoder's text tower (L2-normalised); a small
+   decoder (`models/caption_decoder.py`) learns to write each caption from its own embedding.
+   The same embeddings are kept as the *memory*.
+2. *caption*: an image embedding v (the encoder's global one, normalised) is projected into the
+   text-embedding space as a softmax-weighted combination of the memory,
+   `sum_i softmax(v . m_i / T) m_i` (T = `config.temperature`, DeCap's 0.01), normalised, and
+   decoded greedily or by beam search.
+3. *evaluate*: the evaluation split's images (first views) captioned both ways and scored
+   against that product's text with BLEU@1-4, METEOR, ROUGE-L and CIDEr (`caption_metrics`);
+   captions to `captions.jsonl`, scores to `report.json` and `report.md` in the workdir.
+
+The encoder is a training workdir of this project (CLIP-FT or E²: `encoder=...`) or a
+converted CLIP (`pretrained=...`). For E², the global image embedding is projected: the
+decoder and memory live in the global text-embedding space.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from e2_jax.models.caption_decoder import CaptionDecoder, DecoderConfig, init_cache, init_params
+
+MODES = ("train", "evaluate", "caption")
+DECODER_DIR = "decoder"  # config.json + params (Orbax), written atomically at the end of training
+MEMORY_FILE = "memory.npz"  # the memory's texts and embeddings
+SETTINGS_FILE = "captioning.json"  # the config this workdir was trained with
+
+
+# --- the memory projection --------------------------------------------------------------------------
+
+
+def _normalise(x: jax.Array) -> jax.Array:
+    return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+
+
+@functools.partial(jax.jit, static_argnames=("chunk",))
+def project_to_memory(queries: jax.Array, memory: jax.Array, temperature: float, chunk: int = 1024) -> jax.Array:
+    """DeCap's projection: each query (normalised) becomes `normalise(sum_i softmax(q . m_i / T) m_i)`
+    over the memory rows m_i (normalised). Queries go `chunk` at a time, so that the
+    [queries, memory] weights are never all in memory at once."""
+    q, m = _normalise(queries.astype(jnp.float32)), _normalise(memory.astype(jnp.float32))
+    n = q.shape[0]
+    pad = -n % chunk
+    q = jnp.pad(q, ((0, pad), (0, 0))).reshape(-1, min(chunk, n + pad), q.shape[1])
+    out = jax.lax.map(lambda block: jax.nn.softmax(block @ m.T / temperature, axis=-1) @ m, q)
+    out = out.reshape(-1, m.shape[1])[:n]
+    return _normalise(out)
+
+
+# --- training ---------------------------------------------------------------------------------------
+
+
+def target_mask(tokens: jax.Array, eot_id: int) -> jax.Array:
+    """Which ids are predicted: every one up to and including the first end token. (DeCap's code
+    ignores id 0, the padding, which is also the BPE id of "!": a caption's "!" would go
+    unlearnt.)"""
+    ended_before = jnp.cumsum(tokens == eot_id, axis=1) - (tokens == eot_id)
+    return ended_before == 0
+
+
+def caption_loss(params: dict, config: DecoderConfig, prefix: jax.Array, tokens: jax.Array, eot_id: int) -> jax.Array:
+    """Mean next-id cross-entropy of the captions `tokens` [B, L] from their prefixes [B, D]:
+    the prefix predicts the start token, each id the next."""
+    logits = CaptionDecoder(config).apply({"params": params}, prefix, tokens[:, :-1])
+    mask = target_mask(tokens, eot_id)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), tokens)
+    return jnp.sum(ce * mask) / jnp.maximum(jnp.sum(mask), 1)
+
+
+@dataclasses.dataclass
+class TrainSettings:
+    steps: int = 1000
+    batch_size: int = 64
+    lr: float = 1e-4
+    warmup_steps: int = 100
+    weight_decay: float = 0.01
+    noise_std: float = 0.0  # CapDec's Gaussian noise on the text embeddings (DeCap: none)
+    seed: int = 0
+    log_every: int = 100
+
+
+def train_decoder(config: DecoderConfig, embeddings: np.ndarray, tokens: np.ndarray, settings: TrainSettings,
+                  eot_id: int, log=print) -> tuple[dict, list[float]]:
+    """Trains a decoder to write `tokens[i]` from `embeddings[i]` (normalised here). Batches
+    are drawn with replacement-free epochs from `settings.seed`, sharded over every local
+    device; returns the parameters and the loss at each step."""
+    if len(embeddings) != len(tokens):
+        raise ValueError(f"{len(embeddings)} embeddings but {len(tokens)} token rows")
+    if tokens.shape[1] > config.max_length:
+        raise ValueError(f"captions of {tokens.shape[1]} ids, more than the decoder's max_length {config.max_length}")
+    devices = np.array(jax.local_devices())
+    mesh = jax.sharding.Mesh(devices, ("data",))
+    rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    batch = -(-settings.batch_size // len(devices)) * len(devices)
+    schedule = optax.warmup_cosine_decay_schedule(0.0, settings.lr, min(settings.warmup_steps, settings.steps),
+                                                  max(settings.steps, 1))
+    optimizer = optax.adamw(schedule, weight_decay=settings.weight_decay)
+    rng = jax.random.key(settings.seed)
+    params = jax.device_put(init_params(config, rng), replicated)
+    opt_state = optimizer.init(params)
+
+    @jax.jit
+    def step(params, opt_state, prefix, tokens, key):
+        prefix = _normalise(prefix + settings.noise_std * jax.random.normal(key, prefix.shape)) \
+            if settings.noise_std else prefix
+        loss, grads = jax.value_and_grad(caption_loss)(params, config, prefix, tokens, eot_id)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    embeddings = np.asarray(embeddings, np.float32)
+    embeddings = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)
+    order_rng = np.random.default_rng(settings.seed)
+    order, at = order_rng.permutation(len(tokens)), 0
+    losses, start = [], time.perf_counter()
+    for i in range(settings.steps):
+        if at + batch > len(order):
+            order, at = np.concatenate([order[at:], order_rng.permutation(len(tokens))]), 0
+        idx, at = order[at : at + batch], at + batch
+        prefix = jax.device_put(embeddings[idx], rows)
+        ids = jax.device_put(tokens[idx].astype(np.int32), rows)
+        params, opt_state, loss = step(params, opt_state, prefix, ids, jax.random.fold_in(rng, i))
+        losses.append(loss)
+        if (i + 1) % settings.log_every == 0 or i + 1 == settings.steps:
+            log(f"step {i + 1}/{settings.steps}: caption loss {float(loss):.4f} ({time.perf_counter() - start:.0f} s)")
+    return params, [float(v) for v in losses]
+
+
+# --- decoding ---------------------------------------------------------------------------------------
+
+
+@functools.partial(jax.jit, static_argnames=("config", "beam_size", "eot_id"))
+def generate(params: dict, config: DecoderConfig, prefix: jax.Array, beam_size: int, eot_id: int) -> jax.Array:
+    """Ids [B, max_length] of the best caption for each prefix [B, D] (normalised by the
+    caller): beam search keeping `beam_size` sequences (1: greedy), a finished sequence padded
+    with 0, the best chosen by mean log-probability per id (its length counts the end token)."""
+    b, k, v, length = prefix.shape[0], beam_size, config.vocab_size, config.max_length
+    model = CaptionDecoder(config, decode=True)
+    prefix_k = jnp.repeat(prefix, k, axis=0)
+    pad_row = jnp.full((v,), -jnp.inf).at[0].set(0.0)  # a finished sequence continues with padding, free
+    batch_index = jnp.arange(b)[:, None] * k
+
+    def body(t, carry):
+        cache, ids, scores, finished, lengths, last = carry
+        logits, changed = model.apply({"params": params, "cache": cache}, prefix_k, last, t,
+                                      method=CaptionDecoder.step, mutable=["cache"])
+        logp = jax.nn.log_softmax(logits.astype(jnp.float32)).reshape(b, k, v)
+        logp = jnp.where(finished[..., None], pad_row, logp)
+        best, flat = jax.lax.top_k((scores[..., None] + logp).reshape(b, k * v), k)
+        origin, token = flat // v, (flat % v).astype(jnp.int32)
+        pick = lambda x: jnp.take_along_axis(x, origin.reshape(b, k, *([1] * (x.ndim - 2))), axis=1)
+        was_finished = pick(finished)
+        ids = pick(ids).at[:, :, t].set(token)
+        lengths = pick(lengths) + (~was_finished)
+        rows = (batch_index + origin).reshape(-1)
+        cache = jax.tree.map(lambda c: c[rows] if c.ndim else c, changed["cache"])
+        return cache, ids, best, was_finished | (token == eot_id), lengths, token.reshape(-1)
+
+    scores = jnp.broadcast_to(jnp.where(jnp.arange(k) == 0, 0.0, -jnp.inf), (b, k))  # one live beam at first
+    carry = (init_cache(config, b * k), jnp.zeros((b, k, length), jnp.int32), scores,
+             jnp.zeros((b, k), bool), jnp.zeros((b, k), jnp.int32), jnp.zeros((b * k,), jnp.int32))
+    _, ids, scores, _, lengths, _ = jax.lax.fori_loop(0, length, body, carry)
+    best = jnp.argmax(scores / jnp.maximum(lengths, 1), axis=1)
+    return jnp.take_along_axis(ids, best[:, None, None], axis=1)[:, 0]
+
+
+def decode_texts(ids: np.ndarray, tokenizer) -> list[str]:
+    """Captions from `generate`'s ids: up to the first end token, special ids dropped."""
+    out = []
+    for row in np.asarray(ids):
+        ends = np.flatnonzero(row == tokenizer.eot_id)
+        out.append(tokenizer.decode(row[: ends[0]] if len(ends) else row))
+    return out
+
+
+def caption_embeddings(params: dict, config: DecoderConfig, embeddings: np.ndarray, tokenizer, *,
+                       beam_size: int = 1, batch_size: int = 64) -> list[str]:
+    """Captions for CLIP-space embeddings [N, D] (already projected, for images), in batches."""
+    out: list[str] = []
+    for start in range(0, len(embeddings), batch_size):
+        chunk = np.asarray(embeddings[start : start + batch_size], np.float32)
+        padded = np.concatenate([chunk, np.repeat(chunk[:1], batch_size - len(chunk), 0)]) if len(chunk) < batch_size \
+            else chunk
+        prefix = padded / np.linalg.norm(padded, axis=1, keepdims=True)
+        ids = generate(params, config, jnp.asarray(prefix), beam_size, tokenizer.eot_id)
+        out += decode_texts(np.asarray(ids)[: len(chunk)], tokenizer)
+    return out
+
+
+# --- a trained captioner on disk --------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Captioner:
+    """A trained decoder with its memory and its encoder: images in, captions out."""
+
+    config: DecoderConfig
+    params: dict
+    memory: np.ndarray  # [M, D] normalised text embeddings of the training captions
+    memory_texts: list[str]
+    encoder: object
+    temperature: float
+
+    def project(self, image_embeddings: np.ndarray) -> np.ndarray:
+        return np.asarray(project_to_memory(jnp.asarray(image_embeddings), jnp.asarray(self.memory),
+                                            self.temperature))
+
+    def caption_image_embeddings(self, image_embeddings: np.ndarray, beam_size: int = 1) -> list[str]:
+        return caption_embeddings(self.params, self.config, self.project(image_embeddings), self.encoder.tokenizer,
+                                  beam_size=beam_size)
+
+    def caption_images(self, images: Sequence, beam_size: int = 1) -> list[str]:
+        return self.caption_image_embeddings(self.encoder.encode_images(images), beam_size)
+
+
+def save_decoder(directory: Path, config: DecoderConfig, params: dict) -> None:
+    import orbax.checkpoint as ocp
+
+    from e2_jax.pretrained import atomic_directory
+
+    with atomic_directory(directory, overwrite=True) as tmp:
+        (tmp / "config.json").write_text(config.to_json() + "\n")
+        checkpointer = ocp.StandardCheckpointer()
+        checkpointer.save(tmp / "params", jax.device_get(params))
+        checkpointer.wait_until_finished()
+        checkpointer.close()
+
+
+def load_decoder(directory: Path) -> tuple[DecoderConfig, dict]:
+    import orbax.checkpoint as ocp
+
+    config_file = directory / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"no {config_file}: train the decoder first (python -m e2_jax.captioning "
+                                "--mode train with the same --workdir)")
+    config = DecoderConfig.from_json(config_file.read_text())
+    abstract = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
+    checkpointer = ocp.StandardCheckpointer()
+    try:
+        params = checkpointer.restore((directory / "params").absolute(), abstract)
+    finally:
+        checkpointer.close()
+    return config, params
+
+
+def load_encoder(settings):
+    from e2_jax.inference import Encoder
+
+    if bool(settings.encoder) == bool(settings.pretrained):
+        raise ValueError("set exactly one of config.encoder (a training workdir) or config.pretrained "
+                         "(a converted CLIP)")
+    if settings.encoder:
+        return Encoder.from_workdir(settings.encoder, batch_size=settings.encode_batch_size)
+    return Encoder.from_pretrained(settings.pretrained, batch_size=settings.encode_batch_size)
+
+
+def training_captions(settings) -> list[str]:
+    """The distinct captions of the training split, in order of first appearance."""
+    from e2_jax.data import pipeline
+
+    texts = pipeline.Source(settings.dataset, settings.train_split, settings.data_dir or None).scan(
+        [settings.text_field])[settings.text_field]
+    texts = list(dict.fromkeys(str(t) for t in texts if str(t).strip()))
+    if settings.max_captions:
+        texts = texts[: settings.max_captions]
+    if not texts:
+        raise ValueError(f"no {settings.text_field!r} text in {settings.dataset}/{settings.train_split}")
+    return texts
+
+
+def train(settings, workdir: Path, log=print) -> dict:
+    """Mode `train`: the memory and the decoder, written to `workdir`."""
+    from e2_jax.data.tokenizer import CLIPTokenizer
+
+    encoder = load_encoder(settings)
+    texts = training_captions(settings)
+    start = time.perf_counter()
+    memory = encoder.encode_texts(texts)
+    log(f"memory: {len(texts)} captions of {settings.dataset}/{settings.train_split} embedded in "
+        f"{time.perf_counter() - start:.0f} s")
+    decoder = DecoderConfig(prefix_dim=memory.shape[1], width=settings.decoder.width, layers=settings.decoder.layers,
+                            heads=settings.decoder.heads, max_length=settings.decoder.max_length)
+    tokenizer = CLIPTokenizer(decoder.max_length)
+    tokens = tokenizer(texts)  # longer captions are cut, their end token kept
+    train_settings = TrainSettings(**{f.name: settings.train[f.name] for f in dataclasses.fields(TrainSettings)})
+    start = time.perf_counter()
+    params, losses = train_decoder(decoder, memory, tokens, train_settings, tokenizer.eot_id, log=log)
+    seconds = time.perf_counter() - start
+    workdir.mkdir(parents=True, exist_ok=True)
+    save_decoder(workdir / DECODER_DIR, decoder, params)
+    np.savez(workdir / MEMORY_FILE, embeddings=memory.astype(np.float32), texts=np.array(texts))
+    (workdir / SETTINGS_FILE).write_text(settings.to_json_best_effort(indent=2) + "\n")
+    with (workdir / "metrics.jsonl").open("w") as f:
+        for i, loss in enumerate(losses):
+            f.write(json.dumps({"step": i + 1, "caption_loss": loss}) + "\n")
+    return {"captions": len(texts), "final_loss": losses[-1] if losses else None, "train_seconds": seconds}
+
+
+def load_captioner(settings, workdir: Path) -> Captioner:
+    config, params = load_decoder(workdir / DECODER_DIR)
+    memory_file = workdir / MEMORY_FILE
+    if not memory_file.is_file():
+        raise FileNotFoundError(f"no {memory_file}: train first (--mode train with this --workdir)")
+    with np.load(memory_file) as data:
+        memory, texts = data["embeddings"], [str(t) for t in data["texts"]]
+    encoder = load_encoder(settings)
+    if memory.shape[1] != encoder.clip.embed_dim:
+        raise ValueError(f"{memory_file} holds {memory.shape[1]}-d embeddings but the encoder's are "
+                         f"{encoder.clip.embed_dim}-d: the decoder was trained for another encoder")
+    return Captioner(config, params, memory, texts, encoder, settings.temperature)
+
+
+def evaluate(settings, workdir: Path, log=print) -> dict:
+    """Mode `evaluate`: caption the evaluation split's first views, greedy and beam; score."""
+    from e2_jax import caption_metrics
+    from e2_jax.data import pipeline
+
+    captioner = load_captioner(settings, workdir)
+    source = pipeline.Source(settings.dataset, settings.eval_split, settings.data_dir or None)
+    references = [str(t) for t in source.scan([settings.text_field])[settings.text_field]]
+    count = min(len(references), settings.max_eval or len(references))
+    items = np.stack([np.arange(count), np.zeros(count, np.int64)], axis=1)
+    start = time.perf_counter()
+    images = captioner.encoder.split_outputs(source, items)["global"]
+    projected = captioner.project(images)
+    captions = {"greedy": caption_embeddings(captioner.params, captioner.config, projected,
+                                             captioner.encoder.tokenizer, beam_size=1)}
+    if settings.beam_size > 1:
+        captions[f"beam{settings.beam_size}"] = caption_embeddings(
+            captioner.params, captioner.config, projected, captioner.encoder.tokenizer, beam_size=settings.beam_size)
+    seconds = time.perf_counter() - start
+    refs = references[:count]
+    scores = {name: caption_metrics.score(refs, caps) for name, caps in captions.items()}
+    with (workdir / "captions.jsonl").open("w") as f:
+        for i in range(count):
+            f.write(json.dumps({"index": i, "reference": refs[i], **{n: c[i] for n, c in captions.items()}}) + "\n")
+    report = {"dataset": settings.dataset, "split": settings.eval_split, "products": count,
+              "text_field": settings.text_field, "temperature": settings.temperature, "seconds": seconds,
+              "metrics": scores}
+    (workdir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (workdir / "report.md").write_text(caption_metrics.markdown_table(scores))
+    log(caption_metrics.markdown_table(scores))
+    return report
+
+
+def caption_folder(settings, workdir: Path, folder: str, out: str | None, log=print) -> list[dict]:
+    """Mode `caption`: every image of a folder, captioned; JSON lines to `out` (or stdout)."""
+    from e2_jax.search import find_images
+
+    captioner = load_captioner(settings, workdir)
+    paths = find_images(folder)
+    if not paths:
+        raise FileNotFoundError(f"no images ({', '.join(('.jpg', '.png', '.webp'))}) under {folder}")
+    captions = captioner.caption_images([str(p) for p in paths], beam_size=settings.beam_size)
+    rows = [{"image": str(p), "caption": c} for p, c in zip(paths, captions, strict=True)]
+    text = "".join(json.dumps(r) + "\n" for r in rows)
+    if out:
+        Path(out).write_text(text)
+        log(f"{len(rows)} captions written to {out}")
+    else:
+        sys.stdout.write(text)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    config_flag = config_flags.DEFINE_config_file("config", None, "configs/decap.py[:arg]", lock_config=True)
+    workdir_flag = flags.DEFINE_string("workdir", None, "where the decoder, its memory and the reports go")
+    mode_flag = flags.DEFINE_enum("mode", "train", list(MODES), "what to do")
+    images_flag = flags.DEFINE_string("images", None, "--mode caption: a folder of images")
+    out_flag = flags.DEFINE_string("out", None, "--mode caption: write the captions (JSON lines) here")
+    flags.mark_flags_as_required(["config", "workdir"])
+
+    def run(args: list[str]) -> None:
+        if len(args) > 1:
+            raise app.UsageError(f"unexpected arguments: {args[1:]}")
+        settings, workdir = config_flag.value, Path(workdir_flag.value).absolute()
+        log = lambda message: print(message, flush=True)
+        if mode_flag.value == "train":
+            log(json.dumps(train(settings, workdir, log)))
+        elif mode_flag.value == "evaluate":
+            evaluate(settings, workdir, log)
+        else:
+            if not images_flag.value:
+                raise app.UsageError("--mode caption needs --images FOLDER")
+            caption_folder(settings, workdir, images_flag.value, out_flag.value, log)
+
+    app.run(run, argv=argv or sys.argv)
+
+
+if __name__ == "__main__":
+    main()
