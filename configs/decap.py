@@ -32,13 +32,16 @@ def get_config(arg=None):
     c.max_eval = 0  # 0: every evaluation product
     c.temperature = 0.01
     c.beam_size = 5
-    c.decoder = ml_collections.ConfigDict({"width": 768, "layers": 4, "heads": 4, "max_length": 77})
+    # vocabulary "clip": an output over CLIP's whole BPE, as DeCap; "corpus": only the ids the
+    # training captions use (the same captions, a far smaller output layer).
+    c.decoder = ml_collections.ConfigDict({"width": 768, "layers": 4, "heads": 4, "max_length": 77,
+                                           "vocabulary": "clip"})
     c.train = ml_collections.ConfigDict({"steps": 20_000, "batch_size": 64, "lr": 1e-4, "warmup_steps": 500,
                                          "weight_decay": 0.01, "noise_std": 0.0, "seed": 0, "log_every": 100})
     if c.dataset.startswith("synth_fashion"):
         # SynthFashion's descriptions are short and drawn from a small vocabulary: a smaller
         # decoder and budget that fit a CPU.
-        c.decoder.update(width=256, layers=4, heads=4, max_length=40)
+        c.decoder.update(width=256, layers=4, heads=4, max_length=40, vocabulary="corpus")
         c.train.update(steps=3000, lr=5e-4, warmup_steps=100)
     if options.get("runlocal"):
         c.decoder.update(width=64, layers=2, heads=2, max_length=40)

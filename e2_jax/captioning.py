@@ -192,17 +192,28 @@ def decode_texts(ids: np.ndarray, tokenizer) -> list[str]:
     return out
 
 
-def caption_embeddings(params: dict, config: DecoderConfig, embeddings: np.ndarray, tokenizer, *,
-                       beam_size: int = 1, batch_size: int = 64) -> list[str]:
-    """Captions for CLIP-space embeddings [N, D] (already projected, for images), in batches."""
+def corpus_vocabulary(tokens: np.ndarray, tokenizer) -> np.ndarray:
+    """The CLIP ids the captions `tokens` use, with padding (0) and the start and end ids: the
+    output vocabulary of a decoder that only ever writes what it was trained on (a text-only
+    decoder never learns to write other ids anyway), and a far smaller output layer."""
+    return np.unique(np.concatenate([np.asarray(tokens).ravel(), [0, tokenizer.sot_id, tokenizer.eot_id]]))
+
+
+def caption_embeddings(params: dict, config: DecoderConfig, embeddings: np.ndarray, tokenizer,
+                       vocab: np.ndarray, *, beam_size: int = 1, batch_size: int = 64) -> list[str]:
+    """Captions for CLIP-space embeddings [N, D] (already projected, for images), in batches.
+    `vocab`: the CLIP id of each decoder id (sorted, padding first)."""
+    if len(vocab) != config.vocab_size or vocab[0] != 0:
+        raise ValueError(f"vocabulary of {len(vocab)} ids (first {vocab[0]}) for a decoder of {config.vocab_size}")
+    eot = int(np.searchsorted(vocab, tokenizer.eot_id))
     out: list[str] = []
     for start in range(0, len(embeddings), batch_size):
         chunk = np.asarray(embeddings[start : start + batch_size], np.float32)
         padded = np.concatenate([chunk, np.repeat(chunk[:1], batch_size - len(chunk), 0)]) if len(chunk) < batch_size \
             else chunk
         prefix = padded / np.linalg.norm(padded, axis=1, keepdims=True)
-        ids = generate(params, config, jnp.asarray(prefix), beam_size, tokenizer.eot_id)
-        out += decode_texts(np.asarray(ids)[: len(chunk)], tokenizer)
+        ids = generate(params, config, jnp.asarray(prefix), beam_size, eot)
+        out += decode_texts(vocab[np.asarray(ids)[: len(chunk)]], tokenizer)
     return out
 
 
@@ -215,6 +226,7 @@ class Captioner:
 
     config: DecoderConfig
     params: dict
+    vocab: np.ndarray  # the CLIP id of each decoder id
     memory: np.ndarray  # [M, D] normalised text embeddings of the training captions
     memory_texts: list[str]
     encoder: object
@@ -226,26 +238,27 @@ class Captioner:
 
     def caption_image_embeddings(self, image_embeddings: np.ndarray, beam_size: int = 1) -> list[str]:
         return caption_embeddings(self.params, self.config, self.project(image_embeddings), self.encoder.tokenizer,
-                                  beam_size=beam_size)
+                                  self.vocab, beam_size=beam_size)
 
     def caption_images(self, images: Sequence, beam_size: int = 1) -> list[str]:
         return self.caption_image_embeddings(self.encoder.encode_images(images), beam_size)
 
 
-def save_decoder(directory: Path, config: DecoderConfig, params: dict) -> None:
+def save_decoder(directory: Path, config: DecoderConfig, params: dict, vocab: np.ndarray) -> None:
     import orbax.checkpoint as ocp
 
     from e2_jax.pretrained import atomic_directory
 
     with atomic_directory(directory, overwrite=True) as tmp:
         (tmp / "config.json").write_text(config.to_json() + "\n")
+        np.save(tmp / "vocab.npy", np.asarray(vocab, np.int32))
         checkpointer = ocp.StandardCheckpointer()
         checkpointer.save(tmp / "params", jax.device_get(params))
         checkpointer.wait_until_finished()
         checkpointer.close()
 
 
-def load_decoder(directory: Path) -> tuple[DecoderConfig, dict]:
+def load_decoder(directory: Path) -> tuple[DecoderConfig, dict, np.ndarray]:
     import orbax.checkpoint as ocp
 
     config_file = directory / "config.json"
@@ -259,7 +272,7 @@ def load_decoder(directory: Path) -> tuple[DecoderConfig, dict]:
         params = checkpointer.restore((directory / "params").absolute(), abstract)
     finally:
         checkpointer.close()
-    return config, params
+    return config, params, np.load(directory / "vocab.npy")
 
 
 def load_encoder(settings):
@@ -297,16 +310,22 @@ def train(settings, workdir: Path, log=print) -> dict:
     memory = encoder.encode_texts(texts)
     log(f"memory: {len(texts)} captions of {settings.dataset}/{settings.train_split} embedded in "
         f"{time.perf_counter() - start:.0f} s")
-    decoder = DecoderConfig(prefix_dim=memory.shape[1], width=settings.decoder.width, layers=settings.decoder.layers,
-                            heads=settings.decoder.heads, max_length=settings.decoder.max_length)
-    tokenizer = CLIPTokenizer(decoder.max_length)
+    tokenizer = CLIPTokenizer(settings.decoder.max_length)
     tokens = tokenizer(texts)  # longer captions are cut, their end token kept
+    if settings.decoder.vocabulary not in ("clip", "corpus"):
+        raise ValueError(f"decoder.vocabulary must be 'clip' (DeCap) or 'corpus', not {settings.decoder.vocabulary!r}")
+    vocab = np.arange(tokenizer.vocab_size) if settings.decoder.vocabulary == "clip" else corpus_vocabulary(
+        tokens, tokenizer)
+    decoder = DecoderConfig(prefix_dim=memory.shape[1], width=settings.decoder.width, layers=settings.decoder.layers,
+                            heads=settings.decoder.heads, max_length=settings.decoder.max_length,
+                            vocab_size=len(vocab))
     train_settings = TrainSettings(**{f.name: settings.train[f.name] for f in dataclasses.fields(TrainSettings)})
     start = time.perf_counter()
-    params, losses = train_decoder(decoder, memory, tokens, train_settings, tokenizer.eot_id, log=log)
+    params, losses = train_decoder(decoder, memory, np.searchsorted(vocab, tokens), train_settings,
+                                   int(np.searchsorted(vocab, tokenizer.eot_id)), log=log)
     seconds = time.perf_counter() - start
     workdir.mkdir(parents=True, exist_ok=True)
-    save_decoder(workdir / DECODER_DIR, decoder, params)
+    save_decoder(workdir / DECODER_DIR, decoder, params, vocab)
     np.savez(workdir / MEMORY_FILE, embeddings=memory.astype(np.float32), texts=np.array(texts))
     (workdir / SETTINGS_FILE).write_text(settings.to_json_best_effort(indent=2) + "\n")
     with (workdir / "metrics.jsonl").open("w") as f:
@@ -316,7 +335,7 @@ def train(settings, workdir: Path, log=print) -> dict:
 
 
 def load_captioner(settings, workdir: Path) -> Captioner:
-    config, params = load_decoder(workdir / DECODER_DIR)
+    config, params, vocab = load_decoder(workdir / DECODER_DIR)
     memory_file = workdir / MEMORY_FILE
     if not memory_file.is_file():
         raise FileNotFoundError(f"no {memory_file}: train first (--mode train with this --workdir)")
@@ -326,7 +345,7 @@ def load_captioner(settings, workdir: Path) -> Captioner:
     if memory.shape[1] != encoder.clip.embed_dim:
         raise ValueError(f"{memory_file} holds {memory.shape[1]}-d embeddings but the encoder's are "
                          f"{encoder.clip.embed_dim}-d: the decoder was trained for another encoder")
-    return Captioner(config, params, memory, texts, encoder, settings.temperature)
+    return Captioner(config, params, vocab, memory, texts, encoder, settings.temperature)
 
 
 def evaluate(settings, workdir: Path, log=print) -> dict:
@@ -342,11 +361,11 @@ def evaluate(settings, workdir: Path, log=print) -> dict:
     start = time.perf_counter()
     images = captioner.encoder.split_outputs(source, items)["global"]
     projected = captioner.project(images)
-    captions = {"greedy": caption_embeddings(captioner.params, captioner.config, projected,
-                                             captioner.encoder.tokenizer, beam_size=1)}
+    decode = functools.partial(caption_embeddings, captioner.params, captioner.config, projected,
+                               captioner.encoder.tokenizer, captioner.vocab)
+    captions = {"greedy": decode(beam_size=1)}
     if settings.beam_size > 1:
-        captions[f"beam{settings.beam_size}"] = caption_embeddings(
-            captioner.params, captioner.config, projected, captioner.encoder.tokenizer, beam_size=settings.beam_size)
+        captions[f"beam{settings.beam_size}"] = decode(beam_size=settings.beam_size)
     seconds = time.perf_counter() - start
     refs = references[:count]
     scores = {name: caption_metrics.score(refs, caps) for name, caps in captions.items()}

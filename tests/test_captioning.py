@@ -2,6 +2,7 @@
 a search, the memory projection is DeCap's formula, a decoder learns to write captions back
 from their embeddings, the metrics are the standard ones; and the command runs end to end."""
 
+import dataclasses
 import itertools
 import json
 import os
@@ -136,11 +137,15 @@ def test_decoder_learns_to_write_captions_back_from_their_embeddings(trained_tin
     config = DecoderConfig(prefix_dim=embeddings.shape[1], width=64, layers=2, heads=2, max_length=24)
     tokenizer = CLIPTokenizer(config.max_length)
     settings = captioning.TrainSettings(steps=200, batch_size=8, lr=3e-3, warmup_steps=20, log_every=1000)
-    params, losses = captioning.train_decoder(config, embeddings, tokenizer(CORPUS), settings, tokenizer.eot_id,
-                                              log=lambda m: None)
+    tokens = tokenizer(CORPUS)
+    vocab = captioning.corpus_vocabulary(tokens, tokenizer)  # the decoder writes only these CLIP ids
+    assert vocab[0] == 0 and tokenizer.eot_id in vocab and len(vocab) < 80
+    config = dataclasses.replace(config, vocab_size=len(vocab))
+    params, losses = captioning.train_decoder(config, embeddings, np.searchsorted(vocab, tokens), settings,
+                                              int(np.searchsorted(vocab, tokenizer.eot_id)), log=lambda m: None)
     assert losses[-1] < 0.05 < losses[0]
-    greedy = captioning.caption_embeddings(params, config, embeddings, tokenizer, beam_size=1, batch_size=8)
-    beam = captioning.caption_embeddings(params, config, embeddings, tokenizer, beam_size=3, batch_size=8)
+    greedy = captioning.caption_embeddings(params, config, embeddings, tokenizer, vocab, beam_size=1, batch_size=8)
+    beam = captioning.caption_embeddings(params, config, embeddings, tokenizer, vocab, beam_size=3, batch_size=8)
     want = [tokenizer.decode(tokenizer(t)[0]) for t in CORPUS]  # the tokenizer's own spelling
     assert greedy == want and beam == want
 
