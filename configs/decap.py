@@ -41,8 +41,8 @@ def get_config(arg=None):
     if c.dataset.startswith("synth_fashion"):
         # SynthFashion's descriptions are short and drawn from a small vocabulary: a smaller
         # decoder and budget that fit a CPU.
-        c.decoder.update(width=256, layers=4, heads=4, max_length=40, vocabulary="corpus")
-        c.train.update(steps=3000, lr=5e-4, warmup_steps=100)
+        c.decoder.update(width=128, layers=3, heads=4, max_length=40, vocabulary="corpus")
+        c.train.update(steps=1500, lr=1e-3, warmup_steps=100)
     if options.get("runlocal"):
         c.decoder.update(width=64, layers=2, heads=2, max_length=40)
         c.train.update(steps=50, batch_size=16, warmup_steps=5, log_every=10)
