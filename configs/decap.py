@@ -37,7 +37,8 @@ def get_config(arg=None):
     c.decoder = ml_collections.ConfigDict({"width": 768, "layers": 4, "heads": 4, "max_length": 77,
                                            "vocabulary": "clip"})
     c.train = ml_collections.ConfigDict({"steps": 20_000, "batch_size": 64, "lr": 1e-4, "warmup_steps": 500,
-                                         "weight_decay": 0.01, "noise_std": 0.0, "seed": 0, "log_every": 100})
+                                         "weight_decay": 0.01, "noise_std": 0.0, "decap_mask": False, "seed": 0,
+                                         "log_every": 100})
     if c.dataset.startswith("synth_fashion"):
         # SynthFashion's descriptions are short and drawn from a small vocabulary: a smaller
         # decoder and budget that fit a CPU.

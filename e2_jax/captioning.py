@@ -69,19 +69,22 @@ def project_to_memory(queries: jax.Array, memory: jax.Array, temperature: float,
 # --- training ---------------------------------------------------------------------------------------
 
 
-def target_mask(tokens: jax.Array, eot_id: int) -> jax.Array:
-    """Which ids are predicted: every one up to and including the first end token. (DeCap's code
-    ignores id 0, the padding, which is also the BPE id of "!": a caption's "!" would go
-    unlearnt.)"""
+def target_mask(tokens: jax.Array, eot_id: int, nonzero: bool = False) -> jax.Array:
+    """Which ids are predicted: every one up to and including the first end token. DeCap's code
+    instead ignores every id 0 (`nonzero=True`, kept to reproduce it): 0 is the padding but also
+    the BPE id of "!", so a caption's "!" goes unlearnt there."""
+    if nonzero:
+        return tokens != 0
     ended_before = jnp.cumsum(tokens == eot_id, axis=1) - (tokens == eot_id)
     return ended_before == 0
 
 
-def caption_loss(params: dict, config: DecoderConfig, prefix: jax.Array, tokens: jax.Array, eot_id: int) -> jax.Array:
+def caption_loss(params: dict, config: DecoderConfig, prefix: jax.Array, tokens: jax.Array, eot_id: int,
+                 nonzero_mask: bool = False) -> jax.Array:
     """Mean next-id cross-entropy of the captions `tokens` [B, L] from their prefixes [B, D]:
     the prefix predicts the start token, each id the next."""
     logits = CaptionDecoder(config).apply({"params": params}, prefix, tokens[:, :-1])
-    mask = target_mask(tokens, eot_id)
+    mask = target_mask(tokens, eot_id, nonzero_mask)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), tokens)
     return jnp.sum(ce * mask) / jnp.maximum(jnp.sum(mask), 1)
 
@@ -94,6 +97,7 @@ class TrainSettings:
     warmup_steps: int = 100
     weight_decay: float = 0.01
     noise_std: float = 0.0  # CapDec's Gaussian noise on the text embeddings (DeCap: none)
+    decap_mask: bool = False  # DeCap's loss mask (every id 0 ignored, "!" included), see target_mask
     seed: int = 0
     log_every: int = 100
 
@@ -123,7 +127,7 @@ def train_decoder(config: DecoderConfig, embeddings: np.ndarray, tokens: np.ndar
     def step(params, opt_state, prefix, tokens, key):
         prefix = _normalise(prefix + settings.noise_std * jax.random.normal(key, prefix.shape)) \
             if settings.noise_std else prefix
-        loss, grads = jax.value_and_grad(caption_loss)(params, config, prefix, tokens, eot_id)
+        loss, grads = jax.value_and_grad(caption_loss)(params, config, prefix, tokens, eot_id, settings.decap_mask)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 

@@ -113,6 +113,8 @@ def test_memory_projection():
 def test_target_mask_keeps_the_end_token_and_a_zero_id_inside_the_caption():
     tokens = jnp.asarray([[49406, 0, 320, 49407, 0, 0]])  # id 0 is "!" inside the caption, padding after
     np.testing.assert_array_equal(captioning.target_mask(tokens, 49407), [[True, True, True, True, False, False]])
+    np.testing.assert_array_equal(captioning.target_mask(tokens, 49407, nonzero=True),  # DeCap's
+                                  [[True, False, True, True, False, False]])
 
 
 CORPUS = [
