@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -187,12 +188,23 @@ def generate(params: dict, config: DecoderConfig, prefix: jax.Array, beam_size: 
     return jnp.take_along_axis(ids, best[:, None, None], axis=1)[:, 0]
 
 
+def detokenize(text: str) -> str:
+    """Undoes the spaces CLIP's BPE puts around punctuation ("slim - fit coat , 1 0 0 % wool ." ->
+    "slim-fit coat, 100% wool."). It matters for the scores, not only for reading: the COCO
+    tokenizer keeps "slim-fit" one word but drops a lone "-", so "slim - fit" would lose it."""
+    text = re.sub(r"(?<=\d) (?=\d)", "", text)  # CLIP's BPE splits numbers into digits
+    text = re.sub(r"\s*([-'/])\s*", r"\1", text)
+    text = re.sub(r"\s+([.,!?;:%)])", r"\1", text)
+    return re.sub(r"([(])\s+", r"\1", text).strip()
+
+
 def decode_texts(ids: np.ndarray, tokenizer) -> list[str]:
-    """Captions from `generate`'s ids: up to the first end token, special ids dropped."""
+    """Captions from `generate`'s ids (CLIP ids): up to the first end token, special ids
+    dropped, punctuation re-attached."""
     out = []
     for row in np.asarray(ids):
         ends = np.flatnonzero(row == tokenizer.eot_id)
-        out.append(tokenizer.decode(row[: ends[0]] if len(ends) else row))
+        out.append(detokenize(tokenizer.decode(row[: ends[0]] if len(ends) else row)))
     return out
 
 

@@ -148,8 +148,17 @@ def test_decoder_learns_to_write_captions_back_from_their_embeddings(trained_tin
     assert losses[-1] < 0.05 < losses[0]
     greedy = captioning.caption_embeddings(params, config, embeddings, tokenizer, vocab, beam_size=1, batch_size=8)
     beam = captioning.caption_embeddings(params, config, embeddings, tokenizer, vocab, beam_size=3, batch_size=8)
-    want = [tokenizer.decode(tokenizer(t)[0]) for t in CORPUS]  # the tokenizer's own spelling
+    want = [t.lower() for t in CORPUS]  # CLIP's tokenizer lower-cases
     assert greedy == want and beam == want
+
+
+def test_detokenize_reattaches_punctuation():
+    from e2_jax.data.tokenizer import CLIPTokenizer
+
+    tokenizer = CLIPTokenizer()
+    for text in ["slim-fit coat, 100% wool.", "women's t-shirt (cotton/linen): ribbed cuffs!", "a/b test?"]:
+        spaced = tokenizer.decode(tokenizer(text)[0])
+        assert spaced != text and captioning.detokenize(spaced) == text
 
 
 def test_metrics_are_the_standard_ones():
