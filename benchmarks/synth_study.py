@@ -170,12 +170,17 @@ COLUMNS = (  # (heading, how to read it from a result)
     ("I2T R@1, descr.", lambda r: r["retrieval"]["full_candidate/description/i2t_r1"]),
     ("T2I R@1, descr.", lambda r: r["retrieval"]["full_candidate/description/t2i_r1"]),
     *((f"probe {f}", lambda r, f=f: r["probe"][f]) for f in PROBE_FIELDS),
-    *((f"probe {f} (back view)", lambda r, f=f: r["probe"][f"{f}_back"]) for f in BACK_PROBE_FIELDS),
+    # (absent from a result written before the back-view probes, until the study resumes over it)
+    *((f"probe {f} (back view)", lambda r, f=f: r["probe"].get(f"{f}_back")) for f in BACK_PROBE_FIELDS),
     ("train s", lambda r: r["seconds"]["train"]),
 )
 
 
-def _mean_std(values: list[float]) -> str:
+def _mean_std(values: list[float | None]) -> str:
+    missing = sum(v is None for v in values)
+    values = [v for v in values if v is not None]
+    if missing:
+        return (_mean_std(values) + f" ({len(values)} of {len(values) + missing})") if values else "n/a"
     if len(values) == 1:
         return f"{values[0]:.1f}"
     return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"

@@ -92,3 +92,8 @@ def test_summary_is_mean_and_spread_over_seeds():
     assert rows[2].startswith("| clip_ft | 1 | 90.0 |") and rows[3].startswith("| e2 | 3 | 110.0 ± 10.0 |")
     assert data["e2"]["probe composition (back view)"] == [30.0, 31.0, 32.0]
     assert "probe composition (back view)" in table
+    old = result("no_fusion", 0, 80.0)
+    del old["probe"]["composition_back"]  # a result from before the back-view probe
+    table, data = runner.summary([old, result("no_fusion", 1, 80.0)])
+    assert data["no_fusion"]["probe composition (back view)"] == [None, 31.0]
+    assert "| 31.0 (1 of 2) |" in table
