@@ -117,8 +117,8 @@ def train_decoder(config: DecoderConfig, embeddings: np.ndarray, tokens: np.ndar
     rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     batch = -(-settings.batch_size // len(devices)) * len(devices)
-    schedule = optax.warmup_cosine_decay_schedule(0.0, settings.lr, min(settings.warmup_steps, settings.steps),
-                                                  max(settings.steps, 1))
+    warmup = min(settings.warmup_steps, settings.steps // 2)  # a short run still decays
+    schedule = optax.warmup_cosine_decay_schedule(0.0, settings.lr, warmup, max(settings.steps, warmup + 1))
     optimizer = optax.adamw(schedule, weight_decay=settings.weight_decay)
     rng = jax.random.key(settings.seed)
     params = jax.device_put(init_params(config, rng), replicated)
@@ -138,7 +138,7 @@ def train_decoder(config: DecoderConfig, embeddings: np.ndarray, tokens: np.ndar
     order, at = order_rng.permutation(len(tokens)), 0
     losses, start = [], time.perf_counter()
     for i in range(settings.steps):
-        if at + batch > len(order):
+        while at + batch > len(order):  # next epoch (several, for a corpus smaller than a batch)
             order, at = np.concatenate([order[at:], order_rng.permutation(len(tokens))]), 0
         idx, at = order[at : at + batch], at + batch
         prefix = jax.device_put(embeddings[idx], rows)

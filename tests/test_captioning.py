@@ -232,3 +232,14 @@ def test_captioning_command_end_to_end(synth_tiny, trained_tiny, tmp_path):
     caps = [json.loads(line) for line in (tmp_path / "caps.jsonl").read_text().splitlines()]
     assert [Path(c["image"]).name for c in caps] == ["0.png", "1.png", "2.png"]
     assert all(isinstance(c["caption"], str) for c in caps)
+
+
+def test_a_corpus_smaller_than_a_batch_and_a_run_shorter_than_its_warmup():
+    config = _small(vocab=8, length=4)
+    tokens = np.array([[1, 2, EOT, 0], [3, EOT, 0, 0], [4, 4, 4, EOT]])
+    settings = captioning.TrainSettings(steps=3, batch_size=8, warmup_steps=100, log_every=100)
+    _, losses = captioning.train_decoder(config, np.random.default_rng(0).standard_normal((3, 6)), tokens, settings,
+                                         EOT, log=lambda m: None)
+    assert len(losses) == 3 and all(np.isfinite(losses))
+    with pytest.raises(ValueError, match="more than the decoder's max_length"):
+        captioning.train_decoder(config, np.ones((3, 6)), np.zeros((3, 5), int), settings, EOT)
