@@ -292,14 +292,12 @@ def load_decoder(directory: Path) -> tuple[DecoderConfig, dict, np.ndarray]:
 
 
 def load_encoder(settings):
-    from e2_jax.inference import Encoder
+    from e2_jax import inference
 
     if bool(settings.encoder) == bool(settings.pretrained):
         raise ValueError("set exactly one of config.encoder (a training workdir) or config.pretrained "
                          "(a converted CLIP)")
-    if settings.encoder:
-        return Encoder.from_workdir(settings.encoder, batch_size=settings.encode_batch_size)
-    return Encoder.from_pretrained(settings.pretrained, batch_size=settings.encode_batch_size)
+    return inference.load_encoder(settings.encoder, settings.pretrained, batch_size=settings.encode_batch_size)
 
 
 def training_captions(settings) -> list[str]:

@@ -224,6 +224,14 @@ class Encoder:
         return np.concatenate(outs) if outs else np.zeros((0, self.clip.embed_dim), np.float32)
 
 
+def load_encoder(workdir: str | os.PathLike | None = None, pretrained: str | os.PathLike | None = None,
+                 **kw) -> Encoder:
+    """A training run's model (`workdir`) or a converted CLIP (`pretrained`): exactly one."""
+    if bool(workdir) == bool(pretrained):
+        raise ValueError("give exactly one of a training workdir or a converted CLIP (pretrained)")
+    return Encoder.from_workdir(workdir, **kw) if workdir else Encoder.from_pretrained(pretrained, **kw)
+
+
 def model_configs_of(config, workdir: epath.Path) -> tuple[CLIPConfig, E2Config]:
     """The model a run trained: from `model.json` in its workdir (written by training, so that
     the converted weights it started from need not be here), else from its config."""

@@ -24,13 +24,11 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 
 
 def _encoder(workdir: str | None, pretrained: str | None, batch_size: int):
-    from e2_jax.inference import Encoder
+    from e2_jax.inference import load_encoder
 
     if bool(workdir) == bool(pretrained):
         raise SystemExit("give exactly one of --workdir (a training run) or --pretrained (a converted CLIP)")
-    if workdir:
-        return Encoder.from_workdir(workdir, batch_size=batch_size)
-    return Encoder.from_pretrained(pretrained, batch_size=batch_size)
+    return load_encoder(workdir, pretrained, batch_size=batch_size)
 
 
 def find_images(folder: str | Path) -> list[Path]:
