@@ -244,7 +244,6 @@ class Captioner:
     params: dict
     vocab: np.ndarray  # the CLIP id of each decoder id
     memory: np.ndarray  # [M, D] normalised text embeddings of the training captions
-    memory_texts: list[str]
     encoder: object
     temperature: float
 
@@ -354,12 +353,12 @@ def load_captioner(settings, workdir: Path) -> Captioner:
     if not memory_file.is_file():
         raise FileNotFoundError(f"no {memory_file}: train first (--mode train with this --workdir)")
     with np.load(memory_file) as data:
-        memory, texts = data["embeddings"], [str(t) for t in data["texts"]]
+        memory = data["embeddings"]
     encoder = load_encoder(settings)
     if memory.shape[1] != encoder.clip.embed_dim:
         raise ValueError(f"{memory_file} holds {memory.shape[1]}-d embeddings but the encoder's are "
                          f"{encoder.clip.embed_dim}-d: the decoder was trained for another encoder")
-    return Captioner(config, params, vocab, memory, texts, encoder, settings.temperature)
+    return Captioner(config, params, vocab, memory, encoder, settings.temperature)
 
 
 def evaluate(settings, workdir: Path, log=print) -> dict:
