@@ -242,7 +242,7 @@ def main(argv: list[str] | None = None) -> None:
     total = sum(sum(r["seconds"].values()) for r in results)
     total += json.loads(pretrain_file.read_text())["seconds"] if pretrain_file.is_file() else 0.0
     header = (f"SynthFashion study, {len(results)} runs, {total / 3600:.2f} h of run time in all (pre-training "
-              f"included); this invocation {time.perf_counter() - start:.0f} s. Machine: {platform.processor() or '?'}"
+              f"included); this invocation {time.perf_counter() - start:.0f} s. Machine: {platform.machine()}"
               f", {os.cpu_count()} CPUs, Python {platform.python_version()}.\n\n")
     (out / "summary.md").write_text(header + table)
     (out / "summary.json").write_text(json.dumps(data, indent=2) + "\n")
