@@ -68,7 +68,8 @@ def get_config(arg=None):
             warmup = max(1, steps // 5)
             c.warmup = recipes.stage(steps=warmup, lr=1e-3, trainable="e2_new")
             c.finetune = recipes.stage(steps=steps - warmup, lr=2e-4, trainable="all")
-            # every 40 steps in the study (160); eight times in a longer run (`steps=`)
+            # with --mode train_and_evaluate: every 40 steps at the study's 160, eight times in a longer
+            # run (`steps=`); the study's runner uses --mode train and evaluates the final parameters
             c.eval.protocols, c.eval.every_steps = "full_candidate,sample_100", max(40, steps // 8)
             if variant == "clip_ft":
                 c.e2.enabled, c.stages = False, "finetune"
