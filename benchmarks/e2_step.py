@@ -2,6 +2,7 @@
 
     python -m benchmarks.e2_step --model ViT-B-32 --batch 16 --repeats 3
     python -m benchmarks.e2_step --model tiny --batch 64 --repeats 5
+    python -m benchmarks.e2_step --model ViT-B-32 --batch 64 --dtype bfloat16   # on a GPU
 
 One run, same machine, same images and global texts (the E² global text of FashionGen-like
 records at 77 tokens); variants are timed interleaved, median of `--repeats` after a warm-up.
@@ -73,11 +74,13 @@ def main() -> None:
     parser.add_argument("--model", default="ViT-B-32")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                        help="the matmuls' compute dtype (parameters stay float32), as --config.model.compute_dtype")
     parser.add_argument("--modes", default="naive,short contexts,de-duplicated,short + de-duplicated",
                         help="which region-text modes to time, comma-separated")
     args = parser.parse_args()
 
-    config = get_config(args.model)
+    config = get_config(args.model, compute_dtype=args.dtype)
     records = fashion_records(args.batch, seed=0)
     global_texts = [".".join([r["composition"], r["subcategory"], r["brand"], r["season"], r["description"]])
                     for r in records]
@@ -111,8 +114,10 @@ def main() -> None:
             seconds[name].append(time.perf_counter() - start)
 
     base_time = statistics.median(seconds["CLIP-FT"])
-    print(f"model {args.model}, batch {args.batch}, float32, median of {args.repeats}; machine "
-          f"{platform.machine()}, {os.cpu_count()} CPUs; jax {jax.__version__}")
+    device = jax.devices()[0]
+    print(f"model {args.model}, batch {args.batch}, {args.dtype}, median of {args.repeats}; machine "
+          f"{platform.machine()}, {os.cpu_count()} CPUs, {device.platform} ({device.device_kind}); "
+          f"jax {jax.__version__}")
     print("| step | region texts encoded (rows x tokens per group) | s/step | vs CLIP-FT | XLA GFLOPs | "
           "FLOPs vs CLIP-FT |")
     print("|---|---|---|---|---|---|")
