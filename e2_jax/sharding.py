@@ -24,7 +24,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
-import numpy as np
+from absl import logging
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -51,15 +52,24 @@ def mesh_shape(axes: Sequence[tuple[str, int]], num_devices: int) -> tuple[int, 
     return tuple(sizes)
 
 
-def make_mesh(axes: Sequence[tuple[str, int]], devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A mesh over all devices (ordered by process, as multi-host input needs), classic GSPMD axes."""
+def make_mesh(axes: Sequence[tuple[str, int]], devices: Sequence[Any] | None = None) -> Mesh:
+    """A mesh over `devices` (default: all), classic GSPMD axes. `jax.make_mesh` orders them for
+    the interconnect (on TPU, along the torus; on GPU, by device id), not by process: a host's
+    devices may sit anywhere in the mesh, and the input pipeline reads whatever rows of the
+    batch they hold (`pipeline.process_rows`)."""
     devices = list(devices if devices is not None else jax.devices())
     shape = mesh_shape(axes, len(devices))
     names = tuple(name for name, _ in axes)
     auto = (jax.sharding.AxisType.Auto,) * len(names)
-    if devices == list(jax.devices()):
-        return jax.make_mesh(shape, names, axis_types=auto)
-    return Mesh(np.array(devices).reshape(shape), names, axis_types=auto)
+    try:
+        return jax.make_mesh(shape, names, axis_types=auto, devices=devices)
+    except NotImplementedError as error:
+        # Axis sizes that are no product of the torus's own (e.g. 16 x 2 x 2 on a 4x4x4 v4-128):
+        # split physical axes rather than refuse; collectives over a split axis are slower.
+        logging.warning("mesh %s does not follow the device topology (%s); splitting physical axes",
+                        dict(zip(names, shape, strict=True)), str(error).split(".")[0])
+        grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+        return Mesh(grid, names, axis_types=auto)
 
 
 def batch_axes(mesh: Mesh, axes: Sequence[str] = BATCH_AXES) -> tuple[str, ...]:

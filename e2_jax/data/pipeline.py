@@ -9,9 +9,11 @@ uninterrupted one. The view of a product is drawn from (seed, position) too (E2_
 section 4: a random view for training, the first view for evaluation).
 
 Sharding. Each process reads only the rows of the global batch that its devices hold (worked
-out from the batch sharding), then `jax.make_array_from_process_local_data` lays them out over
-the mesh. Evaluation visits each example exactly once across all processes: the last batch is
-padded with example 0 and the output's `valid` mask marks the padding.
+out from the batch sharding: on a TPU pod slice these are not one block, since the mesh follows
+the chips' topology, not the hosts), in increasing order, then
+`jax.make_array_from_process_local_data` lays them out over the mesh. Evaluation visits each
+example exactly once across all processes: the last batch is padded with example 0 and the
+output's `valid` mask marks the padding.
 
 Per example (tf.data, parallel): the record is read by index from array_record (random
 access), the chosen view's PNG/JPEG decoded, resized so its shorter side is `image_size`
@@ -34,9 +36,10 @@ from collections.abc import Iterator, Sequence
 
 import jax
 import numpy as np
-import tensorflow as tf
 import tensorflow_datasets as tfds
+from absl import logging
 
+from e2_jax.data.tensorflow_cpu import tf
 from e2_jax.data.tokenizer import CLIPTokenizer
 
 # CLIP's image normalisation (E2_METHOD.md section 1).
@@ -133,10 +136,10 @@ def _mix(seed: int, positions: np.ndarray) -> np.ndarray:
         return ((z ^ (z >> np.uint64(31))) >> np.uint64(1)).astype(np.int64)
 
 
-def train_indices(num_examples: int, global_batch: int, step: int, rows: range,
+def train_indices(num_examples: int, global_batch: int, step: int, rows: Sequence[int],
                   seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(example indices, view seeds) of `rows` of the global batch at `step`."""
-    positions = step * global_batch + np.arange(rows.start, rows.stop, dtype=np.int64)
+    positions = step * global_batch + np.asarray(rows, dtype=np.int64)
     epochs, offsets = np.divmod(positions, num_examples)
     indices = np.empty_like(positions)
     for epoch in np.unique(epochs):
@@ -149,25 +152,28 @@ def eval_steps(num_examples: int, global_batch: int) -> int:
     return -(-num_examples // global_batch)
 
 
-def eval_indices(num_examples: int, global_batch: int, step: int, rows: range) -> tuple[np.ndarray, np.ndarray]:
+def eval_indices(num_examples: int, global_batch: int, step: int,
+                 rows: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
     """(positions, valid) of `rows` of the global batch at `step`: positions 0, 1, ... in
     order, the last batch padded with position 0."""
-    positions = step * global_batch + np.arange(rows.start, rows.stop, dtype=np.int64)
+    positions = step * global_batch + np.asarray(rows, dtype=np.int64)
     valid = positions < num_examples
     return np.where(valid, positions, 0), valid
 
 
-def process_rows(sharding: jax.sharding.Sharding, global_batch: int) -> range:
-    """The rows of a [global_batch, ...] array that this process's devices hold."""
-    spans = sorted({(s[0].start or 0, global_batch if s[0].stop is None else s[0].stop)
-                    for s in sharding.addressable_devices_indices_map((global_batch,)).values()})
-    start, stop = spans[0]
-    for a, b in spans[1:]:
-        if a > stop:
-            raise ValueError(f"this process's devices hold rows {spans} of the batch, not one contiguous block: "
-                             "order the mesh's devices by process (jax.make_mesh does)")
-        stop = max(stop, b)
-    return range(start, stop)
+def process_rows(sharding: jax.sharding.Sharding, global_batch: int, process: int | None = None) -> np.ndarray:
+    """The rows of a [global_batch, ...] array that the devices of `process` (default: this
+    one) hold, in increasing order: what `jax.make_array_from_process_local_data` expects that
+    process to give, whatever the mesh's device order (on a TPU pod slice `jax.make_mesh`
+    follows the torus, and a host's devices hold rows far apart)."""
+    process = jax.process_index() if process is None else process
+    rows: set[int] = set()
+    for device, index in sharding.devices_indices_map((global_batch,)).items():
+        if device.process_index == process:
+            rows.update(range(global_batch)[index[0]])
+    if not rows:
+        raise ValueError(f"process {process} holds no device of the batch sharding {sharding}")
+    return np.array(sorted(rows), dtype=np.int64)
 
 
 # --- Decoding and preprocessing -------------------------------------------------------------------
@@ -288,7 +294,7 @@ def _dataset(source: Source, pre: Preprocessing, batches: Iterator[tuple[np.ndar
 # --- The iterators --------------------------------------------------------------------------------
 
 
-def local_train_batches(source: Source, pre: Preprocessing, *, global_batch: int, rows: range, seed: int = 0,
+def local_train_batches(source: Source, pre: Preprocessing, *, global_batch: int, rows: Sequence[int], seed: int = 0,
                         start_step: int = 0) -> Iterator[dict]:
     """NumPy batches of `rows` of each global training batch, from `start_step` on (endless)."""
     if len(source) == 0:
@@ -304,7 +310,7 @@ def local_train_batches(source: Source, pre: Preprocessing, *, global_batch: int
     return _dataset(source, pre, batches(), len(rows), train=True).as_numpy_iterator()
 
 
-def local_eval_batches(source: Source, pre: Preprocessing, *, global_batch: int, rows: range,
+def local_eval_batches(source: Source, pre: Preprocessing, *, global_batch: int, rows: Sequence[int],
                        items: np.ndarray | None = None, images: bool = True) -> Iterator[dict]:
     """NumPy batches of `rows` of each global evaluation batch: one pass over `items`
     ([M, 2] of (example index, view); default every example's first view) in order, the last
@@ -334,6 +340,10 @@ def train_batches(source: Source, pre: Preprocessing, *, global_batch: int, shar
     """Global training batches laid out by `sharding` (over the batch dimension), from
     `start_step` on, endless: the batch of step s is the same whenever the run starts."""
     rows = process_rows(sharding, global_batch)
+    if jax.process_count() > 1:
+        blocks = np.split(rows, np.flatnonzero(np.diff(rows) != 1) + 1)
+        logging.info("process %d reads rows %s of each global batch of %d", jax.process_index(),
+                     ", ".join(f"{b[0]}-{b[-1]}" for b in blocks), global_batch)
     local = local_train_batches(source, pre, global_batch=global_batch, rows=rows, seed=seed, start_step=start_step)
     return _global(local, sharding, global_batch)
 

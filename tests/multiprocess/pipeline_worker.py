@@ -2,8 +2,10 @@
 
     python tests/multiprocess/pipeline_worker.py PROCESS_ID NUM_PROCESSES PORT DATA_DIR OUT_JSON
 
-Each process has 4 CPU devices; the mesh spans all 8. Writes what this process read (its rows
-of each batch) and the whole global batch as every process sees it (gathered over gloo).
+Each process has 4 CPU devices; the mesh spans all 8, with the processes interleaved (devices of
+process 0, 1, 0, 1, ... along the batch, as a TPU pod slice's torus order gives): each process
+holds rows far apart. Writes what this process read (its rows of each batch) and the whole
+global batch as every process sees it (gathered over gloo).
 """
 
 import itertools
@@ -21,11 +23,13 @@ jax.distributed.initialize(f"localhost:{port}", num_processes=int(num_processes)
 from jax.experimental import multihost_utils  # noqa: E402
 
 from e2_jax.data import pipeline as pl  # noqa: E402
-from e2_jax.sharding import batch_sharding  # noqa: E402
+from e2_jax.sharding import batch_sharding, make_mesh  # noqa: E402
 
 GLOBAL_BATCH, STEPS, RESUME_AT, SEED = 24, 8, 5, 5
 PRE = pl.Preprocessing(image_size=16, tags=(("brand", "brand", 8),))
-mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+by_process = [[d for d in jax.devices() if d.process_index == p] for p in range(jax.process_count())]
+interleaved = [d for group in zip(*by_process, strict=True) for d in group]
+mesh = make_mesh((("data", 8),), interleaved)
 sharding = batch_sharding(mesh, ("data",))
 row_sums = jax.jit(lambda x: x.sum(axis=(1, 2, 3)))
 
@@ -52,7 +56,7 @@ def run(start_step: int, steps: int) -> dict:
     return out
 
 
-result = {"rows": [pl.process_rows(sharding, GLOBAL_BATCH).start, pl.process_rows(sharding, GLOBAL_BATCH).stop],
+result = {"rows": pl.process_rows(sharding, GLOBAL_BATCH).tolist(),
           "train": run(0, STEPS), "resumed": run(RESUME_AT, STEPS - RESUME_AT)}
 validation = pl.Source("synth_fashion/tiny", "validation", data_dir)
 result["eval"] = [{"index": local_rows(b["index"]), "valid": local_rows(b["valid"])}
