@@ -28,13 +28,13 @@ from pathlib import Path
 
 import jax
 import numpy as np
-import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from benchmarks.e2_step import make_step
 from e2_jax.data import pipeline as pl
 from e2_jax.data.build import build
 from e2_jax.data.synth_fashion import SynthConfig, write_fashiongen_h5
+from e2_jax.data.tensorflow_cpu import tf
 from e2_jax.models.clip import get_config
 from e2_jax.models.e2 import AUTHORS_GROUPS, E2Config, init_e2_params
 from e2_jax.sharding import batch_sharding

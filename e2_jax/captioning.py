@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from e2_jax import distributed
 from e2_jax.models.caption_decoder import CaptionDecoder, DecoderConfig, init_cache, init_params
 
 MODES = ("train", "evaluate", "caption")
@@ -414,6 +415,7 @@ def caption_folder(settings, workdir: Path, folder: str, out: str | None, log=pr
 
 
 def main(argv: list[str] | None = None) -> None:
+    distributed.single_host_only("python -m e2_jax.captioning")
     from absl import app, flags
     from ml_collections import config_flags
 

@@ -73,9 +73,8 @@ def load_image(image: ImageInput) -> np.ndarray:
 
 def preprocess(image: np.ndarray, size: int) -> np.ndarray:
     """The training pipeline's evaluation preprocessing of one uint8 image: float32 [S, S, 3]."""
-    import tensorflow as tf
-
     from e2_jax.data.pipeline import normalize, resize_and_crop
+    from e2_jax.data.tensorflow_cpu import tf
 
     return normalize(resize_and_crop(tf.constant(image), size)).numpy()
 

@@ -42,7 +42,11 @@ def main(argv: list[str]) -> None:
     # Multi-host start-up before anything touches a device.
     from e2_jax import distributed
 
-    distributed.initialize(config.distributed)
+    try:
+        distributed.initialize(config.distributed)
+    except distributed.StartupError as error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        sys.exit(2)
     logging.info("config:\n%s", config)
     try:
         result = train.run(config, _WORKDIR.value, _MODE.value)

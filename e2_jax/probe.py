@@ -31,6 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from e2_jax import distributed
+
 PENALTIES = (1e-5, 1e-4, 1e-3, 1e-2)
 
 
@@ -140,6 +142,7 @@ def markdown_table(report: dict, fields: Sequence[str]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    distributed.single_host_only("python -m e2_jax.probe")
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", action="append", default=[], help="a training workdir (repeatable)")
     parser.add_argument("--pretrained", action="append", default=[], help="a converted CLIP (repeatable)")

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from e2_jax import distributed
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 
 
@@ -77,6 +79,7 @@ def query(index: str | Path, texts: list[str], encoder, top: int = 5) -> list[li
 
 
 def main(argv: list[str] | None = None) -> None:
+    distributed.single_host_only("python -m e2_jax.search")
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("index", help="embed a folder of images")

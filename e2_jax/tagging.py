@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from e2_jax import storage
+from e2_jax import distributed, storage
 
 KS = (1, 5)
 TEMPLATES = {
@@ -124,6 +124,7 @@ def tag_images(encoder, images: Sequence, candidates: dict[str, Sequence[str]], 
 
 
 def main(argv: list[str] | None = None) -> None:
+    distributed.single_host_only("python -m e2_jax.tagging")
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     e = sub.add_parser("evaluate", help="top-1/top-5 accuracy on the run's evaluation split")

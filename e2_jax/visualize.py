@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from etils import epath
 
-from e2_jax import storage
+from e2_jax import distributed, storage
 
 COLOURS = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240),
            (240, 50, 230), (210, 245, 60)]
@@ -32,9 +32,8 @@ SCALE = 4  # the drawn image is this many times the model's input size (at least
 
 def _display(image: np.ndarray, size: int) -> np.ndarray:
     """uint8 [S, S, 3], the crop the model sees, without normalisation."""
-    import tensorflow as tf
-
     from e2_jax.data.pipeline import resize_and_crop
+    from e2_jax.data.tensorflow_cpu import tf
 
     return resize_and_crop(tf.constant(image), size).numpy()
 
@@ -116,10 +115,9 @@ def write_selection_maps(encoder, images: Sequence, names: Sequence[str], out: s
 def split_images(workdir: str | os.PathLike, count: int,
                  split: str | None = None) -> tuple[list[np.ndarray], list[str]]:
     """The first views of the first `count` products of the run's evaluation split."""
-    import tensorflow as tf
-
     from e2_jax import config as recipes
     from e2_jax.data import pipeline
+    from e2_jax.data.tensorflow_cpu import tf
 
     config = recipes.from_json((storage.path(workdir) / "config.json").read_text())
     source = pipeline.Source(config.data.dataset, split or config.data.eval_split, config.data.data_dir or None)
@@ -133,6 +131,7 @@ def split_images(workdir: str | os.PathLike, count: int,
 
 
 def main(argv: list[str] | None = None) -> None:
+    distributed.single_host_only("python -m e2_jax.visualize")
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", required=True, help="a training run (its best parameters)")
     parser.add_argument("--images", nargs="*", default=[], help="image files")

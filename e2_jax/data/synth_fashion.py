@@ -330,7 +330,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     if not args.out:
         parser.error("give --out (a contact sheet) or --fashiongen-h5 (FashionGen-format files)")
-    import tensorflow as tf
+    from e2_jax.data.tensorflow_cpu import tf
 
     indices = [int(i) for i in args.indices.split(",")]
     sheet, records = contact_sheet(SynthConfig(image_size=args.image_size), indices)
