@@ -1,45 +1,53 @@
 #!/usr/bin/env bash
-# e2_jax on a Cloud TPU VM or pod slice: create it (or reuse it), install on every worker,
-# fetch weights and data, train on all workers at once; then stop or delete it.
+# e2_jax on a Cloud TPU VM or pod slice: create it, install on every worker, fetch weights and
+# data, train on all workers at once; follow, stop, delete.
 #
-#   launch/tpu_vm.sh create  --name e2 --zone us-central2-b --type v4-32
+#   launch/tpu_vm.sh create  --name e2 --zone us-central2-b --type v4-32 [--spot] [--queued]
 #   launch/tpu_vm.sh setup   --name e2 --zone us-central2-b                     # this checkout, to every worker
 #   launch/tpu_vm.sh train   --name e2 --zone us-central2-b --config configs/e2_b16.py \
 #        --workdir gs://BUCKET/runs/e2_b16 --weights gs://BUCKET/models/clip_b16 --data-dir gs://BUCKET/tfds
-#   launch/tpu_vm.sh logs | stop | delete  --name e2 --zone us-central2-b
+#   launch/tpu_vm.sh logs | status | stop | delete  --name e2 --zone us-central2-b
 #   launch/tpu_vm.sh all ...      create + setup + train
 #   ... --dry-run                 print every command, run none
 #   ... train ... -- --config.batch_size=1024      flags after -- go to python -m e2_jax.main
 #
 # Options (or their environment variables):
 #   --name TPU_NAME  --zone TPU_ZONE  --project GCP_PROJECT
-#   --type TPU_TYPE (default v5litepod-8)  --version TPU_VERSION (default: the type's usual image)  --spot
-#   --repo URL --ref REF   install from git on every worker instead of copying this checkout
-#   --weights gs://.../DIR        a converted model (python -m e2_jax.convert), copied to models/ on every worker
-#   --convert OUT=gs://.../ViT-B-16.pt   OpenAI's archive, copied and converted to OUT (e.g.
+#   --type TPU_TYPE (default v5litepod-8)  --version TPU_VERSION (default: the type's usual image)
+#   --spot                        a spot slice; `create` deletes and recreates one that was preempted
+#   --queued                      create through a queued resource (waits for capacity; spot needs it on v5e/v5p/v6e)
+#   --repo URL --ref REF          install from git on every worker instead of copying this checkout
+#   --weights gs://.../DIR        a converted model (python -m e2_jax.convert), copied to models/<DIR's name> on every worker
+#   --convert OUT=gs://.../ViT-B-16.pt   OpenAI's archive: converted HERE, once (this machine needs
+#                                 e2_jax with torch: pip install -r requirements-test.txt), uploaded
+#                                 beside the archive as ViT-B-16_e2_jax/, copied to OUT (e.g.
 #                                 models/clip_b16, what the configs name) on every worker
 #   --prepare NAME=gs://.../DIR   build TFDS dataset NAME (fashion_gen, amazon_fashion) from the files
 #                                 in DIR into --data-dir, on worker 0, before training
 #   --data-dir gs://.../tfds      where the training processes read the datasets (TFDS reads GCS)
 #   --config FILE[:ARG]  --workdir DIR    what to train, and where checkpoints and metrics go: a
-#                                 bucket (gs://BUCKET/runs/NAME) or a file system every worker mounts
+#                                 bucket (gs://BUCKET/runs/NAME); each worker's log lands in DIR/logs/
 #
-# Every worker must run the same program: `train` starts `python -m e2_jax.main` on all of
-# them at once (--worker=all); JAX's runtime finds the others by itself on a TPU VM.
+# The workers' images have Python 3.10; `setup` makes a Python 3.11 virtual environment
+# (~/e2_venv, with uv) holding the project's pins and JAX's TPU build of the same version (libtpu
+# from PyPI). `train` runs launch/tpu_worker.sh on every worker at once (--worker=all): it stops
+# an earlier trainer, frees the TPU, checks the worker's chips, and starts the trainer detached.
+# `stop` sends it SIGTERM (it saves a checkpoint and exits); the slice keeps running (a pod slice
+# cannot be stopped): `delete` it. JAX's runtime finds the other workers by itself.
 set -euo pipefail
 
-usage() { sed -n '2,28p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,37p' "$0" | sed 's/^# \{0,1\}//'; }
 
 command="${1:-}"
 case "$command" in
-  create | setup | prepare | train | logs | stop | delete | all) shift ;;
+  create | setup | prepare | train | logs | status | stop | delete | all) shift ;;
   -h | --help | "") usage; exit 0 ;;
-  *) echo "error: unknown command '$command' (create, setup, prepare, train, logs, stop, delete, all)" >&2; exit 2 ;;
+  *) echo "error: unknown command '$command' (create, setup, prepare, train, logs, status, stop, delete, all)" >&2; exit 2 ;;
 esac
 
 name="${TPU_NAME:-}" zone="${TPU_ZONE:-}" project="${GCP_PROJECT:-}"
 type="${TPU_TYPE:-v5litepod-8}" version="${TPU_VERSION:-}"
-spot=0 dry_run=0 repo="" ref="main" weights="" convert="" prepare="" data_dir="" config="" workdir=""
+spot=0 queued=0 dry_run=0 repo="" ref="main" weights="" convert="" prepare="" data_dir="" config="" workdir=""
 main_flags=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
@@ -49,6 +57,7 @@ while [[ $# -gt 0 ]]; do
     --type) type="$2"; shift 2 ;;
     --version) version="$2"; shift 2 ;;
     --spot) spot=1; shift ;;
+    --queued) queued=1; shift ;;
     --repo) repo="$2"; shift 2 ;;
     --ref) ref="$2"; shift 2 ;;
     --weights) weights="$2"; shift 2 ;;
@@ -67,18 +76,26 @@ if [[ -z "$name" || -z "$zone" ]]; then
   exit 2
 fi
 
-if [[ -z "$version" ]]; then  # the software version each TPU generation boots
-  case "$type" in
-    v4-*) version=tpu-ubuntu2204-base ;;
-    v5litepod-* | v5e-*) version=v2-alpha-tpuv5-lite ;;
-    v5p-*) version=v2-alpha-tpuv5 ;;
-    v6e-*) version=v2-alpha-tpuv6e ;;
-    *) echo "error: no default --version for --type $type: give --version (see gcloud compute tpus versions list)" >&2; exit 2 ;;
-  esac
-fi
+# The software version each TPU generation boots, and the chips one worker (host) has.
+chips="${type##*-}"
+case "$type" in
+  v4-*) default_version=tpu-ubuntu2204-base; chips=$((chips / 2)); per_host=$((chips < 4 ? chips : 4)) ;;
+  v5p-*) default_version=v2-alpha-tpuv5; chips=$((chips / 2)); per_host=$((chips < 4 ? chips : 4)) ;;
+  v5litepod-* | v5e-*) default_version=v2-alpha-tpuv5-lite; per_host=$((chips <= 8 ? chips : 4)) ;;
+  v6e-*) default_version=v2-alpha-tpuv6e; per_host=$((chips <= 8 ? chips : 4)) ;;
+  *)
+    if [[ -z "$version" ]]; then
+      echo "error: no default --version for --type $type: give --version (see gcloud compute tpus versions list)" >&2
+      exit 2
+    fi
+    per_host="" ;;
+esac
+version="${version:-$default_version}"
 gcloud_tpu=(gcloud compute tpus tpu-vm)
+gcloud_queued=(gcloud compute tpus queued-resources)
 where=(--zone "$zone")
 if [[ -n "$project" ]]; then where+=(--project "$project"); fi
+venv_python="\$HOME/e2_venv/bin/python"  # expanded by the workers' shells
 
 run() {  # prints a command, runs it unless --dry-run
   printf '%q ' "$@"
@@ -93,13 +110,35 @@ on_workers() {  # a shell command on every worker (or on --worker=N given first)
 }
 
 create() {
-  if [[ "$dry_run" == 0 ]] && "${gcloud_tpu[@]}" describe "$name" "${where[@]}" > /dev/null 2>&1; then
-    echo "$name exists in $zone: reusing it"
-    return
+  local state=""
+  if [[ "$dry_run" == 0 ]]; then
+    state="$("${gcloud_tpu[@]}" describe "$name" "${where[@]}" --format='value(state)' 2> /dev/null || true)"
   fi
+  case "$state" in
+    READY) echo "$name is READY in $zone: reusing it"; return ;;
+    PREEMPTED | TERMINATED)
+      echo "$name was $state: deleting it and creating it again"
+      delete ;;
+    "") ;;
+    *) echo "error: $name exists in state $state: wait for it, or delete it" >&2; exit 1 ;;
+  esac
   local extra=()
   if [[ "$spot" == 1 ]]; then extra+=(--spot); fi
-  run "${gcloud_tpu[@]}" create "$name" "${where[@]}" --accelerator-type "$type" --version "$version" "${extra[@]}"
+  if [[ "$queued" == 1 ]]; then
+    run "${gcloud_queued[@]}" create "$name" --node-id "$name" "${where[@]}" --accelerator-type "$type" \
+      --runtime-version "$version" "${extra[@]}"
+    echo "queued: $name is created when capacity allows (gcloud compute tpus queued-resources describe $name)"
+  else
+    run "${gcloud_tpu[@]}" create "$name" "${where[@]}" --accelerator-type "$type" --version "$version" "${extra[@]}"
+  fi
+}
+
+delete() {
+  if [[ "$queued" == 1 ]]; then
+    run "${gcloud_queued[@]}" delete "$name" "${where[@]}" --force --quiet
+  else
+    run "${gcloud_tpu[@]}" delete "$name" "${where[@]}" --quiet
+  fi
 }
 
 setup() {
@@ -113,27 +152,35 @@ setup() {
     run "${gcloud_tpu[@]}" scp "$archive" "$name:e2_jax.tar.gz" "${where[@]}" --worker=all
     get="rm -rf e2_jax && tar -xzf e2_jax.tar.gz"
   fi
-  # The project's pins, then JAX's TPU build of the same version (libtpu from Google's index).
+  # Python 3.11 (uv fetches it: the images have 3.10), the project's pins, and JAX's TPU build of
+  # the same version (libtpu comes from PyPI).
   local jax_version
   jax_version="$(sed -n 's/^jax==//p' "$(dirname "$0")/../requirements.txt")"
-  on_workers "$get && cd e2_jax && pip install --quiet -r requirements.txt && pip install --quiet -e . && \
-pip install --quiet 'jax[tpu]==$jax_version' -f https://storage.googleapis.com/jax-releases/libtpu_releases.html"
+  on_workers "$get && cd e2_jax && python3 -m pip install --user --quiet --upgrade uv && \
+~/.local/bin/uv venv --quiet --allow-existing --python 3.11 ~/e2_venv && \
+~/.local/bin/uv pip install --quiet --python ~/e2_venv/bin/python -r requirements.txt -e . 'jax[tpu]==$jax_version'"
 }
 
 prepare_data() {
   if [[ -n "$weights" ]]; then
-    on_workers "cd e2_jax && mkdir -p models && gcloud storage cp --recursive $(printf '%q' "$weights") models/"
+    on_workers "cd e2_jax && mkdir -p models/$(printf '%q' "${weights##*/}") && \
+gcloud storage rsync --recursive $(printf '%q' "$weights") models/$(printf '%q' "${weights##*/}")"
   fi
   if [[ -n "$convert" ]]; then
+    # Converting needs torch, which the workers do not install: convert once, here, and upload.
     local out="${convert%%=*}" archive="${convert#*=}"
-    on_workers "cd e2_jax && mkdir -p models && gcloud storage cp $(printf '%q' "$archive") models/ && \
-python -m e2_jax.convert to-flax models/$(printf '%q' "${archive##*/}") $(printf '%q' "$out") --trust-pickle"
+    local converted="${archive%.*}_e2_jax" local_dir="${TMPDIR:-/tmp}/e2_jax_convert_$name"
+    run gcloud storage cp "$archive" "$local_dir/"
+    run python -m e2_jax.convert to-flax "$local_dir/${archive##*/}" "$local_dir/converted" --trust-pickle
+    run gcloud storage rsync --recursive "$local_dir/converted" "$converted"
+    on_workers "cd e2_jax && mkdir -p $(printf '%q' "$out") && gcloud storage rsync --recursive \
+$(printf '%q' "$converted") $(printf '%q' "$out")"
   fi
   if [[ -n "$prepare" ]]; then
     if [[ -z "$data_dir" ]]; then echo "error: --prepare needs --data-dir (where the built dataset goes)" >&2; exit 2; fi
     local dataset="${prepare%%=*}" source="${prepare#*=}"
-    on_workers --worker=0 "cd e2_jax && mkdir -p ~/manual && gcloud storage cp --recursive $(printf '%q' "$source")/* ~/manual/ && \
-python -m e2_jax.data.build $(printf '%q' "$dataset") --manual-dir ~/manual --data-dir $(printf '%q' "$data_dir")"
+    on_workers --worker=0 "cd e2_jax && mkdir -p ~/manual && gcloud storage rsync --recursive $(printf '%q' "$source") ~/manual && \
+$venv_python -m e2_jax.data.build $(printf '%q' "$dataset") --manual-dir ~/manual --data-dir $(printf '%q' "$data_dir")"
   fi
 }
 
@@ -142,10 +189,12 @@ train() {
   local flags=(--config "$config" --workdir "$workdir")
   if [[ -n "$data_dir" ]]; then flags+=("--config.data.data_dir=$data_dir"); fi
   flags+=("${main_flags[@]}")
-  local quoted
-  quoted="$(printf '%q ' "${flags[@]}")"
-  # Detached (nohup), so that a dropped ssh connection does not stop training; `logs` follows it.
-  on_workers "cd e2_jax && nohup python -m e2_jax.main $quoted> ~/e2_jax_train.log 2>&1 &"
+  local worker=()
+  if [[ -n "$per_host" ]]; then worker+=(--devices "$per_host"); fi
+  if [[ "$workdir" == gs://* ]]; then worker+=(--log-to "$workdir/logs"); fi
+  local options=""
+  if [[ ${#worker[@]} -gt 0 ]]; then options="$(printf '%q ' "${worker[@]}")"; fi
+  on_workers "cd e2_jax && bash launch/tpu_worker.sh start $options-- $(printf '%q ' "${flags[@]}")"
 }
 
 case "$command" in
@@ -154,7 +203,8 @@ case "$command" in
   prepare) prepare_data ;;
   train) prepare_data; train ;;
   all) create; setup; prepare_data; train ;;
-  logs) on_workers --worker=0 "tail -n 200 -f ~/e2_jax_train.log" ;;
-  stop) on_workers "pkill -f e2_jax.main || true"; run "${gcloud_tpu[@]}" stop "$name" "${where[@]}" ;;
-  delete) run "${gcloud_tpu[@]}" delete "$name" "${where[@]}" --quiet ;;
+  logs) on_workers "tail -n 20 ~/e2_jax_train.log | sed \"s/^/\$(hostname): /\"" ;;
+  status) on_workers "cd e2_jax && bash launch/tpu_worker.sh status" ;;
+  stop) on_workers "cd e2_jax && bash launch/tpu_worker.sh stop" ;;
+  delete) delete ;;
 esac
