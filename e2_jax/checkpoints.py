@@ -18,8 +18,11 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.experimental import multihost_utils
 
 from e2_jax import storage
 
@@ -70,9 +73,15 @@ class Checkpoints:
         return step, float(manager.metrics(step)["sumr"])
 
     def save_best(self, stage: str, step: int, params: Any, sumr: float) -> bool:
-        """Saves `params` as the stage's best if their SumR beats the best so far."""
+        """Saves `params` as the stage's best if their SumR beats the best so far. With several
+        processes, process 0 decides (on its SumR) and every process follows: the save is a
+        collective, and processes that disagreed (a SumR rounded differently) would hang it."""
         best = self.best(stage)
-        if best is not None and sumr <= best[1]:
+        improved = best is None or sumr > best[1]
+        if jax.process_count() > 1:
+            decided = multihost_utils.broadcast_one_to_all(np.array([float(improved), sumr], np.float64))
+            improved, sumr = bool(decided[0]), float(decided[1])
+        if not improved:
             return False
         manager = self._best_manager(stage)
         manager.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params)),

@@ -92,7 +92,10 @@ def base() -> ml_collections.ConfigDict:
     c.log_every_steps = 10
     c.distributed = "auto"
     c.peak_flops = 0.0  # per device, for MFU; 0: from the device kind (TPU, NVIDIA)
-    c.debug = ml_collections.ConfigDict({"nan_at_step": -1, "kill_during_save_at_step": -1})
+    # Fault injection for the tests: a NaN loss, a SIGKILL while a checkpoint is written, a
+    # SIGTERM (a preemption notice) to this process once step N is done.
+    c.debug = ml_collections.ConfigDict({"nan_at_step": -1, "kill_during_save_at_step": -1,
+                                         "sigterm_at_step": -1})
     c.lock()
     return c
 

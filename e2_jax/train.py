@@ -413,7 +413,9 @@ def format_retrieval(metrics: dict[str, float]) -> str:
 
 class _Preemption:
     """SIGTERM sets a flag (one process); several processes agree on the step through JAX's
-    preemption sync point (jax.distributed's own SIGTERM notifier)."""
+    preemption sync point (jax.distributed's own SIGTERM notifier). `reached` must be asked
+    after every step, by every process, stage ends included: the sync point is a collective
+    decision, and a notice that lands on a step where it is not asked is acted on late."""
 
     def __init__(self) -> None:
         self.requested = False
@@ -562,7 +564,7 @@ def _train(setup: Setup, checkpoints: Checkpoints, preemption: _Preemption, eval
             step_fn = jax.jit(make_train_step(setup, stage, tx, schedule), donate_argnums=0,
                               out_shardings=(shardings, None))
             outcome = _train_stage(setup, stage, state, step_fn, checkpoints, writer, progress, preemption, embed,
-                                   eval_every)
+                                   eval_every, final=index == len(stages) - 1)
             result.update(outcome)
             if outcome.get("preempted"):
                 return result
@@ -636,7 +638,8 @@ class _Reporter:
 
 
 def _train_stage(setup: Setup, stage: Stage, state: dict, step_fn, checkpoints: Checkpoints, writer: Writer,
-                 progress: Progress, preemption: _Preemption, embed, eval_every: int) -> dict[str, Any]:
+                 progress: Progress, preemption: _Preemption, embed, eval_every: int,
+                 final: bool = True) -> dict[str, Any]:
     config = setup.config
     first = int(jax.device_get(state["step"]))
     batches = pipeline.train_batches(setup.train_source, setup.pre, global_batch=config.batch_size,
@@ -669,11 +672,16 @@ def _train_stage(setup: Setup, stage: Stage, state: dict, step_fn, checkpoints: 
             progress.write(f"step {done} ({stage.name}) validation: {format_retrieval(metrics)}"
                            + (" (best so far)" if improved else ""))
             outcome["eval"] = metrics
-        if done < stage.end and preemption.reached(done):
+        if done == config.debug.sigterm_at_step:
+            os.kill(os.getpid(), signal.SIGTERM)  # a test: the notice lands after this step
+        # Asked at every step by every process (a collective); after the run's last step there
+        # is nothing left to save for.
+        if preemption.reached(done) and not (final and done == stage.end):
             reporter.flush()
             if saved != done:
                 checkpoints.save(done, state)
             checkpoints.wait()
+            logging.info("preemption: process %d saved step %d", jax.process_index(), done)
             progress.write(f"preempted: saved step {done} to {checkpoints.path(done)}; exiting")
             return {**outcome, "preempted": True, "step": done}
     reporter.flush()

@@ -129,6 +129,23 @@ def test_a_nan_loss_stops_the_run_naming_the_step_and_the_last_good_checkpoint(s
         train.run(config, tmp_path)
 
 
+def test_a_preemption_notice_on_a_stage_last_step_saves_there_and_resumes_exactly(synth_tiny, trained_tiny,
+                                                                                    tmp_path):
+    """SIGTERM lands right after step 3, the warm-up's last: the run saves step 3 and exits
+    there (it used to run on into the next stage before looking), and the resumed run ends where
+    the uninterrupted one does."""
+    config = tiny_config(synth_tiny, **{"optim.grad_clip": 1.0, "debug.sigterm_at_step": 3})
+    first = train.run(config, tmp_path)
+    assert first["preempted"] and first["step"] == 3
+    assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [2, 3]
+    resumed = train.run(tiny_config(synth_tiny, **{"optim.grad_clip": 1.0}), tmp_path)
+    assert resumed["step"] == 6 and not resumed.get("preempted")
+    reference, _ = trained_tiny
+    want, got = saved_state(reference, 6), saved_state(tmp_path, 6)
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(want), jax.tree.leaves(got), strict=True):
+        np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
+
+
 def _compiles_during(fn) -> int:
     count = []
     monitoring.register_event_duration_secs_listener(

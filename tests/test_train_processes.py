@@ -131,23 +131,84 @@ def test_a_one_device_checkpoint_resumes_on_eight_devices(reference, synth_tiny,
 
 def test_two_processes_started_by_the_slurm_script_give_the_one_process_losses(reference, synth_tiny, tmp_path):
     """launch/gpu_slurm.sbatch as Slurm would run it (its `srun` and `scontrol` stood in for by
-    tests/test_launch.py's shims): 2 tasks on localhost, each given its process id by the
-    script's environment, train together to the 1-process losses."""
+    tests/test_launch.py's shims, which give each task the variables a real srun sets): 2 tasks on
+    localhost, each working out its coordinator and process id from Slurm's variables
+    (e2_jax.distributed), train together to the 1-process losses."""
     from tests.processes import free_port
     from tests.test_launch import slurm_env
 
     # One CPU device per process: with several, XLA's CPU collectives over gloo crawl on a
     # 2-core machine (about 37 s a step, measured); on GPUs and TPUs each process has several.
     port = free_port()
-    env = _env(1, E2_PORT=str(port), E2_PYTHON=sys.executable, **slurm_env(tmp_path, 2))
+    env = _env(1, JAX_COORDINATOR_PORT=str(port), E2_PYTHON=sys.executable, **slurm_env(tmp_path, 2))
     main_args = _command(tmp_path / "run", synth_tiny)[3:]  # what follows python -m e2_jax.main
     result = subprocess.run(["bash", str(ROOT / "launch" / "gpu_slurm.sbatch"), *main_args], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=900)
+    log = result.stdout + result.stderr
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-6000:]
-    assert f"JAX_COORDINATOR_ADDRESS=localhost:{port} JAX_NUM_PROCESSES=2" in result.stdout
-    assert "process 1 of 2" in result.stderr and "2 devices" in result.stdout + result.stderr
+    assert "multi-host start-up (slurm: Slurm job 4711" in log and f"coordinator_address='localhost:{port}'" in log
+    assert "process 1 of 2" in log and "2 devices" in log
     want, got = _losses(reference), _losses(tmp_path / "run")
     assert sorted(got) == list(range(1, STEPS + 1))
     np.testing.assert_allclose([got[s] for s in sorted(got)], [want[s] for s in sorted(got)], rtol=1e-5)
     np.testing.assert_allclose(_state(tmp_path / "run")["params"]["logit_scale"],
                                _state(reference)["params"]["logit_scale"], rtol=1e-5)  # one readable checkpoint
+
+
+def _two_processes(workdir: Path, data_dir: str, *extra: str, devices: int = 1,
+                   program: tuple[str, ...] = ("-m", "e2_jax.main")) -> list[str]:
+    """Runs the trainer as 2 local processes (JAX_* variables, as launch/gpu_multinode.sh sets
+    them); both must exit 0; returns their logs."""
+    from tests.processes import free_port
+
+    port = free_port()
+    args = _command(workdir, data_dir, *extra)[3:]
+    processes = [subprocess.Popen([sys.executable, *program, *args], cwd=ROOT, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True,
+                                  env=_env(devices, JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2",
+                                           JAX_PROCESS_ID=str(i)))
+                 for i in range(2)]
+    logs = []
+    try:
+        logs = [p.communicate(timeout=900)[0] for p in processes]
+    finally:
+        for p in processes:
+            p.kill()
+    for p, log in zip(processes, logs, strict=True):
+        assert p.returncode == 0, log[-6000:]
+    return logs
+
+
+def test_a_mesh_that_interleaves_processes_trains_to_the_one_process_losses(reference, synth_tiny, tmp_path):
+    """2 processes x 2 devices, the mesh ordered 0, 1, 0, 1 by process (a TPU pod slice's torus
+    order does this to hosts): each process reads rows 0-3 and 8-11, or 4-7 and 12-15, of every
+    batch of 16, and the run gives the one-process losses. Three steps: XLA's CPU collectives
+    over gloo are slow with several devices per process."""
+    steps = 3
+    logs = _two_processes(tmp_path, synth_tiny, f"--config.train.steps={steps}", devices=2,
+                          program=(str(ROOT / "tests" / "multiprocess" / "interleaved_main.py"),))
+    assert "process 0 reads rows 0-3, 8-11 of each global batch of 16" in logs[0]
+    assert "process 1 reads rows 4-7, 12-15 of each global batch of 16" in logs[1]
+    want, got = _losses(reference), _losses(tmp_path)
+    assert sorted(got) == list(range(1, steps + 1))
+    # The learning rate of steps 1-3 does not depend on the run's length (warm-up of 2, then the
+    # cosine's start), so these are the 12-step reference's first three losses.
+    np.testing.assert_allclose([got[s] for s in sorted(got)], [want[s] for s in sorted(got)], rtol=1e-5)
+
+
+def test_sigterm_to_two_processes_saves_one_step_and_resumes_exactly(reference, synth_tiny, tmp_path):
+    """Both processes get SIGTERM after step 5 (the trainer sends it to itself: a notice at a
+    known step); JAX's preemption sync point makes them save the same step, both exit 0, and the
+    rerun ends with the uninterrupted run's parameters and losses."""
+    logs = _two_processes(tmp_path, synth_tiny, "--config.debug.sigterm_at_step=5")
+    saved = [int(log.split(f"preemption: process {i} saved step ")[1].split()[0]) for i, log in enumerate(logs)]
+    assert saved[0] == saved[1] and 5 <= saved[0] < STEPS, saved
+    assert saved[0] in _complete_steps(tmp_path) and max(_complete_steps(tmp_path)) == saved[0]
+    logs = _two_processes(tmp_path, synth_tiny)
+    assert "resumed from" in logs[0]
+    want, got = _losses(reference), _losses(tmp_path)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    np.testing.assert_allclose([got[s] for s in sorted(got)], [want[s] for s in sorted(got)], rtol=1e-5)
+    final, uninterrupted = _state(tmp_path), _state(reference)
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(final), jax.tree.leaves(uninterrupted), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=jax.tree_util.keystr(path))
