@@ -1,5 +1,7 @@
 """launch/colab_tpu.ipynb, executed headless (nbclient) in its smoke mode on the CPU: every
-cell runs, and it trains, evaluates and renders selection maps."""
+cell runs, the same commands as on a TPU with smaller settings (the B/32 config under
+`:runlocal`, bfloat16, a converted checkpoint), and it trains, evaluates and renders selection
+maps."""
 
 from pathlib import Path
 
@@ -25,8 +27,13 @@ def test_colab_notebook_runs_in_smoke_mode(synth_tiny, tmp_path, monkeypatch):
         return "".join(o.get("text", "") + o.get("data", {}).get("text/markdown", "") for o in cell.outputs)
 
     assert "smoke mode: True" in text(code[0])
-    assert "initial weights: random" in text(code[2])  # no network, no TPU: guarded
+    assert "JAX backend: cpu" in text(code[1])
+    assert f"initial weights: {workdir}_weights/converted" in text(code[2])  # converted by the real converter
+    assert "configs/e2_b32.py:runlocal --config.model.compute_dtype=bfloat16 --config.model.pretrained=" in text(
+        code[3])
     assert "validation: I2T R@1/5/10" in text(code[4]) and (workdir / "metrics.jsonl").is_file()
     assert "full_candidate" in text(code[5]).replace("-", "_") and (workdir / "eval" / "report.json").is_file()
     images = [o for o in code[6].outputs if "image/png" in o.get("data", {})]
     assert len(images) == 3 and "16 selection maps" in text(code[6])
+    # The Colab runtime it asks for is one Colab offers now (a v5e chip), not the retired v2-8.
+    assert notebook.metadata["accelerator"] == "TPU" and notebook.metadata["colab"]["gpuType"] == "V5E1"
