@@ -1,7 +1,8 @@
 """Training through `python -m e2_jax.main` in separate processes: killed (SIGKILL, in the
 middle and during a save) and resumed runs end bitwise equal to an uninterrupted one; SIGTERM
-saves and exits cleanly; 8 devices, a checkpoint moved from 1 device to 8, and 2 processes over
-localhost (started by the Slurm launch script) all give the 1-device losses."""
+saves and exits cleanly; 8 devices, a checkpoint moved from 1 device to 8, 2 processes over
+localhost (started by the Slurm launch script, preempted and resumed) and 2 processes whose
+devices interleave along the batch all give the 1-device losses."""
 
 import json
 import os
@@ -129,11 +130,14 @@ def test_a_one_device_checkpoint_resumes_on_eight_devices(reference, synth_tiny,
     np.testing.assert_allclose([got[s] for s in sorted(got)], [want[s] for s in sorted(got)], rtol=1e-5)
 
 
-def test_two_processes_started_by_the_slurm_script_give_the_one_process_losses(reference, synth_tiny, tmp_path):
+def test_two_processes_started_by_the_slurm_script_survive_sigterm_and_give_the_one_process_losses(
+        reference, synth_tiny, tmp_path):
     """launch/gpu_slurm.sbatch as Slurm would run it (its `srun` and `scontrol` stood in for by
     tests/test_launch.py's shims, which give each task the variables a real srun sets): 2 tasks on
     localhost, each working out its coordinator and process id from Slurm's variables
-    (e2_jax.distributed), train together to the 1-process losses."""
+    (e2_jax.distributed). Both get SIGTERM after step 5 (the trainer sends it to itself: a
+    notice at a known step); JAX's preemption sync point makes them save the same step and exit
+    0; the same job run again resumes and ends with the 1-process losses."""
     from tests.processes import free_port
     from tests.test_launch import slurm_env
 
@@ -141,18 +145,30 @@ def test_two_processes_started_by_the_slurm_script_give_the_one_process_losses(r
     # 2-core machine (about 37 s a step, measured); on GPUs and TPUs each process has several.
     port = free_port()
     env = _env(1, JAX_COORDINATOR_PORT=str(port), E2_PYTHON=sys.executable, **slurm_env(tmp_path, 2))
-    main_args = _command(tmp_path / "run", synth_tiny)[3:]  # what follows python -m e2_jax.main
-    result = subprocess.run(["bash", str(ROOT / "launch" / "gpu_slurm.sbatch"), *main_args], cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=900)
-    log = result.stdout + result.stderr
-    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-6000:]
+    workdir = tmp_path / "run"
+
+    def job(*extra: str) -> str:
+        main_args = _command(workdir, synth_tiny, *extra)[3:]  # what follows python -m e2_jax.main
+        result = subprocess.run(["bash", str(ROOT / "launch" / "gpu_slurm.sbatch"), *main_args], cwd=ROOT, env=env,
+                                capture_output=True, text=True, timeout=900)
+        assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-6000:]
+        return result.stdout + result.stderr
+
+    log = job("--config.debug.sigterm_at_step=5")
     assert "multi-host start-up (slurm: Slurm job 4711" in log and f"coordinator_address='localhost:{port}'" in log
     assert "process 1 of 2" in log and "2 devices" in log
-    want, got = _losses(reference), _losses(tmp_path / "run")
+    saved = [int(log.split(f"preemption: process {i} saved step ")[1].split()[0]) for i in range(2)]
+    assert saved[0] == saved[1] and 5 <= saved[0] < STEPS, saved
+    assert max(_complete_steps(workdir)) == saved[0]
+    assert "resumed from" in job()
+    want, got = _losses(reference), _losses(workdir)
     assert sorted(got) == list(range(1, STEPS + 1))
     np.testing.assert_allclose([got[s] for s in sorted(got)], [want[s] for s in sorted(got)], rtol=1e-5)
-    np.testing.assert_allclose(_state(tmp_path / "run")["params"]["logit_scale"],
-                               _state(reference)["params"]["logit_scale"], rtol=1e-5)  # one readable checkpoint
+    # One readable checkpoint. (Not every parameter is compared: the attention key biases have a
+    # zero gradient up to rounding, which Adam scales to full steps, so they follow the summation
+    # order of each device layout.)
+    np.testing.assert_allclose(_state(workdir)["params"]["logit_scale"], _state(reference)["params"]["logit_scale"],
+                               rtol=1e-5)
 
 
 def _two_processes(workdir: Path, data_dir: str, *extra: str, devices: int = 1,
@@ -194,21 +210,3 @@ def test_a_mesh_that_interleaves_processes_trains_to_the_one_process_losses(refe
     # The learning rate of steps 1-3 does not depend on the run's length (warm-up of 2, then the
     # cosine's start), so these are the 12-step reference's first three losses.
     np.testing.assert_allclose([got[s] for s in sorted(got)], [want[s] for s in sorted(got)], rtol=1e-5)
-
-
-def test_sigterm_to_two_processes_saves_one_step_and_resumes_exactly(reference, synth_tiny, tmp_path):
-    """Both processes get SIGTERM after step 5 (the trainer sends it to itself: a notice at a
-    known step); JAX's preemption sync point makes them save the same step, both exit 0, and the
-    rerun ends with the uninterrupted run's parameters and losses."""
-    logs = _two_processes(tmp_path, synth_tiny, "--config.debug.sigterm_at_step=5")
-    saved = [int(log.split(f"preemption: process {i} saved step ")[1].split()[0]) for i, log in enumerate(logs)]
-    assert saved[0] == saved[1] and 5 <= saved[0] < STEPS, saved
-    assert saved[0] in _complete_steps(tmp_path) and max(_complete_steps(tmp_path)) == saved[0]
-    logs = _two_processes(tmp_path, synth_tiny)
-    assert "resumed from" in logs[0]
-    want, got = _losses(reference), _losses(tmp_path)
-    assert sorted(got) == list(range(1, STEPS + 1))
-    np.testing.assert_allclose([got[s] for s in sorted(got)], [want[s] for s in sorted(got)], rtol=1e-5)
-    final, uninterrupted = _state(tmp_path), _state(reference)
-    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(final), jax.tree.leaves(uninterrupted), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=jax.tree_util.keystr(path))
