@@ -79,7 +79,7 @@ class Checkpoints:
         best = self.best(stage)
         improved = best is None or sumr > best[1]
         if jax.process_count() > 1:
-            decided = multihost_utils.broadcast_one_to_all(np.array([float(improved), sumr], np.float64))
+            decided = multihost_utils.broadcast_one_to_all(np.array([float(improved), sumr], np.float32))
             improved, sumr = bool(decided[0]), float(decided[1])
         if not improved:
             return False
