@@ -177,7 +177,10 @@ def initialize(mode: str = "auto") -> Plan:
 def single_host_only(tool: str) -> None:
     """For the tools that run as one process (search, probes, tagging, captioning, export):
     started as one of several processes, say so and stop instead of each doing the whole job."""
-    chosen = plan(os.environ)
+    try:
+        chosen = plan(os.environ)
+    except StartupError:  # e.g. the batch shell of a many-task Slurm job: itself one process
+        return
     if chosen.how in ("env", "slurm", "mpi"):
         print(f"error: {tool} runs as one process on one host (it uses every local device), but this is one of "
               f"several processes ({chosen.note}). Run it once, on one host, without the multi-host launcher.",

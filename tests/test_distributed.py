@@ -141,10 +141,17 @@ def test_single_host_tools_refuse_to_run_as_one_of_several_processes(tmp_path):
     import subprocess
     import sys
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "JAX_"))}
-    env |= {"JAX_COORDINATOR_ADDRESS": "localhost:1", "JAX_NUM_PROCESSES": "4", "JAX_PROCESS_ID": "2"}
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "JAX_"))}
+    env = clean | {"JAX_COORDINATOR_ADDRESS": "localhost:1", "JAX_NUM_PROCESSES": "4", "JAX_PROCESS_ID": "2"}
     result = subprocess.run([sys.executable, "-m", "e2_jax.search", "index", "--images", str(tmp_path), "--out",
                              str(tmp_path / "index")], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert result.stderr.startswith("error: python -m e2_jax.search runs as one process on one host")
     assert "Traceback" not in result.stderr and not (tmp_path / "index").exists()
+    # The batch shell of a many-task Slurm job is one process: the tool runs there.
+    batch_shell = {k: v for k, v in slurm_task(nodes=2, tasks_per_node=1, node=0, local=0).items()
+                   if not k.startswith(("SLURM_STEP", "SLURM_PROCID", "SLURM_LOCALID"))}
+    result = subprocess.run([sys.executable, "-c", "from e2_jax import distributed; "
+                             "distributed.single_host_only('x'); print('ran')"], env=clean | batch_shell,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "ran", result.stderr
