@@ -39,8 +39,9 @@ class StartupError(RuntimeError):
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    """How this process starts: `how` names the case ("single", "env", "slurm", "tpu", "mpi"),
-    `arguments` are those of `jax.distributed.initialize` (None: one process, no call)."""
+    """How this process starts: `how` names the case ("single", "env", "slurm", "tpu", "mpi",
+    "auto", "initialised"), `arguments` are those of `jax.distributed.initialize` (None: one
+    process, no call)."""
 
     how: str
     arguments: dict[str, Any] | None
@@ -157,7 +158,7 @@ def initialize(mode: str = "auto") -> Plan:
     from absl import logging
 
     if jax.distributed.is_initialized():
-        return Plan("env", {}, "already initialised")
+        return Plan("initialised", {}, "jax.distributed was initialised before")
     chosen = plan(os.environ, mode)
     if chosen.arguments is None:
         return chosen
@@ -175,7 +176,7 @@ def initialize(mode: str = "auto") -> Plan:
 
 
 def single_host_only(tool: str) -> None:
-    """For the tools that run as one process (search, probes, tagging, captioning, export):
+    """For the tools that run as one process (search, probe, tagging, visualize, captioning):
     started as one of several processes, say so and stop instead of each doing the whole job."""
     try:
         chosen = plan(os.environ)
@@ -190,7 +191,7 @@ def single_host_only(tool: str) -> None:
 
 def check_devices(argv: Sequence[str] | None = None) -> int:
     """`python -m e2_jax.distributed --platform tpu --count 4`: this host's devices, before a
-    run (the launch scripts call it on every worker). Exit 1 if they are not what is expected."""
+    run (launch/tpu_worker.sh calls it on every TPU worker). Exit 1 if they are not what is expected."""
     import argparse
     import socket
 

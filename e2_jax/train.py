@@ -639,7 +639,7 @@ class _Reporter:
 
 def _train_stage(setup: Setup, stage: Stage, state: dict, step_fn, checkpoints: Checkpoints, writer: Writer,
                  progress: Progress, preemption: _Preemption, embed, eval_every: int,
-                 final: bool = True) -> dict[str, Any]:
+                 final: bool) -> dict[str, Any]:
     config = setup.config
     first = int(jax.device_get(state["step"]))
     batches = pipeline.train_batches(setup.train_source, setup.pre, global_batch=config.batch_size,

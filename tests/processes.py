@@ -37,3 +37,11 @@ def run_workers(worker: Path, processes: int, data_dir: str, out_dir: Path, time
     for p, log in zip(procs, logs, strict=True):
         assert p.returncode == 0, log[-6000:]
     return [json.loads(out.read_text()) for out in outs]
+
+
+def interleaved(devices) -> list:
+    """`devices` ordered process by process in turn (0, 1, 0, 1, ...), as a TPU pod slice's
+    torus order places hosts along the batch; local CPU devices are otherwise numbered process
+    by process, which never shows that case."""
+    by_process = [[d for d in devices if d.process_index == p] for p in sorted({d.process_index for d in devices})]
+    return [d for turn in zip(*by_process, strict=True) for d in turn]

@@ -3,6 +3,10 @@ gives it. The Slurm environments are those `srun` sets in a task of a batch job 
 output variables, as `srun env` prints them on a GPU cluster, with site-specific paths kept);
 the TPU ones those of a Cloud TPU VM's ssh session and of a GKE TPU pod."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 
 from e2_jax import distributed
@@ -137,10 +141,6 @@ def test_tpu_vm_asks_the_tpu_runtime(tmp_path):
 def test_single_host_tools_refuse_to_run_as_one_of_several_processes(tmp_path):
     """Started by a multi-host launcher, a one-process tool says so instead of every process
     doing the whole job (and writing the same files)."""
-    import os
-    import subprocess
-    import sys
-
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "JAX_"))}
     env = clean | {"JAX_COORDINATOR_ADDRESS": "localhost:1", "JAX_NUM_PROCESSES": "4", "JAX_PROCESS_ID": "2"}
     result = subprocess.run([sys.executable, "-m", "e2_jax.search", "index", "--images", str(tmp_path), "--out",

@@ -12,7 +12,9 @@ import itertools
 import json
 import os
 import sys
+from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository, for tests.processes
 process_id, num_processes, port, data_dir, out = sys.argv[1:6]
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
 import jax  # noqa: E402
@@ -24,12 +26,11 @@ from jax.experimental import multihost_utils  # noqa: E402
 
 from e2_jax.data import pipeline as pl  # noqa: E402
 from e2_jax.sharding import batch_sharding, make_mesh  # noqa: E402
+from tests.processes import interleaved  # noqa: E402
 
 GLOBAL_BATCH, STEPS, RESUME_AT, SEED = 24, 8, 5, 5
 PRE = pl.Preprocessing(image_size=16, tags=(("brand", "brand", 8),))
-by_process = [[d for d in jax.devices() if d.process_index == p] for p in range(jax.process_count())]
-interleaved = [d for group in zip(*by_process, strict=True) for d in group]
-mesh = make_mesh((("data", 8),), interleaved)
+mesh = make_mesh((("data", 8),), interleaved(jax.devices()))
 sharding = batch_sharding(mesh, ("data",))
 row_sums = jax.jit(lambda x: x.sum(axis=(1, 2, 3)))
 
