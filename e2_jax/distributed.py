@@ -29,6 +29,8 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
+
 _TPU_MARKERS = ("TPU_ACCELERATOR_TYPE", "TPU_WORKER_HOSTNAMES", "TPU_WORKER_ID", "TPU_PROCESS_ADDRESSES")
 _TPU_DEVICE_FILES = ("/dev/accel0", "/dev/vfio/0")
 
@@ -173,6 +175,42 @@ def initialize(mode: str = "auto") -> Plan:
     logging.info("process %d of %d, %d local devices of %d", jax.process_index(), jax.process_count(),
                  jax.local_device_count(), jax.device_count())
     return chosen
+
+
+_AGREE_TIMEOUT_MS = 30 * 60 * 1000
+
+
+def agree_max(name: str, values: Sequence[int]) -> list[int]:
+    """The element-wise maximum of `values` over all processes (each must call it with the same
+    unique `name`, in the same order). Host to host through the coordinator's key-value store,
+    never the devices: the input pipeline calls it for the next batch while a step runs, and a
+    device collective would queue behind that step."""
+    import jax
+
+    if jax.process_count() == 1:
+        return [int(v) for v in values]
+    from jax._src import distributed as jax_distributed
+
+    client = jax_distributed.global_state.client
+    prefix = f"e2_jax/agree/{name}/"
+    client.key_value_set(f"{prefix}{jax.process_index()}", ",".join(str(int(v)) for v in values))
+    client.wait_at_barrier(f"e2_jax/agree/{name}", _AGREE_TIMEOUT_MS)
+    entries = dict(client.key_value_dir_get(prefix))
+    if len(entries) != jax.process_count():
+        raise RuntimeError(f"agree_max({name!r}): {len(entries)} of {jax.process_count()} processes answered")
+    rows = np.array([[int(v) for v in text.split(",")] for text in entries.values()], np.int64)
+    return [int(v) for v in rows.max(axis=0)]
+
+
+def forget(name: str) -> None:
+    """Drops this process's value of a past `agree_max(name, ...)` (every process has read it
+    once a later agreement's barrier has passed)."""
+    import jax
+
+    if jax.process_count() > 1:
+        from jax._src import distributed as jax_distributed
+
+        jax_distributed.global_state.client.key_value_delete(f"e2_jax/agree/{name}/{jax.process_index()}")
 
 
 def single_host_only(tool: str) -> None:

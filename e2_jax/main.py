@@ -6,7 +6,8 @@
 
 The same command on a laptop CPU, one GPU, a GPU cluster (one process per host, see
 launch/) and a TPU pod (`--worker=all`). A run resumes from the latest checkpoint in
-`--workdir`; the resolved config is written there as config.json.
+`--workdir`; the resolved config is written there as config.json. Compiled programs are kept
+in a per-user cache (`--compilation_cache`, see e2_jax/compilation.py).
 """
 
 from __future__ import annotations
@@ -18,12 +19,15 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from e2_jax import train
+from e2_jax import compilation, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py[:arg]).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and the config go.")
 _MODE = flags.DEFINE_enum("mode", "train_and_evaluate", list(train.MODES), "What to do.")
+_CACHE = flags.DEFINE_string("compilation_cache", None,
+                             "JAX's persistent compilation cache folder (default: JAX_COMPILATION_CACHE_DIR, else "
+                             "~/.cache/e2_jax/xla); '' turns it off.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -48,6 +52,8 @@ def main(argv: list[str]) -> None:
         print(f"error: {error}", file=sys.stderr, flush=True)
         sys.exit(2)
     logging.info("config:\n%s", config)
+    cache = compilation.setup(compilation.default_cache_dir() if _CACHE.value is None else _CACHE.value)
+    logging.info("XLA compilation cache: %s", cache or "off")
     try:
         result = train.run(config, _WORKDIR.value, _MODE.value)
     except train.TrainingError as error:

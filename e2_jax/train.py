@@ -37,7 +37,7 @@ from jax.experimental import multihost_utils
 
 from e2_jax import evaluate, losses, optim, pretrained, sharding, storage
 from e2_jax.checkpoints import Checkpoints
-from e2_jax.data import pipeline
+from e2_jax.data import pipeline, region_texts
 from e2_jax.metrics import Progress, Writer, peak_flops, step_flops
 from e2_jax.models.clip import CLIPConfig, get_config
 from e2_jax.models.e2 import E2Config, E2Model, Group, gumbel_noise_shape, init_e2_params
@@ -125,6 +125,8 @@ def prepare(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Se
         trainable = config[name].trainable
         if trainable == "e2_new" and not config.e2.enabled:
             raise ValueError(f"stage {name} trains only E²'s new parameters, but E² is disabled (e2.enabled=False)")
+    if config.data.region_texts not in region_texts.MODES:
+        raise ValueError(f"data.region_texts must be one of {region_texts.MODES}, got {config.data.region_texts!r}")
     if config.optim.name not in optim.OPTIMIZERS:
         raise ValueError(f"optim.name must be one of {optim.OPTIMIZERS}, got {config.optim.name!r}")
     mesh = sharding.make_mesh(config.mesh)
@@ -142,7 +144,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Se
     tags = tuple((g.name, g.text_field, lengths.get(g.name, clip.context_length)) for g in e2.groups) \
         if e2.selection_tokens and config.loss.region_weight > 0 else ()
     pre = pipeline.Preprocessing(image_size=clip.image_size, text_format=config.data.text_format, tags=tags,
-                                 context_length=clip.context_length)
+                                 context_length=clip.context_length, region_texts=config.data.region_texts)
     train_source = pipeline.Source(config.data.dataset, config.data.train_split, data_dir)
     eval_source = pipeline.Source(config.data.dataset, config.data.eval_split, data_dir) \
         if config.data.eval_split else None
@@ -218,14 +220,20 @@ def make_train_step(setup: Setup, stage: Stage, tx: optax.GradientTransformation
     accum = config.accum_steps
 
     def embeddings(params: dict, batch: dict, noise: jax.Array | None) -> dict[str, jax.Array]:
+        """The per-item embeddings (the region texts' are `region_text`'s)."""
         out = model.apply({"params": params}, batch["images"], True, noise, method=E2Model.encode_image)
         emb = {"image": out.global_embedding,
                "text": model.apply({"params": params}, batch["text"], method=E2Model.encode_text)}
         if regions:
             emb["region_image"] = out.region_embeddings
-            emb["region_text"] = jnp.stack([model.apply({"params": params}, batch["tags"][g.name],
-                                                        method=E2Model.encode_text) for g in e2.groups], axis=1)
         return emb
+
+    def region_text(params: dict, batch: dict) -> jax.Array:
+        """[B, groups, embed]: each text-tower call of the packed region texts encoded once,
+        then each item's tag gathered (e2_jax.data.region_texts)."""
+        encoded = [model.apply({"params": params}, tokens, method=E2Model.encode_text)
+                   for tokens in batch["region_tokens"]]
+        return jnp.concatenate(encoded)[batch["region_index"]]
 
     def loss_of(emb: dict, logit_scale: jax.Array):
         if regions:
@@ -235,22 +243,30 @@ def make_train_step(setup: Setup, stage: Stage, tx: optax.GradientTransformation
     def step(state: dict, batch: dict) -> tuple[dict, dict]:
         trainable, frozen = optim.partition(state["params"], pattern)
         key = jax.random.fold_in(jax.random.key(config.seed), state["step"])
-        inputs = {k: batch[k] for k in ("images", "text", "tags") if k in batch}
+        inputs = {k: batch[k] for k in ("images", "text")}
         noise = None
         if noisy:
             noise = jax.random.gumbel(key, gumbel_noise_shape(setup.clip, e2, batch["images"].shape[0]))
             noise = jax.lax.with_sharding_constraint(noise, batch_spec)
         poison = jnp.where(state["step"] == config.debug.nan_at_step, jnp.nan, 1.0)  # a test's NaN
+        whole = (lambda params: region_text(params, batch)) if regions else None
 
         def total(t, emb):
             loss, metrics = loss_of(emb, optim.merge(t, frozen)["logit_scale"])
             return loss * poison, metrics
 
+        def one_pass(t):
+            params = optim.merge(t, frozen)
+            emb = embeddings(params, inputs, noise)
+            if whole is not None:
+                emb["region_text"] = whole(params)
+            return total(t, emb)
+
         if accum == 1:
-            (loss, metrics), grads = jax.value_and_grad(
-                lambda t: total(t, embeddings(optim.merge(t, frozen), inputs, noise)), has_aux=True)(trainable)
+            (loss, metrics), grads = jax.value_and_grad(one_pass, has_aux=True)(trainable)
         else:
-            loss, metrics, grads = _gradcache(trainable, frozen, inputs, noise, accum, embeddings, total, batch_spec)
+            loss, metrics, grads = _gradcache(trainable, frozen, inputs, noise, accum, embeddings, whole, total,
+                                              batch_spec)
         updates, opt_state = tx.update(grads, state["opt_state"], trainable)
         trainable = optax.apply_updates(trainable, updates)
         metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads),
@@ -260,12 +276,13 @@ def make_train_step(setup: Setup, stage: Stage, tx: optax.GradientTransformation
     return step
 
 
-def _gradcache(trainable, frozen, inputs, noise, accum, embeddings, total, batch_spec):
+def _gradcache(trainable, frozen, inputs, noise, accum, embeddings, whole, total, batch_spec):
     """Gradient accumulation that keeps the contrastive batch whole (GradCache, Gao et al. 2021):
     embed every micro-batch without gradients, take the loss and its gradient with respect to
     the embeddings on the whole batch, then back-propagate each micro-batch's share of that
     gradient through its own forward pass. Same loss and gradients as one big batch; activation
-    memory of one micro-batch."""
+    memory of one micro-batch. `whole(params)`: embeddings not split into micro-batches (the
+    packed region texts, a few short rows), back-propagated in one piece."""
     micro = jax.tree.map(lambda x: _split(x, accum), inputs)
     micro_noise = None if noise is None else _split(noise, accum)
     constrain = lambda tree: jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, batch_spec), tree)
@@ -274,9 +291,13 @@ def _gradcache(trainable, frozen, inputs, noise, accum, embeddings, total, batch
         return embeddings(optim.merge(t, frozen), constrain(part), part_noise)
 
     parts = jax.lax.map(lambda xs: embed(trainable, *xs), (micro, micro_noise))
-    whole = jax.tree.map(_unsplit, parts)
+    emb = jax.tree.map(_unsplit, parts)
+    if whole is not None:
+        emb["region_text"], whole_vjp = jax.vjp(lambda t: whole(optim.merge(t, frozen)), trainable)
     (loss, metrics), (emb_grads, direct) = jax.value_and_grad(
-        lambda emb, t: total(t, emb), argnums=(0, 1), has_aux=True)(whole, trainable)
+        lambda emb, t: total(t, emb), argnums=(0, 1), has_aux=True)(emb, trainable)
+    if whole is not None:
+        direct = jax.tree.map(jnp.add, direct, whole_vjp(emb_grads.pop("region_text"))[0])
     emb_grads = jax.tree.map(lambda g: _split(g, accum), emb_grads)
 
     def backward(acc, xs):
@@ -340,6 +361,26 @@ def state_shardings(setup: Setup, stage: Stage, tx: optax.GradientTransformation
     abstract = jax.eval_shape(make, params)
     shardings = _shardings(setup, abstract)
     return _with_shardings(abstract, shardings), shardings
+
+
+@dataclasses.dataclass(frozen=True)
+class StageProgram:
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+    abstract_state: Any  # with shardings: what a checkpoint restores into
+    shardings: Any
+    step: Any  # jax.jit(step(state, batch) -> (state, metrics)), the state donated
+
+
+def build_stage(setup: Setup, stage: Stage, tx: optax.GradientTransformation | None = None,
+                schedule: optax.Schedule | None = None) -> StageProgram:
+    """A stage's optimizer (the config's, unless `tx`/`schedule` are given), state layout and
+    jitted step: what the trainer runs, and what its tests and the benchmarks run too."""
+    if tx is None:
+        tx, schedule = stage_optimizer(setup, stage)
+    abstract_state, shardings = state_shardings(setup, stage, tx)
+    step = jax.jit(make_train_step(setup, stage, tx, schedule), donate_argnums=0, out_shardings=(shardings, None))
+    return StageProgram(tx, schedule, abstract_state, shardings, step)
 
 
 def new_state(params: dict, stage: Stage, tx: optax.GradientTransformation, shardings: Any) -> dict:
@@ -553,18 +594,15 @@ def _train(setup: Setup, checkpoints: Checkpoints, preemption: _Preemption, eval
     try:
         for index in range(_stage_at(stages, start), len(stages)):
             stage = stages[index]
-            tx, schedule = stage_optimizer(setup, stage)
-            abstract_state, shardings = state_shardings(setup, stage, tx)
+            program = build_stage(setup, stage)
             if latest is not None and stage.start < latest:
-                state = checkpoints.restore(latest, abstract_state)
+                state = checkpoints.restore(latest, program.abstract_state)
                 logging.info("resumed from %s (step %d, stage %s)", checkpoints.path(latest), latest, stage.name)
             else:
                 params = _stage_start_params(setup, checkpoints, index, params, latest)
-                state = new_state(params, stage, tx, shardings)
-            step_fn = jax.jit(make_train_step(setup, stage, tx, schedule), donate_argnums=0,
-                              out_shardings=(shardings, None))
-            outcome = _train_stage(setup, stage, state, step_fn, checkpoints, writer, progress, preemption, embed,
-                                   eval_every, final=index == len(stages) - 1)
+                state = new_state(params, stage, program.tx, program.shardings)
+            outcome = _train_stage(setup, stage, state, program.step, checkpoints, writer, progress, preemption,
+                                   embed, eval_every, final=index == len(stages) - 1)
             result.update(outcome)
             if outcome.get("preempted"):
                 return result
@@ -603,22 +641,22 @@ class _Reporter:
     """Step metrics, read one step late (never stalling the device): throughput and MFU over
     the steps since the last write, NaN/Inf detection, console, TensorBoard and JSON lines."""
 
-    def __init__(self, setup: Setup, writer: Writer, progress: Progress, checkpoints: Checkpoints,
-                 flops: float | None) -> None:
+    def __init__(self, setup: Setup, writer: Writer, progress: Progress, checkpoints: Checkpoints) -> None:
         self.setup, self.writer, self.progress, self.checkpoints = setup, writer, progress, checkpoints
-        self.flops, self.peak = flops, peak_flops(jax.devices()[0], setup.config.peak_flops)
-        self.pending: tuple[int, dict] | None = None
+        self.peak = peak_flops(jax.devices()[0], setup.config.peak_flops)
+        self.pending: tuple[int, dict, float | None] | None = None
+        self._flops = 0.0
         self._since, self._steps = time.perf_counter(), 0
 
-    def push(self, step: int, metrics: dict) -> None:
-        """Step `step` was dispatched: report the one before it, then keep this one."""
+    def push(self, step: int, metrics: dict, flops: float | None) -> None:
+        """Step `step` (of `flops` per device) was dispatched: report the one before it, then keep this one."""
         self.flush()
-        self.pending = (step, metrics)
+        self.pending = (step, metrics, flops)
 
     def flush(self) -> None:
         if self.pending is None:
             return
-        (step, metrics), self.pending = self.pending, None
+        (step, metrics, flops), self.pending = self.pending, None
         values = _host_metrics(metrics, self.setup.e2.groups)  # waits for that step only
         if not math.isfinite(values["loss"]):
             self.checkpoints.wait()
@@ -627,14 +665,41 @@ class _Reporter:
                      else "no checkpoint was saved before it")
             raise TrainingError(f"loss is {values['loss']} at step {step}; stopping. {where}.")
         self._steps += 1
+        self._flops += flops or 0.0
         seconds = (time.perf_counter() - self._since) / self._steps
         values["examples_per_second"] = self.setup.config.batch_size / seconds
-        if self.flops and self.peak:
-            values["mfu"] = self.flops / seconds / self.peak
+        if self._flops and self.peak:
+            values["mfu"] = self._flops / self._steps / seconds / self.peak
         self.progress.update(1, loss=f"{values['loss']:.3f}", ex_s=f"{values['examples_per_second']:.1f}")
         if (step + 1) % self.setup.config.log_every_steps == 0:
             self.writer.write(step + 1, values)
-            self._since, self._steps = time.perf_counter(), 0
+            self._since, self._steps, self._flops = time.perf_counter(), 0, 0.0
+
+
+class _StepVariants:
+    """A stage's jitted step, compiled once per shape of its batch: the packed region texts come
+    in a few shapes (e2_jax/data/region_texts.py), each a variant, compiled when first met and
+    named in the log."""
+
+    def __init__(self, step_fn, stage: Stage, progress: Progress) -> None:
+        self.step_fn, self.stage, self.progress = step_fn, stage, progress
+        self.variants: dict[Any, tuple[Any, float | None]] = {}
+
+    def get(self, state: dict, batch: dict) -> tuple[Any, float | None]:
+        """(compiled step, its FLOPs per device) for this batch's shapes."""
+        key = (jax.tree.structure(batch), tuple(x.shape for x in jax.tree.leaves(batch)))
+        if key not in self.variants:
+            start = time.perf_counter()
+            with jax.transfer_guard("allow"):
+                compiled = self.step_fn.lower(state, batch).compile()
+            flops = step_flops(compiled)
+            regions = region_texts.describe([t.shape for t in batch.get("region_tokens", ())])
+            self.variants[key] = (compiled, flops)
+            self.progress.write(
+                f"stage {self.stage.name}: step variant {len(self.variants)} (region texts {regions}, global rows x "
+                f"tokens per call) compiled in {time.perf_counter() - start:.1f} s, "
+                f"{flops / 1e9 if flops else float('nan'):.1f} GFLOPs per step per device")
+        return self.variants[key]
 
 
 def _train_stage(setup: Setup, stage: Stage, state: dict, step_fn, checkpoints: Checkpoints, writer: Writer,
@@ -644,19 +709,22 @@ def _train_stage(setup: Setup, stage: Stage, state: dict, step_fn, checkpoints: 
     first = int(jax.device_get(state["step"]))
     batches = pipeline.train_batches(setup.train_source, setup.pre, global_batch=config.batch_size,
                                      sharding=sharding.batch_sharding(setup.mesh), seed=config.seed, start_step=first)
-    batch = next(batches)
-    compiled = step_fn.lower(state, batch).compile()
-    flops = step_flops(compiled)
     trainable = optim.count(optim.partition(state["params"], optim.trainable_pattern(stage.trainable))[0])
     progress.write(f"stage {stage.name}: steps {stage.start}-{stage.end}, {trainable:,} trainable parameters, "
-                   f"{flops / 1e9 if flops else float('nan'):.1f} GFLOPs per step per device, "
                    f"{jax.device_count()} devices, mesh {dict(setup.mesh.shape)}")
-    reporter, outcome, saved = _Reporter(setup, writer, progress, checkpoints, flops), {}, None
+    steps = _StepVariants(step_fn, stage, progress)
+    with jax.transfer_guard("disallow"):
+        batch = next(batches)
+    compiled, flops = steps.get(state, batch)
+    reporter, outcome, saved = _Reporter(setup, writer, progress, checkpoints), {}, None
     for step in range(first, stage.end):
-        if step > first:
-            batch = next(batches)
-        state, metrics = compiled(state, batch)
-        reporter.push(step, metrics)
+        # An accidental host copy in the loop (an implicit transfer) fails loudly here.
+        with jax.transfer_guard("disallow"):
+            if step > first:
+                batch = next(batches)
+                compiled, flops = steps.get(state, batch)
+            state, metrics = compiled(state, batch)
+        reporter.push(step, metrics, flops)
         done = step + 1
         if done == config.debug.kill_during_save_at_step:
             checkpoints.save(done, state)

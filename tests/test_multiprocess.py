@@ -52,3 +52,18 @@ def test_pipeline_on_two_processes(synth_tiny, tmp_path):
     valid = [v for r in (first, second) for b in r["eval"] for v in b["valid"]]
     assert len(index) == 24 and sum(valid) == 16
     assert sorted(i for i, v in zip(index, valid, strict=True) if v) == list(range(16))
+
+
+REGION_WORKER = Path(__file__).parent / "multiprocess" / "region_worker.py"
+
+
+def test_packed_region_texts_on_two_processes(synth_tiny, tmp_path):
+    """Each process packs its own rows' tags; they agree on one set of call shapes (what the
+    process needing most needs) and the step equals the per-item encoding (checked in each)."""
+    first, second = run_workers(REGION_WORKER, 2, synth_tiny, tmp_path)
+    assert first["calls"] == second["calls"] and first["loss"] == second["loss"]
+    assert first["needs"] != second["needs"]  # the agreement had work to do
+    short_rows, short_tokens = first["calls"][0]
+    assert short_rows >= 2 * max(first["needs"][0], second["needs"][0])
+    assert short_tokens >= max(first["needs"][1], second["needs"][1])
+    assert abs(first["loss"] - first["per_item_loss"]) <= 1e-6 * abs(first["loss"])

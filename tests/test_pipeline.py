@@ -13,6 +13,7 @@ from e2_jax.data import pipeline as pl
 from e2_jax.data import synth_fashion
 from e2_jax.data.tokenizer import CLIPTokenizer
 from e2_jax.sharding import batch_sharding
+from tests.test_region_texts import unpack
 
 TAGS = (("subcategory", "subcategory", 8), ("brand", "brand", 8), ("description", "description", 77))
 PRE = pl.Preprocessing(image_size=24, tags=TAGS)
@@ -134,9 +135,13 @@ def test_global_arrays_on_one_device(synth_tiny):
     sharding = batch_sharding(mesh, ("data",))
     batch = next(pl.train_batches(source, PRE, global_batch=8, sharding=sharding))
     assert isinstance(batch["images"], jax.Array) and batch["images"].sharding == sharding
-    assert batch["tags"]["brand"].shape == (8, 8)
     local = next(pl.local_train_batches(source, PRE, global_batch=8, rows=range(8)))
     np.testing.assert_array_equal(np.asarray(batch["text"]), local["text"])
+    # The tags come packed (e2_jax.data.region_texts): each item's tag is its row of the calls.
+    assert "tags" not in batch and batch["region_index"].shape == (8, len(TAGS))
+    for g, (group, _, length) in enumerate(TAGS):
+        np.testing.assert_array_equal(unpack(batch["region_tokens"], batch["region_index"], g, length),
+                                      local["tags"][group])
     with pytest.raises(ValueError, match="none of the batch axes"):
         batch_sharding(mesh, ("fsdp",))
 

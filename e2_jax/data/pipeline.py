@@ -22,9 +22,12 @@ access), the chosen view's PNG/JPEG decoded, resized so its shorter side is `ima
 formatted from the record's fields. Per batch: the global text and each group's tag are
 tokenised (tags at the group's own context length; a tag seen before comes from a cache).
 
-Output of each step: `images` float32 [B, S, S, 3], `text` int32 [B, context], `tags`
-{group: int32 [B, group context]}, `index` int32 [B] (the example's index in the split), and
-for evaluation `valid` bool [B] and `view` int32 [B].
+Output of each step: `images` float32 [B, S, S, 3], `text` int32 [B, context], `index` int32
+[B] (the example's index in the split); for training with tags, `region_tokens` (a tuple of
+int32 [rows, tokens], one per text-tower call) and `region_index` int32 [B, groups] (see
+region_texts.py: each distinct tag once, trimmed, in at most two calls); for evaluation `valid`
+bool [B] and `view` int32 [B]. The local (per-process) iterators give `tags` {group: int32
+[rows, group context]}, one row per item.
 """
 
 from __future__ import annotations
@@ -39,6 +42,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
 
+from e2_jax import distributed
+from e2_jax.data import region_texts
 from e2_jax.data.tensorflow_cpu import tf
 from e2_jax.data.tokenizer import CLIPTokenizer
 
@@ -59,6 +64,7 @@ class Preprocessing:
     text_format: str = FASHIONGEN_TEXT
     tags: tuple[tuple[str, str, int], ...] = ()
     context_length: int = 77
+    region_texts: str = "packed"  # how training batches carry the tags (region_texts.MODES)
 
     def fields(self) -> list[str]:
         """The text fields this preprocessing reads."""
@@ -329,23 +335,60 @@ def local_eval_batches(source: Source, pre: Preprocessing, *, global_batch: int,
     return _dataset(source, pre, batches(), len(rows), train=False, images=images).as_numpy_iterator()
 
 
-def _global(batches: Iterator[dict], sharding: jax.sharding.Sharding, global_batch: int) -> Iterator[dict]:
+def _global(batches: Iterator[dict], sharding: jax.sharding.Sharding, global_batch: int,
+            local_batch: int) -> Iterator[dict]:
+    """Each leaf's rows are this process's share of a global array `global_batch / local_batch`
+    times as long (the batch, or one of the region-text calls)."""
     for batch in batches:
         yield jax.tree.map(lambda x: jax.make_array_from_process_local_data(
-            sharding, x, (global_batch, *x.shape[1:])), batch)
+            sharding, x, (x.shape[0] * global_batch // local_batch, *x.shape[1:])), batch)
+
+
+_iterators = iter(range(1 << 62))  # names each training iterator's agreements (same order in every process)
+
+
+def _pack_region_texts(batches: Iterator[dict], pre: Preprocessing, sharding: jax.sharding.Sharding,
+                       global_batch: int, start_step: int) -> Iterator[dict]:
+    """Replaces each batch's per-item `tags` by `region_tokens` and `region_index`
+    (e2_jax.data.region_texts), with shapes every process agrees on."""
+    rows = process_rows(sharding, global_batch)
+    processes = global_batch // len(rows)
+    shards = {index[0].indices(global_batch) for index in sharding.addressable_devices_indices_map(
+        (global_batch,)).values()}  # this process's distinct blocks of rows
+    packing = region_texts.Packing(pre.region_texts, len(rows), processes, len(shards))
+    lengths = [length for _, _, length in pre.tags]
+    name = f"region_texts/{next(_iterators)}"
+    global_rows: dict[int, np.ndarray] = {}
+    for step, batch in enumerate(batches, start_step):
+        tags = [batch["tags"][group] for group, _, _ in pre.tags]
+        needs = packing.needs(tags)
+        if packing.agrees:
+            needs = np.array(distributed.agree_max(f"{name}/{step}", needs))
+            if step > start_step:
+                distributed.forget(f"{name}/{step - 1}")
+        shapes = packing.shapes(needs, lengths)
+        for count, _ in shapes:
+            if count not in global_rows:
+                global_rows[count] = process_rows(sharding, processes * count)
+        packed = packing.pack(tags, shapes, [global_rows[count] for count, _ in shapes])
+        del batch["tags"]
+        yield {**batch, "region_tokens": packed.tokens, "region_index": packed.index}
 
 
 def train_batches(source: Source, pre: Preprocessing, *, global_batch: int, sharding: jax.sharding.Sharding,
                   seed: int = 0, start_step: int = 0) -> Iterator[dict[str, jax.Array]]:
     """Global training batches laid out by `sharding` (over the batch dimension), from
-    `start_step` on, endless: the batch of step s is the same whenever the run starts."""
+    `start_step` on, endless: the batch of step s is the same whenever the run starts. With
+    `pre.tags`, the tags come as `region_tokens` and `region_index` (region_texts.Packing)."""
     rows = process_rows(sharding, global_batch)
     if jax.process_count() > 1:
         blocks = np.split(rows, np.flatnonzero(np.diff(rows) != 1) + 1)
         logging.info("process %d reads rows %s of each global batch of %d", jax.process_index(),
                      ", ".join(f"{b[0]}-{b[-1]}" for b in blocks), global_batch)
     local = local_train_batches(source, pre, global_batch=global_batch, rows=rows, seed=seed, start_step=start_step)
-    return _global(local, sharding, global_batch)
+    if pre.tags:
+        local = _pack_region_texts(local, pre, sharding, global_batch, start_step)
+    return _global(local, sharding, global_batch, len(rows))
 
 
 def eval_batches(source: Source, pre: Preprocessing, *, global_batch: int, sharding: jax.sharding.Sharding,
@@ -354,7 +397,7 @@ def eval_batches(source: Source, pre: Preprocessing, *, global_batch: int, shard
     padded, with a `valid` mask."""
     rows = process_rows(sharding, global_batch)
     local = local_eval_batches(source, pre, global_batch=global_batch, rows=rows, items=items, images=images)
-    return _global(local, sharding, global_batch)
+    return _global(local, sharding, global_batch, len(rows))
 
 
 def steps_per_epoch(num_examples: int, global_batch: int) -> float:

@@ -1,0 +1,42 @@
+"""One of two processes of tests/test_multiprocess.py: packed region texts across hosts.
+
+    python tests/multiprocess/region_worker.py PROCESS_ID NUM_PROCESSES PORT DATA_DIR OUT_JSON
+
+Each process has 1 CPU device and packs the tags of its own rows; the processes agree on the
+calls' shapes (e2_jax.distributed.agree_max), and the trainer's step gives the per-item
+encoding's loss and gradients (checked here, on the whole parameter tree). Writes this
+process's own needs, the agreed calls and the losses.
+"""
+
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository, for tests.*
+process_id, num_processes, port, data_dir, out = sys.argv[1:6]
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+import jax  # noqa: E402
+
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize(f"localhost:{port}", num_processes=int(num_processes), process_id=int(process_id))
+
+from e2_jax import train  # noqa: E402
+from e2_jax.data import pipeline, region_texts  # noqa: E402
+from e2_jax.sharding import batch_sharding  # noqa: E402
+from tests import region_equality  # noqa: E402
+
+c = region_equality.config(data_dir)
+workdir = tempfile.mkdtemp()
+packed = region_equality.one_step(c, workdir + "/packed", "packed")
+per_item = region_equality.one_step(c, workdir + "/per_item", "per_item")
+region_equality.assert_equal_steps(packed, per_item)
+
+setup = train.prepare(c, workdir + "/needs")
+rows = pipeline.process_rows(batch_sharding(setup.mesh), c.batch_size)
+local = next(pipeline.local_train_batches(setup.train_source, setup.pre, global_batch=c.batch_size, rows=rows,
+                                          seed=c.seed))
+needs = region_texts.Packing("packed", len(rows)).needs([local["tags"][g] for g, _, _ in setup.pre.tags])
+Path(out).write_text(json.dumps({"needs": needs.tolist(), "calls": packed["calls"], "loss": packed["loss"],
+                                 "per_item_loss": per_item["loss"]}))
