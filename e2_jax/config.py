@@ -42,8 +42,9 @@ def base() -> ml_collections.ConfigDict:
         "preset": "ViT-B-16",  # a preset of e2_jax.models.clip
         "pretrained": "",  # a converted CLIP (python -m e2_jax.convert to-flax ...); "" = random init
         "overrides": ml_collections.ConfigDict(),  # CLIPConfig fields, e.g. image_size=64
-        "compute_dtype": "float32",  # "bfloat16" for mixed precision
+        "compute_dtype": "float32",  # "bfloat16": mixed precision (float32 parameters and loss)
         "remat": False,
+        "attention": "auto",  # "auto" (cuDNN's fused attention on a GPU where it applies), "xla", "cudnn"
     })
     c.e2 = ml_collections.ConfigDict({
         "enabled": True,  # False: plain CLIP fine-tuning (CLIP-FT), no selection tokens
@@ -122,6 +123,9 @@ def fashion_recipe(preset: str, method: str, arg: str | None) -> ml_collections.
         raise ValueError(f"unknown config arguments {sorted(unknown)}; known: dataset, ablation, runlocal")
     c = base()
     c.model.preset = preset
+    # An accelerator recipe: bfloat16 matmuls (parameters, LayerNorm, softmax and the loss stay
+    # float32). `runlocal` goes back to float32, which a CPU computes faster.
+    c.model.compute_dtype = "bfloat16"
     c.model.pretrained = "models/clip_" + preset.lower().replace("vit-", "").replace("-", "")  # models/clip_b32
     if options.get("dataset", "fashion_gen") == "amazon_fashion":
         c.data.dataset, c.data.eval_split = "amazon_fashion", "test"
@@ -162,6 +166,7 @@ def apply_ablation(c: ml_collections.ConfigDict, ablation: str) -> None:
 def runlocal(c: ml_collections.ConfigDict) -> None:
     """Any config, shrunk to a run of a few steps on a CPU (tiny random model, SynthFashion/tiny)."""
     c.model.preset, c.model.pretrained, c.model.overrides = "tiny", "", {}
+    c.model.compute_dtype = "float32"
     c.data.dataset, c.data.eval_split, c.data.build_if_missing = "synth_fashion/tiny", "validation", True
     if c.data.text_format == AMAZON_TEXT:  # SynthFashion has FashionGen's fields
         c.data.text_format, c.data.tag_lengths, c.e2.groups = FASHIONGEN_TEXT, "brand:24", "brand"

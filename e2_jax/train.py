@@ -86,7 +86,8 @@ def model_configs(config: ml_collections.ConfigDict) -> tuple[CLIPConfig, E2Conf
         clip = pretrained.load_config(_pretrained_path(config)).replace(**overrides)
     else:
         clip = get_config(config.model.preset, **overrides)
-    clip = clip.replace(compute_dtype=config.model.compute_dtype, remat=config.model.remat)
+    clip = clip.replace(compute_dtype=config.model.compute_dtype, remat=config.model.remat,
+                        attention=config.model.attention)
     e = config.e2
     groups = tuple(Group(name.strip(), e.tokens_per_group) for name in e.groups.split(",") if name.strip())
     fusion_layers = tuple(int(x) for x in e.fusion_layers.split(",")) if e.fusion_layers else None

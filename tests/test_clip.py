@@ -97,3 +97,21 @@ def test_forward_normalises_and_returns_scale(tiny):
     np.testing.assert_allclose(np.linalg.norm(img, axis=-1), 1, rtol=1e-5)
     np.testing.assert_allclose(np.linalg.norm(txt, axis=-1), 1, rtol=1e-5)
     np.testing.assert_allclose(scale, 1 / 0.07, rtol=1e-5)
+
+
+def test_attention_kernel_choice():
+    """cuDNN's fused attention only where it takes the call: an NVIDIA GPU, 16-bit inputs, a head
+    dim that is a multiple of 8 up to 128, no explicit mask (the pooled row's causal mask)."""
+    from e2_jax.models.clip import attention_implementation
+
+    bf16, f32 = jnp.bfloat16, jnp.float32
+    assert attention_implementation("auto", "gpu", bf16, 64, masked=False) == "cudnn"
+    assert attention_implementation("auto", "cuda", jnp.float16, 128, masked=False) == "cudnn"
+    for platform, dtype, head_dim, masked in (("gpu", f32, 64, False), ("gpu", bf16, 64, True),
+                                              ("gpu", bf16, 160, False), ("gpu", bf16, 60, False),
+                                              ("tpu", bf16, 64, False), ("cpu", bf16, 64, False)):
+        assert attention_implementation("auto", platform, dtype, head_dim, masked) == "xla"
+    assert attention_implementation("xla", "gpu", bf16, 64, False) == "xla"
+    assert attention_implementation("cudnn", "cpu", f32, 64, False) == "cudnn"  # asked for: JAX says if it cannot
+    with pytest.raises(ValueError, match="attention must be one of"):
+        get_config("tiny", attention="flash")

@@ -36,6 +36,9 @@ _ACTIVATIONS = {
 }
 
 
+ATTENTION = ("auto", "xla", "cudnn")  # CLIPConfig.attention, see attention_implementation
+
+
 @dataclasses.dataclass(frozen=True)
 class CLIPConfig:
     """Architecture of a CLIP model, plus how to compute it (dtypes, rematerialisation).
@@ -64,6 +67,9 @@ class CLIPConfig:
     compute_dtype: str = "float32"
     param_dtype: str = "float32"
     remat: bool = False
+    # Attention kernel: "auto" (cuDNN's fused attention where it applies, see
+    # `attention_implementation`), "xla" or "cudnn".
+    attention: str = "auto"
 
     def __post_init__(self) -> None:
         if self.image_size % self.patch_size:
@@ -76,6 +82,8 @@ class CLIPConfig:
                 raise ValueError(f"{tower}_width {width} is not divisible by {tower}_heads {heads}")
         if self.activation not in _ACTIVATIONS:
             raise ValueError(f"activation must be one of {sorted(_ACTIVATIONS)}, not {self.activation!r}")
+        if self.attention not in ATTENTION:
+            raise ValueError(f"attention must be one of {ATTENTION}, not {self.attention!r}")
         for field in ("compute_dtype", "param_dtype"):
             if getattr(self, field) not in _DTYPES:
                 raise ValueError(f"{field} must be one of {sorted(_DTYPES)}, not {getattr(self, field)!r}")
@@ -93,7 +101,7 @@ class CLIPConfig:
 
     def architecture(self) -> dict[str, Any]:
         """The fields that determine parameter shapes (and the activation)."""
-        skip = {"compute_dtype", "param_dtype", "remat"}
+        skip = {"compute_dtype", "param_dtype", "remat", "attention"}
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
 
     def to_json(self) -> str:
@@ -174,6 +182,29 @@ class Linear(nn.Module):
         return x.astype(self.dtype) @ kernel + bias
 
 
+def attention_implementation(choice: str, platform: str, dtype: Any, head_dim: int, masked: bool) -> str:
+    """The kernel `jax.nn.dot_product_attention` gets. "auto": cuDNN's fused (flash) attention
+    on an NVIDIA GPU when the call is one it takes (bfloat16 or float16, head dim a multiple of
+    8 up to 128, no explicit mask: the full-sequence calls, causal or not), else XLA's, which
+    is also what JAX's own default (`implementation=None`) uses everywhere today."""
+    if choice != "auto":
+        return choice
+    if (platform in ("gpu", "cuda") and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+            and head_dim % 8 == 0 and head_dim <= 128 and not masked):
+        return "cudnn"
+    return "xla"
+
+
+def _attend(q: Array, k: Array, v: Array, choice: str, causal: bool = False, mask: Array | None = None) -> Array:
+    implementation = attention_implementation(choice, jax.default_backend(), q.dtype, q.shape[-1], mask is not None)
+    if implementation == "cudnn" and choice == "auto":
+        try:
+            return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal, implementation="cudnn")
+        except (RuntimeError, ValueError, NotImplementedError):  # an old cuDNN, a shape it lacks
+            implementation = "xla"
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal, implementation=implementation)
+
+
 class MultiHeadAttention(nn.Module):
     """`torch.nn.MultiheadAttention` with a packed `in_proj`, through the fused XLA/cuDNN op.
 
@@ -186,6 +217,7 @@ class MultiHeadAttention(nn.Module):
     causal: bool = False
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    attention: str = "auto"
 
     @nn.compact
     def __call__(self, x: Array, pool: Array | None = None) -> Array:
@@ -195,7 +227,7 @@ class MultiHeadAttention(nn.Module):
         in_proj = Linear(3 * w, name="in_proj", **kw)
         if pool is None:
             q, k, v = jnp.split(in_proj(x).reshape(batch, length, 3 * self.heads, head_dim), 3, axis=2)
-            y = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal)
+            y = _attend(q, k, v, self.attention, causal=self.causal)
         else:
             rows = jnp.take_along_axis(x, pool[:, None, None], axis=1)
             q = in_proj(rows, slice(0, w)).reshape(batch, 1, self.heads, head_dim)
@@ -204,7 +236,7 @@ class MultiHeadAttention(nn.Module):
             mask = None
             if self.causal:  # the pooled row sees keys up to its own position
                 mask = (jnp.arange(length)[None, :] <= pool[:, None])[:, None, None, :]
-            y = jax.nn.dot_product_attention(q, k, v, mask=mask)
+            y = _attend(q, k, v, self.attention, mask=mask)
         return Linear(w, name="out_proj", **kw)(y.reshape(batch, -1, w))
 
 
@@ -236,11 +268,12 @@ class ResidualAttentionBlock(nn.Module):
     causal: bool = False
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    attention: str = "auto"
 
     @nn.compact
     def __call__(self, x: Array, pool: Array | None = None) -> Array:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        y = MultiHeadAttention(self.width, self.heads, self.causal, name="attn", **kw)(
+        y = MultiHeadAttention(self.width, self.heads, self.causal, name="attn", attention=self.attention, **kw)(
             LayerNorm(self.param_dtype, name="ln_1")(x), pool)
         if pool is not None:
             x = jnp.take_along_axis(x, pool[:, None, None], axis=1)
@@ -267,12 +300,13 @@ class Transformer(nn.Module):
     remat: bool = False
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    attention: str = "auto"
 
     def setup(self) -> None:
         block = nn.remat(ResidualAttentionBlock) if self.remat else ResidualAttentionBlock
         self.resblocks = [
             block(self.width, self.heads, self.mlp_ratio, self.activation, self.causal,
-                  self.dtype, self.param_dtype, name=f"resblocks_{i}")
+                  self.dtype, self.param_dtype, self.attention, name=f"resblocks_{i}")
             for i in range(self.layers)
         ]
 
@@ -310,7 +344,8 @@ class VisionTransformer(nn.Module):
                                                (c.num_patches + 1, c.vision_width), kw["param_dtype"])
         self.ln_pre = LayerNorm(kw["param_dtype"])
         self.transformer = Transformer(c.vision_width, c.vision_layers, c.vision_heads,
-                                       c.mlp_ratio, c.activation, remat=c.remat, **kw)
+                                       c.mlp_ratio, c.activation, remat=c.remat,
+                                       attention=c.attention, **kw)
         self.ln_post = LayerNorm(kw["param_dtype"])
         self.proj = self.param("proj", _init_normal(scale), (c.vision_width, c.embed_dim),
                                kw["param_dtype"])
@@ -347,7 +382,8 @@ class TextTransformer(nn.Module):
         self.positional_embedding = self.param("positional_embedding", _init_normal(0.01),
                                                (c.context_length, c.text_width), kw["param_dtype"])
         self.transformer = Transformer(c.text_width, c.text_layers, c.text_heads, c.mlp_ratio,
-                                       c.activation, causal=True, remat=c.remat, **kw)
+                                       c.activation, causal=True, remat=c.remat,
+                                       attention=c.attention, **kw)
         self.ln_final = LayerNorm(kw["param_dtype"])
         self.text_projection = self.param("text_projection", _init_normal(c.text_width**-0.5),
                                           (c.text_width, c.embed_dim), kw["param_dtype"])
