@@ -18,7 +18,7 @@ import json
 
 import ml_collections
 
-from e2_jax.data.pipeline import AMAZON_TEXT, FASHIONGEN_TEXT
+from e2_jax.data.preprocessing import AMAZON_TEXT, FASHIONGEN_TEXT
 
 AUTHORS_GROUPS = "subcategory,brand,description,season,composition"
 PAPER_GROUPS = "brand,season,subcategory,composition"

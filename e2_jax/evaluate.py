@@ -21,6 +21,7 @@ import dataclasses
 import json
 import os
 from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
 
 import jax
 import numpy as np
@@ -28,7 +29,10 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from e2_jax import retrieval, storage
-from e2_jax.data import pipeline
+from e2_jax.data.preprocessing import FASHIONGEN_TEXT, Preprocessing
+
+if TYPE_CHECKING:
+    from e2_jax.data import pipeline
 
 KS = retrieval.KS
 PROTOCOLS = ("full_candidate", "full_gallery", "sample_100")
@@ -68,7 +72,7 @@ class Protocols:
     """Which evaluations to run (the `eval` fields of the config)."""
 
     protocols: tuple[str, ...] = ("full_candidate",)
-    texts: dict[str, str] = dataclasses.field(default_factory=lambda: {"tags": pipeline.FASHIONGEN_TEXT})
+    texts: dict[str, str] = dataclasses.field(default_factory=lambda: {"tags": FASHIONGEN_TEXT})
     sample_field: str = "subcategory"  # "" = negatives drawn from every other product
     sample_queries: int = 1000
     sample_negatives: int = 100
@@ -92,10 +96,12 @@ def sampled_views(views: np.ndarray, seed: int) -> np.ndarray:
     return np.random.default_rng([seed, 100]).integers(0, np.maximum(views, 1))
 
 
-def retrieval_report(source: pipeline.Source, pre: pipeline.Preprocessing, protocols: Protocols, *,
+def retrieval_report(source: pipeline.Source, pre: Preprocessing, protocols: Protocols, *,
                      embed_images: Callable[[dict], jax.Array], embed_texts: Callable[[dict], jax.Array],
                      global_batch: int, sharding: jax.sharding.Sharding) -> dict:
     """Every protocol x text of `protocols` on `source`: {"metrics": {key: value}, "counts": ...}."""
+    from e2_jax.data import pipeline  # TensorFlow, loaded when data is read (not by the trainer's step)
+
     fields = [protocols.sample_field] if "sample_100" in protocols.protocols and protocols.sample_field else []
     scan = source.scan(fields)
     views, n = scan["views"], len(source)

@@ -24,11 +24,10 @@ import signal
 import string
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 from absl import logging
@@ -37,10 +36,18 @@ from jax.experimental import multihost_utils
 
 from e2_jax import evaluate, losses, optim, pretrained, sharding, storage
 from e2_jax.checkpoints import Checkpoints
-from e2_jax.data import pipeline, region_texts
+from e2_jax.data import region_texts
+from e2_jax.data.preprocessing import Preprocessing
 from e2_jax.metrics import Progress, Writer, peak_flops, step_flops
 from e2_jax.models.clip import CLIPConfig, get_config
 from e2_jax.models.e2 import E2Config, E2Model, Group, gumbel_noise_shape, init_e2_params
+
+# The step builds without TensorFlow or ml_collections (benchmarks/device.py runs it on a machine
+# without them, on synthetic batches): the input pipeline is imported where data is read.
+if TYPE_CHECKING:
+    import ml_collections
+
+    from e2_jax.data import pipeline
 
 MODES = ("train", "evaluate", "train_and_evaluate")
 
@@ -73,8 +80,8 @@ class Setup:
     clip: CLIPConfig
     e2: E2Config
     model: E2Model
-    pre: pipeline.Preprocessing
-    train_source: pipeline.Source
+    pre: Preprocessing
+    train_source: pipeline.Source | None  # None: prepared without data (synthetic batches)
     eval_source: pipeline.Source | None
     stages: list[Stage]
     steps_per_epoch: float
@@ -115,9 +122,10 @@ def _tag_lengths(spec: str) -> dict[str, int]:
     return out
 
 
-def prepare(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Setup:
+def prepare(config: ml_collections.ConfigDict, workdir: str | os.PathLike, open_data: bool = True) -> Setup:
     """Checks the config and opens the data: every error a user can make is raised here, before
-    anything is compiled."""
+    anything is compiled. `open_data=False`: no dataset (and no TensorFlow); stages need
+    `steps`, and batches come from elsewhere (benchmarks/device.py)."""
     stage_names = [s.strip() for s in config.stages.split(",") if s.strip()]
     missing = [s for s in stage_names if s not in config]
     if missing:
@@ -138,14 +146,35 @@ def prepare(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Se
     if config.eval.batch_size % shards:
         raise ValueError(f"eval.batch_size {config.eval.batch_size} must be divisible by the {shards} batch shards")
     clip, e2 = model_configs(config)
-    data_dir = config.data.data_dir or None
-    if config.data.build_if_missing:
-        _build_if_missing(config.data.dataset, data_dir)
     lengths = _tag_lengths(config.data.tag_lengths)
     tags = tuple((g.name, g.text_field, lengths.get(g.name, clip.context_length)) for g in e2.groups) \
         if e2.selection_tokens and config.loss.region_weight > 0 else ()
-    pre = pipeline.Preprocessing(image_size=clip.image_size, text_format=config.data.text_format, tags=tags,
-                                 context_length=clip.context_length, region_texts=config.data.region_texts)
+    pre = Preprocessing(image_size=clip.image_size, text_format=config.data.text_format, tags=tags,
+                        context_length=clip.context_length, region_texts=config.data.region_texts)
+    train_source = eval_source = None
+    steps_per_epoch = float("nan")
+    if open_data:
+        train_source, eval_source = _open_data(config, pre, shards)
+        steps_per_epoch = len(train_source) / config.batch_size
+    stages, start = [], 0
+    for name in stage_names:
+        s = config[name]
+        steps = s.steps or (math.ceil(s.epochs * steps_per_epoch) if open_data else 0)
+        if steps <= 0:
+            raise ValueError(f"stage {name} has no steps: set {name}.epochs or {name}.steps")
+        stages.append(Stage(name, start, steps, s.lr, s.trainable))
+        start += steps
+    return Setup(config, storage.path(workdir), mesh, clip, e2, E2Model(clip, e2), pre, train_source, eval_source,
+                 stages, steps_per_epoch)
+
+
+def _open_data(config: ml_collections.ConfigDict, pre: Preprocessing, shards: int):
+    """(train source, eval source or None), checked against what the config reads."""
+    from e2_jax.data import pipeline
+
+    data_dir = config.data.data_dir or None
+    if config.data.build_if_missing:
+        _build_if_missing(config.data.dataset, data_dir)
     train_source = pipeline.Source(config.data.dataset, config.data.train_split, data_dir)
     eval_source = pipeline.Source(config.data.dataset, config.data.eval_split, data_dir) \
         if config.data.eval_split else None
@@ -161,17 +190,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Se
             have = sorted(eval_source.features.keys())
             raise ValueError(f"{config.data.dataset}/{config.data.eval_split} has no field {lacking} that the "
                              f"evaluation texts or eval.sample_field name; it has {have}")
-    steps_per_epoch = pipeline.steps_per_epoch(len(train_source), config.batch_size)
-    stages, start = [], 0
-    for name in stage_names:
-        s = config[name]
-        steps = s.steps or math.ceil(s.epochs * steps_per_epoch)
-        if steps <= 0:
-            raise ValueError(f"stage {name} has no steps: set {name}.epochs or {name}.steps")
-        stages.append(Stage(name, start, steps, s.lr, s.trainable))
-        start += steps
-    return Setup(config, storage.path(workdir), mesh, clip, e2, E2Model(clip, e2), pre, train_source, eval_source,
-                 stages, steps_per_epoch)
+    return train_source, eval_source
 
 
 def _build_if_missing(dataset: str, data_dir: str | None) -> None:
@@ -708,6 +727,8 @@ def _train_stage(setup: Setup, stage: Stage, state: dict, step_fn, checkpoints: 
                  final: bool) -> dict[str, Any]:
     config = setup.config
     first = int(jax.device_get(state["step"]))
+    from e2_jax.data import pipeline
+
     batches = pipeline.train_batches(setup.train_source, setup.pre, global_batch=config.batch_size,
                                      sharding=sharding.batch_sharding(setup.mesh), seed=config.seed, start_step=first)
     trainable = optim.count(optim.partition(state["params"], optim.trainable_pattern(stage.trainable))[0])

@@ -32,7 +32,6 @@ bool [B] and `view` int32 [B]. The local (per-process) iterators give `tags` {gr
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import string
 from collections.abc import Iterator, Sequence
@@ -44,32 +43,11 @@ from absl import logging
 
 from e2_jax import distributed
 from e2_jax.data import region_texts
+
+# Defined without TensorFlow (the trainer's step builds without it: benchmarks/device.py).
+from e2_jax.data.preprocessing import AMAZON_TEXT, FASHIONGEN_TEXT, MEAN, STD, Preprocessing  # noqa: F401
 from e2_jax.data.tensorflow_cpu import tf
 from e2_jax.data.tokenizer import CLIPTokenizer
-
-# CLIP's image normalisation (E2_METHOD.md section 1).
-MEAN = (0.48145466, 0.4578275, 0.40821073)
-STD = (0.26862954, 0.26130258, 0.27577711)
-# The authors' global texts (E2_METHOD.md sections 3 and 5).
-FASHIONGEN_TEXT = "{composition}.{subcategory}.{brand}.{season}.{description}"
-AMAZON_TEXT = "{brand}. {title}"
-
-
-@dataclasses.dataclass(frozen=True)
-class Preprocessing:
-    """What the pipeline makes of an example. `tags`: one (group name, text field, context
-    length) per region group; a longer tag keeps its first tokens and its end token."""
-
-    image_size: int = 224
-    text_format: str = FASHIONGEN_TEXT
-    tags: tuple[tuple[str, str, int], ...] = ()
-    context_length: int = 77
-    region_texts: str = "packed"  # how training batches carry the tags (region_texts.MODES)
-
-    def fields(self) -> list[str]:
-        """The text fields this preprocessing reads."""
-        named = [name for _, name, _, _ in string.Formatter().parse(self.text_format) if name]
-        return list(dict.fromkeys([*named, *(field for _, field, _ in self.tags)]))
 
 
 class Source:
@@ -398,8 +376,3 @@ def eval_batches(source: Source, pre: Preprocessing, *, global_batch: int, shard
     rows = process_rows(sharding, global_batch)
     local = local_eval_batches(source, pre, global_batch=global_batch, rows=rows, items=items, images=images)
     return _global(local, sharding, global_batch, len(rows))
-
-
-def steps_per_epoch(num_examples: int, global_batch: int) -> float:
-    return num_examples / global_batch
-
