@@ -128,11 +128,11 @@ def measure(model: str, method: str, batch: int, steps: int, profile_dir: str | 
     compiled = program.step.lower(state, batches[0]).compile()
     compile_s = time.perf_counter() - start
     flops = step_flops(compiled)
-    for i in range(2):  # warm-up
+    for _ in range(2):  # warm-up
         state, metrics = compiled(state, batches[0])
     jax.block_until_ready(metrics)
     times = []
-    for i in range(steps):
+    for _ in range(steps):
         start = time.perf_counter()
         state, metrics = compiled(state, batches[0])
         jax.block_until_ready(metrics)
@@ -142,7 +142,7 @@ def measure(model: str, method: str, batch: int, steps: int, profile_dir: str | 
            "step_s": statistics.median(times), "flops": flops, "region_texts": calls}
     if profile_dir:
         with jax.profiler.trace(profile_dir, create_perfetto_trace=True):
-            for i in range(2):
+            for _ in range(2):
                 state, metrics = compiled(state, batches[0])
             jax.block_until_ready(metrics)
     return row
