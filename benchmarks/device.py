@@ -89,16 +89,26 @@ def synthetic_tags(group: str, batch: int, length: int, rng: np.random.Generator
 
 
 def synthetic_batch(setup: train.Setup, batch: int, seed: int = 0) -> dict:
-    """A global batch as the trainer's pipeline gives it (one process)."""
+    """A global batch as the trainer's pipeline gives it (one process): random images and
+    global texts, FashionGen-like tags (`TAG_SHAPES`)."""
     rng = np.random.default_rng(seed)
     size, context = setup.clip.image_size, setup.clip.context_length
     text = rng.integers(1, 49000, (batch, context)).astype(np.int32)
     text[:, 0], text[:, context - 10], text[:, context - 9:] = SOT, EOT, 0
     host = {"images": rng.standard_normal((batch, size, size, 3), np.float32), "text": text,
-            "index": np.arange(batch, dtype=np.int32)}
-    if setup.pre.tags:
-        tags = [synthetic_tags(group, batch, length, rng) for group, _, length in setup.pre.tags]
-        packing = region_texts.Packing(setup.pre.region_texts, batch)
+            "index": np.arange(batch, dtype=np.int32),
+            "tags": {group: synthetic_tags(group, batch, length, rng) for group, _, length in setup.pre.tags}}
+    return place_batch(setup, host)
+
+
+def place_batch(setup: train.Setup, host: dict) -> dict:
+    """A one-process host batch with per-item `tags` -> the step's global batch: the tags packed
+    as the trainer's pipeline packs them (e2_jax.data.region_texts), everything on the mesh."""
+    host = dict(host)
+    per_group = host.pop("tags")
+    tags = [per_group[group] for group, _, _ in setup.pre.tags]
+    if tags:
+        packing = region_texts.Packing(setup.pre.region_texts, len(host["text"]))
         shapes = packing.shapes(packing.needs(tags), [length for _, _, length in setup.pre.tags])
         packed = packing.pack(tags, shapes, [np.arange(rows) for rows, _ in shapes])
         host.update(region_tokens=packed.tokens, region_index=packed.index)

@@ -10,9 +10,9 @@ written as FashionGen h5 files, 256 px like the real one, built by the `fashion_
    bicubic resize + centre crop, normalise, global text and the authors' five tags tokenised),
    after a warm-up, at 224 px (from 256 px FashionGen-format images, and from 128 px
    SynthFashion) and at the demo's 64 px.
-2. Step alone: examples/s the E² step consumes (forward + backward of the loss over every
-   parameter, `benchmarks.e2_step.make_step`; no optimizer, so a slight overestimate of what a
-   full step consumes) for each model at its resolution, on one fixed batch.
+2. Step alone: examples/s the trainer's E² step consumes (`e2_jax.train.build_stage`: forward,
+   loss, backward, Adam; region texts packed as the trainer packs them) for each model at its
+   resolution, on one fixed batch.
 3. Fed: the fastest of those steps fed by the pipeline (global arrays, `train_batches`) against
    the same step on a fixed batch, interleaved: what sharing the CPU with the pipeline costs.
 """
@@ -23,20 +23,21 @@ import argparse
 import os
 import platform
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
 import jax
-import numpy as np
 import tensorflow_datasets as tfds
 
-from benchmarks.e2_step import make_step
+from benchmarks.device import place_batch
+from e2_jax import config as recipes
+from e2_jax import train
 from e2_jax.data import pipeline as pl
 from e2_jax.data.build import build
 from e2_jax.data.synth_fashion import SynthConfig, write_fashiongen_h5
 from e2_jax.data.tensorflow_cpu import tf
-from e2_jax.models.clip import get_config
-from e2_jax.models.e2 import AUTHORS_GROUPS, E2Config, init_e2_params
+from e2_jax.models.e2 import AUTHORS_GROUPS
 from e2_jax.sharding import batch_sharding
 
 # The authors' five groups; tags at lengths that cover SynthFashion's and FashionGen's.
@@ -69,17 +70,24 @@ def pipeline_rate(source: pl.Source, pre: pl.Preprocessing, batch: int, steps: i
 
 
 def step_fn(model: str):
+    """(run(batch), image size, batch size, setup): the trainer's E² step for `model`; `run`
+    takes a local NumPy batch with per-item tags (packed here) or a global batch."""
     preset, overrides, size, batch = MODELS[model]
-    config, e2 = get_config(preset, **overrides), E2Config()
-    params = init_e2_params(config, e2, jax.random.key(0))
-    step = make_step(config, e2)
-    key = jax.random.key(1)
+    c = recipes.base()
+    c.model.preset, c.model.pretrained, c.model.overrides = preset, "", overrides
+    c.stages, c.batch_size, c.finetune.steps = "finetune", batch, 1000
+    c.data.tag_lengths = ",".join(f"{group}:{length}" for group, _, length in TAGS)
+    setup = train.prepare(c, tempfile.mkdtemp(), open_data=False)
+    stage = setup.stages[0]
+    program = train.build_stage(setup, stage)
+    holder = {"state": train.new_state(train.initial_params(setup), stage, program.tx, program.shardings)}
 
     def run(b: dict) -> None:
-        regions = [(b["tags"][g.name], np.arange(batch, dtype=np.int32)) for g in e2.groups]
-        jax.block_until_ready(step(params, b["images"], b["text"], regions, key))
+        global_batch = b if "region_tokens" in b else place_batch(setup, b)
+        holder["state"], metrics = program.step(holder["state"], global_batch)
+        jax.block_until_ready(metrics)
 
-    return run, size, batch
+    return run, size, batch, setup
 
 
 def main() -> None:
@@ -104,7 +112,7 @@ def main() -> None:
 
     consumed, fastest = {}, None
     for model in args.models.split(","):
-        run, size, batch = step_fn(model)
+        run, size, batch, _ = step_fn(model)
         dataset = "fashion_gen" if size == 224 else "synth_fashion/small"
         pre = pl.Preprocessing(image_size=size, tags=TAGS)
         fixed = next(pl.local_train_batches(pl.Source(dataset, "train", str(data_dir)), pre, global_batch=batch,
@@ -120,13 +128,14 @@ def main() -> None:
             fastest = model
 
     # The fastest consumer, fed by the pipeline (global arrays on a 1-device mesh) vs a fixed batch.
-    run, size, batch = step_fn(fastest)
+    run, size, batch, setup = step_fn(fastest)
     dataset = "fashion_gen" if size == 224 else "synth_fashion/small"
-    mesh = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
     feed = pl.train_batches(pl.Source(dataset, "train", str(data_dir)), pl.Preprocessing(image_size=size, tags=TAGS),
-                            global_batch=batch, sharding=batch_sharding(mesh, ("data",)))
+                            global_batch=batch, sharding=batch_sharding(setup.mesh))
     fixed = next(feed)
     run(fixed)
+    for _ in range(8):  # the packed region texts come in a few shapes: compile them before timing
+        run(next(feed))
     fed_times, fixed_times = [], []
     for _ in range(max(5, 4 * args.repeats)):
         for times, get in ((fed_times, lambda: next(feed)), (fixed_times, lambda: fixed)):
@@ -139,7 +148,7 @@ def main() -> None:
     print("\n| pipeline | px | examples/s |\n|---|---|---|")
     for label, (size, rate) in rates.items():
         print(f"| {label} | {size} | {rate:.0f} |")
-    print("\n| E² step (fwd+bwd) | px | batch | s/step | examples/s consumed | pipeline at that px | ratio |")
+    print("\n| E² step (trainer's) | px | batch | s/step | examples/s consumed | pipeline at that px | ratio |")
     print("|---|---|---|---|---|---|---|")
     for model, (size, batch, seconds) in consumed.items():
         pipeline = min(rate for s, rate in rates.values() if s == size)  # the slower source at this size

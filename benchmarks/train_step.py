@@ -1,15 +1,19 @@
-"""The training step, E² and CLIP-FT, against open_clip's PyTorch training step, side by side.
+"""The trainer's step: E² (region texts per item and packed) against CLIP-FT, and open_clip.
 
     python -m benchmarks.train_step --model ViT-B-32 --batch 16 --repeats 3
-    python -m benchmarks.train_step --model ViT-B-16 --batch 8 --repeats 3
+    python -m benchmarks.train_step --model ViT-B-16 --batch 8 --repeats 3 --no-torch
 
-One run, one machine, the same random weights (converted with e2_jax.convert) and the same
-batch (from the input pipeline: SynthFashion images at 224 px, the authors' global text and
-tags). Each step is a whole optimizer step: forward, loss, backward, Adam with L2 weight decay.
+One run, one machine, the same random weights and the same batch: FashionGen-like records
+(`tests/fashion_texts.py`: the E² global text at 77 tokens, tags tokenised at FashionGen's tag
+lengths), random images at 224 px. Each step is the trainer's stage program
+(`e2_jax.train.build_stage`: forward, loss over the global batch, backward, Adam with L2 weight
+decay), float32.
 
-- e2_jax E²: the trainer's own step (`e2_jax.train.make_train_step`, 5 groups, tags at the
-  lengths of the FashionGen configs).
-- e2_jax CLIP-FT: the same step without selection tokens (global InfoNCE only).
+- e2_jax CLIP-FT: no selection tokens, the global InfoNCE only.
+- e2_jax E², for the authors' five groups and the paper's four entities, with the region texts
+  `per item` (`data.region_texts=per_item`: one row per item and group at its tag length, one
+  text-tower call per group, as the authors encode them; the trainer before issue 19) and
+  `packed` (the default: each distinct tag once, trimmed, in at most two calls).
 - open_clip CLIP-FT: `open_clip.create_model(<model>-quickgelu)`, `ClipLoss`, backward,
   `torch.optim.Adam(weight_decay=1e-4)`; torch on as many threads as the machine has cores.
 
@@ -20,6 +24,12 @@ matmul rate measured in the same run (a 2048^3 matmul in XLA), as there is no da
 
 from __future__ import annotations
 
+import os
+
+# PyTorch's OpenMP threads spin after each parallel region by default, slowing whatever runs
+# next on the same cores (the interleaved JAX step): let them sleep.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 # open_clip (through torchvision) loads triton, whose native library segfaults when it loads
 # after TensorFlow's, which the input pipeline brings in: so triton first (see tests/conftest.py).
 try:
@@ -28,7 +38,6 @@ except ImportError:
     pass
 
 import argparse
-import os
 import platform
 import statistics
 import tempfile
@@ -38,11 +47,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.device import place_batch
 from e2_jax import config as recipes
 from e2_jax import convert, train
-from e2_jax.data import pipeline
+from e2_jax.data.region_texts import describe as region_texts_describe
+from e2_jax.data.tokenizer import CLIPTokenizer
 from e2_jax.metrics import peak_flops, step_flops
-from e2_jax.sharding import batch_sharding
+from tests.fashion_texts import fashion_records
 
 
 def matmul_peak(n: int = 2048, repeats: int = 5) -> float:
@@ -57,28 +68,42 @@ def matmul_peak(n: int = 2048, repeats: int = 5) -> float:
     return 2 * n**3 / best
 
 
-def jax_step(preset: str, e2: bool, batch_size: int, data_dir: str):
+def jax_step(preset: str, groups: str | None, region_texts: str, batch_size: int):
+    """(run, FLOPs, host batch, state holder, CLIP config, region-text calls) of the trainer's step;
+    `groups=None`: CLIP-FT."""
     c = recipes.base()
     c.model.preset, c.model.pretrained = preset, ""
-    c.data.dataset, c.data.data_dir, c.data.build_if_missing = "synth_fashion/small", data_dir, True
-    c.e2.enabled, c.stages, c.batch_size = e2, "finetune", batch_size
+    c.e2.enabled, c.stages, c.batch_size = groups is not None, "finetune", batch_size
+    c.e2.groups, c.data.region_texts = groups or recipes.AUTHORS_GROUPS, region_texts
     c.finetune.steps = 1000
-    setup = train.prepare(c, tempfile.mkdtemp())
+    setup = train.prepare(c, tempfile.mkdtemp(), open_data=False)
     stage = setup.stages[0]
-    tx, schedule = train.stage_optimizer(setup, stage)
-    _, shardings = train.state_shardings(setup, stage, tx)
-    state = train.new_state(train.initial_params(setup), stage, tx, shardings)
-    batch = next(pipeline.train_batches(setup.train_source, setup.pre, global_batch=batch_size,
-                                        sharding=batch_sharding(setup.mesh)))
-    step = jax.jit(train.make_train_step(setup, stage, tx, schedule), donate_argnums=0)
-    compiled = step.lower(state, batch).compile()
+    program = train.build_stage(setup, stage)
+    state = train.new_state(train.initial_params(setup), stage, program.tx, program.shardings)
+    host = fashion_batch(setup, batch_size)
+    batch = place_batch(setup, host)
+    compiled = program.step.lower(state, batch).compile()
     holder = {"state": state}
 
     def run() -> None:
         holder["state"], metrics = compiled(holder["state"], batch)
         jax.block_until_ready(metrics)
 
-    return run, step_flops(compiled), batch, holder, setup.clip
+    calls = region_texts_describe([t.shape for t in batch.get("region_tokens", ())])
+    return run, step_flops(compiled), host, holder, setup.clip, calls
+
+
+def fashion_batch(setup: train.Setup, batch_size: int) -> dict:
+    """Host batch: FashionGen-like records' global texts and tags (tokenised as the pipeline
+    does), random images."""
+    records = fashion_records(batch_size, seed=0)
+    tokenizer = CLIPTokenizer(setup.clip.context_length)
+    size = setup.clip.image_size
+    return {"images": np.random.default_rng(0).standard_normal((batch_size, size, size, 3), np.float32),
+            "text": tokenizer([setup.pre.text_format.format(**r) for r in records]),
+            "index": np.arange(batch_size, dtype=np.int32),
+            "tags": {group: tokenizer([r[field] for r in records], context_length=length)
+                     for group, field, length in setup.pre.tags}}
 
 
 def torch_step(preset: str, clip_config, jax_params: dict, batch: dict):
@@ -110,16 +135,24 @@ def main() -> None:
     parser.add_argument("--model", default="ViT-B-32")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--data-dir", default="/tmp/e2_bench_tfds")
+    parser.add_argument("--no-torch", action="store_true", help="leave out open_clip")
     args = parser.parse_args()
 
     peak = peak_flops(jax.devices()[0]) or matmul_peak()
-    e2_run, e2_flops, _, _, _ = jax_step(args.model, True, args.batch, args.data_dir)
-    ft_run, ft_flops, batch, ft_holder, clip_config = jax_step(args.model, False, args.batch, args.data_dir)
-    params = jax.device_get(ft_holder["state"]["params"])
-    pt_run, _ = torch_step(args.model, clip_config, params, batch)
-    runs = {"e2_jax E²": e2_run, "e2_jax CLIP-FT": ft_run, "open_clip CLIP-FT (PyTorch)": pt_run}
-    flops = {"e2_jax E²": e2_flops, "e2_jax CLIP-FT": ft_flops, "open_clip CLIP-FT (PyTorch)": ft_flops}
+    variants = {"e2_jax CLIP-FT": (None, "packed")}
+    for label, groups in (("5 groups", recipes.AUTHORS_GROUPS), ("4 entities", recipes.PAPER_GROUPS)):
+        for mode, name in (("per_item", "per item"), ("packed", "packed")):
+            variants[f"e2_jax E² {label}, region texts {name}"] = (groups, mode)
+    runs, flops, calls = {}, {}, {}
+    for name, (groups, mode) in variants.items():
+        run, flops[name], host, holder, clip_config, calls[name] = jax_step(args.model, groups, mode, args.batch)
+        runs[name] = run
+        if groups is None:
+            ft_host, ft_holder = host, holder
+    if not args.no_torch:
+        params = jax.device_get(ft_holder["state"]["params"])
+        runs["open_clip CLIP-FT (PyTorch)"], _ = torch_step(args.model, clip_config, params, ft_host)
+        flops["open_clip CLIP-FT (PyTorch)"], calls["open_clip CLIP-FT (PyTorch)"] = flops["e2_jax CLIP-FT"], "-"
     for run in runs.values():
         run()  # warm-up
     seconds = {name: [] for name in runs}
@@ -129,19 +162,22 @@ def main() -> None:
             run()
             seconds[name].append(time.perf_counter() - start)
 
-    import torch
+    versions = f"jax {jax.__version__}"
+    if not args.no_torch:
+        import torch
 
+        versions += f", torch {torch.__version__} ({torch.get_num_threads()} threads)"
     print(f"{args.model}, batch {args.batch}, float32, median of {args.repeats} interleaved steps; machine "
-          f"{platform.machine()}, {os.cpu_count()} CPUs; jax {jax.__version__}, torch {torch.__version__} "
-          f"({torch.get_num_threads()} threads); peak {peak / 1e9:.0f} GFLOP/s "
+          f"{platform.machine()}, {os.cpu_count()} CPUs; {versions}; peak {peak / 1e9:.0f} GFLOP/s "
           f"({'data sheet' if peak_flops(jax.devices()[0]) else 'measured matmul'})")
-    print("| step | s/step | examples/s | GFLOPs/step (XLA) | MFU | vs open_clip |")
-    print("|---|---|---|---|---|---|")
-    base = statistics.median(seconds["open_clip CLIP-FT (PyTorch)"])
+    print("| step | region texts (rows x tokens per call) | s/step | vs CLIP-FT | GFLOPs/step (XLA) | "
+          "FLOPs vs CLIP-FT | MFU |")
+    print("|---|---|---|---|---|---|---|")
+    base, base_flops = statistics.median(seconds["e2_jax CLIP-FT"]), flops["e2_jax CLIP-FT"]
     for name in runs:
-        t = statistics.median(seconds[name])
-        f = flops[name]
-        print(f"| {name} | {t:.3f} | {args.batch / t:.2f} | {f / 1e9:.0f} | {f / t / peak:.0%} | {base / t:.2f}x |")
+        t, f = statistics.median(seconds[name]), flops[name]
+        print(f"| {name} | {calls[name]} | {t:.3f} | {t / base:.2f}x | {f / 1e9:.1f} | {f / base_flops:.2f}x | "
+              f"{f / t / peak:.0%} |")
 
 
 if __name__ == "__main__":
