@@ -8,6 +8,7 @@ import itertools
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from e2_jax.data import pipeline as pl
 from tests.processes import run_workers
@@ -57,6 +58,7 @@ def test_pipeline_on_two_processes(synth_tiny, tmp_path):
 REGION_WORKER = Path(__file__).parent / "multiprocess" / "region_worker.py"
 
 
+@pytest.mark.slow
 def test_packed_region_texts_on_two_processes(synth_tiny, tmp_path):
     """Each process packs its own rows' tags; they agree on one set of call shapes (what the
     process needing most needs) and the step equals the per-item encoding (checked in each)."""
