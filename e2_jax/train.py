@@ -179,7 +179,7 @@ def _open_data(config: ml_collections.ConfigDict, pre: Preprocessing, shards: in
     eval_source = pipeline.Source(config.data.dataset, config.data.eval_split, data_dir) \
         if config.data.eval_split else None
     # Open the pipeline once: a text field the format or a tag names and the data lacks fails here.
-    pipeline.local_train_batches(train_source, pre, global_batch=shards, rows=range(1))
+    pipeline.local_train_batches(train_source, pre, global_batch=shards, rows=range(1)).close()
     protocols = eval_protocols(config)  # unknown protocols or texts fail here
     if eval_source is not None:
         fields = [name for f in protocols.texts.values() for _, name, _, _ in string.Formatter().parse(f) if name]
@@ -710,8 +710,7 @@ class _StepVariants:
         key = (jax.tree.structure(batch), tuple(x.shape for x in jax.tree.leaves(batch)))
         if key not in self.variants:
             start = time.perf_counter()
-            with jax.transfer_guard("allow"):
-                compiled = self.step_fn.lower(state, batch).compile()
+            compiled = self.step_fn.lower(state, batch).compile()
             flops = step_flops(compiled)
             regions = region_texts.describe([t.shape for t in batch.get("region_tokens", ())])
             self.variants[key] = (compiled, flops)
@@ -731,49 +730,51 @@ def _train_stage(setup: Setup, stage: Stage, state: dict, step_fn, checkpoints: 
 
     batches = pipeline.train_batches(setup.train_source, setup.pre, global_batch=config.batch_size,
                                      sharding=sharding.batch_sharding(setup.mesh), seed=config.seed, start_step=first)
-    trainable = optim.count(optim.partition(state["params"], optim.trainable_pattern(stage.trainable))[0])
-    progress.write(f"stage {stage.name}: steps {stage.start}-{stage.end}, {trainable:,} trainable parameters, "
-                   f"{jax.device_count()} devices, mesh {dict(setup.mesh.shape)}")
-    steps = _StepVariants(step_fn, stage, progress)
-    with jax.transfer_guard("disallow"):
+    try:
+        trainable = optim.count(optim.partition(state["params"], optim.trainable_pattern(stage.trainable))[0])
+        progress.write(f"stage {stage.name}: steps {stage.start}-{stage.end}, {trainable:,} trainable parameters, "
+                       f"{jax.device_count()} devices, mesh {dict(setup.mesh.shape)}")
+        steps = _StepVariants(step_fn, stage, progress)
         batch = next(batches)
-    compiled, flops = steps.get(state, batch)
-    reporter, outcome, saved = _Reporter(setup, writer, progress, checkpoints), {}, None
-    for step in range(first, stage.end):
-        # An accidental host copy in the loop (an implicit transfer) fails loudly here.
-        with jax.transfer_guard("disallow"):
+        compiled, flops = steps.get(state, batch)
+        reporter, outcome, saved = _Reporter(setup, writer, progress, checkpoints), {}, None
+        for step in range(first, stage.end):
             if step > first:
-                batch = next(batches)
+                batch = next(batches)  # the batch's own (explicit) transfers happen here
                 compiled, flops = steps.get(state, batch)
-            state, metrics = compiled(state, batch)
-        reporter.push(step, metrics, flops)
-        done = step + 1
-        if done == config.debug.kill_during_save_at_step:
-            checkpoints.save(done, state)
-            os.kill(os.getpid(), signal.SIGKILL)  # a test: killed while the save is being written
-        if done % config.checkpoint.every_steps == 0 or done == stage.end:
-            checkpoints.save(done, state)
-            saved = done
-        if embed is not None and (done % eval_every == 0 or done == stage.end):
-            reporter.flush()
-            metrics = run_evaluation(setup, state["params"], embed)
-            writer.write(done, {f"eval/{k}": v for k, v in metrics.items()})
-            improved = checkpoints.save_best(stage.name, done, state["params"], metrics["sumr"])
-            progress.write(f"step {done} ({stage.name}) validation: {format_retrieval(metrics)}"
-                           + (" (best so far)" if improved else ""))
-            outcome["eval"] = metrics
-        if done == config.debug.sigterm_at_step:
-            os.kill(os.getpid(), signal.SIGTERM)  # a test: the notice lands after this step
-        # Asked at every step by every process (a collective); after the run's last step there
-        # is nothing left to save for.
-        if preemption.reached(done) and not (final and done == stage.end):
-            reporter.flush()
-            if saved != done:
+            # An accidental host copy into the step (an implicit transfer) fails loudly here.
+            with jax.transfer_guard("disallow"):
+                state, metrics = compiled(state, batch)
+            reporter.push(step, metrics, flops)
+            done = step + 1
+            if done == config.debug.kill_during_save_at_step:
                 checkpoints.save(done, state)
-            checkpoints.wait()
-            logging.info("preemption: process %d saved step %d", jax.process_index(), done)
-            progress.write(f"preempted: saved step {done} to {checkpoints.path(done)}; exiting")
-            return {**outcome, "preempted": True, "step": done}
-    reporter.flush()
-    checkpoints.wait()
-    return {**outcome, "params": state["params"], "step": stage.end}
+                os.kill(os.getpid(), signal.SIGKILL)  # a test: killed while the save is being written
+            if done % config.checkpoint.every_steps == 0 or done == stage.end:
+                checkpoints.save(done, state)
+                saved = done
+            if embed is not None and (done % eval_every == 0 or done == stage.end):
+                reporter.flush()
+                metrics = run_evaluation(setup, state["params"], embed)
+                writer.write(done, {f"eval/{k}": v for k, v in metrics.items()})
+                improved = checkpoints.save_best(stage.name, done, state["params"], metrics["sumr"])
+                progress.write(f"step {done} ({stage.name}) validation: {format_retrieval(metrics)}"
+                               + (" (best so far)" if improved else ""))
+                outcome["eval"] = metrics
+            if done == config.debug.sigterm_at_step:
+                os.kill(os.getpid(), signal.SIGTERM)  # a test: the notice lands after this step
+            # Asked at every step by every process (a collective); after the run's last step there
+            # is nothing left to save for.
+            if preemption.reached(done) and not (final and done == stage.end):
+                reporter.flush()
+                if saved != done:
+                    checkpoints.save(done, state)
+                checkpoints.wait()
+                logging.info("preemption: process %d saved step %d", jax.process_index(), done)
+                progress.write(f"preempted: saved step {done} to {checkpoints.path(done)}; exiting")
+                return {**outcome, "preempted": True, "step": done}
+        reporter.flush()
+        checkpoints.wait()
+        return {**outcome, "params": state["params"], "step": stage.end}
+    finally:  # stop the input pipeline before it is dropped (pipeline.TrainBatches)
+        batches.close()

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import functools
 import string
+import threading
 from collections.abc import Iterator, Sequence
 
 import jax
@@ -278,20 +279,49 @@ def _dataset(source: Source, pre: Preprocessing, batches: Iterator[tuple[np.ndar
 # --- The iterators --------------------------------------------------------------------------------
 
 
+class TrainBatches:
+    """The endless NumPy iterator of `local_train_batches`, with `close()`.
+
+    A tf.data iterator must not be dropped while its threads run Python (reading records,
+    tokenising): its destructor waits for them holding the GIL they need, and the process
+    hangs (seen on a preemption: the trainer stopped mid-stream). `close()` stops the
+    stream at its source and drains what is in flight, so the iterator is idle when it goes;
+    the trainer calls it when a stage ends for any reason."""
+
+    def __init__(self, make_iterator, stop: threading.Event) -> None:
+        self._iterator, self._stop = make_iterator(), stop
+
+    def __iter__(self) -> TrainBatches:
+        return self
+
+    def __next__(self) -> dict:
+        return next(self._iterator)
+
+    def close(self) -> None:
+        if self._iterator is None:
+            return
+        self._stop.set()
+        for _ in self._iterator:  # a few batches already requested; each waits without the GIL
+            pass
+        self._iterator = None
+
+
 def local_train_batches(source: Source, pre: Preprocessing, *, global_batch: int, rows: Sequence[int], seed: int = 0,
-                        start_step: int = 0) -> Iterator[dict]:
-    """NumPy batches of `rows` of each global training batch, from `start_step` on (endless)."""
+                        start_step: int = 0) -> TrainBatches:
+    """NumPy batches of `rows` of each global training batch, from `start_step` on (endless
+    until `close()`)."""
     if len(source) == 0:
         raise ValueError(f"{source.name}/{source.split} has no examples")
+    stop = threading.Event()
 
     def batches():
         step = start_step
-        while True:
+        while not stop.is_set():
             indices, seeds = train_indices(len(source), global_batch, step, rows, seed)
             yield indices, seeds, np.ones(len(rows), bool)
             step += 1
 
-    return _dataset(source, pre, batches(), len(rows), train=True).as_numpy_iterator()
+    return TrainBatches(lambda: _dataset(source, pre, batches(), len(rows), train=True).as_numpy_iterator(), stop)
 
 
 def local_eval_batches(source: Source, pre: Preprocessing, *, global_batch: int, rows: Sequence[int],
@@ -364,9 +394,15 @@ def train_batches(source: Source, pre: Preprocessing, *, global_batch: int, shar
         logging.info("process %d reads rows %s of each global batch of %d", jax.process_index(),
                      ", ".join(f"{b[0]}-{b[-1]}" for b in blocks), global_batch)
     local = local_train_batches(source, pre, global_batch=global_batch, rows=rows, seed=seed, start_step=start_step)
-    if pre.tags:
-        local = _pack_region_texts(local, pre, sharding, global_batch, start_step)
-    return _global(local, sharding, global_batch, len(rows))
+    stream = _pack_region_texts(local, pre, sharding, global_batch, start_step) if pre.tags else local
+    return _closing(_global(stream, sharding, global_batch, len(rows)), local)
+
+
+def _closing(batches: Iterator[dict], local: TrainBatches) -> Iterator[dict]:
+    try:
+        yield from batches
+    finally:  # the caller closed (or dropped) this generator: stop reading first (TrainBatches)
+        local.close()
 
 
 def eval_batches(source: Source, pre: Preprocessing, *, global_batch: int, sharding: jax.sharding.Sharding,

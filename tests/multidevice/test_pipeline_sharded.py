@@ -9,6 +9,7 @@ import pytest
 
 from e2_jax.data import pipeline as pl
 from e2_jax.sharding import batch_sharding
+from tests.test_region_texts import unpack
 
 PRE = pl.Preprocessing(image_size=16, tags=(("brand", "brand", 8), ("season", "season", 8)))
 AUTO = jax.sharding.AxisType.Auto
@@ -32,12 +33,22 @@ def test_global_batches_are_laid_out_over_the_data_axes(synth_tiny, shape, names
                                                          rows=range(global_batch), seed=1), 3))
     shards = int(np.prod([dict(zip(names, shape, strict=True))[a] for a in data_axes]))
     for batch, want in zip(batches, whole, strict=True):
-        for leaf, expected in zip(jax.tree.leaves(batch), jax.tree.leaves(want), strict=True):
+        tags = want.pop("tags")
+        assert set(batch) == {*want, "region_tokens", "region_index"}
+        for key, expected in want.items():
+            leaf = batch[key]
             assert leaf.sharding == sharding and leaf.shape == expected.shape
             np.testing.assert_array_equal(np.asarray(leaf), expected)
             for shard in leaf.addressable_shards:  # each device holds its slice of the rows
                 assert shard.data.shape[0] == global_batch // shards
                 np.testing.assert_array_equal(np.asarray(shard.data), expected[shard.index])
+        # The packed region texts: laid out the same way, and each item's tag comes back.
+        for leaf in jax.tree.leaves((batch["region_tokens"], batch["region_index"])):
+            assert leaf.sharding == sharding
+            assert all(s.data.shape[0] == leaf.shape[0] // shards for s in leaf.addressable_shards)
+        for g, (group, _, length) in enumerate(PRE.tags):
+            np.testing.assert_array_equal(unpack(batch["region_tokens"], batch["region_index"], g, length),
+                                          tags[group])
 
 
 def test_every_training_example_once_per_epoch_with_no_overlap(synth_tiny):
