@@ -194,8 +194,7 @@ def summarize_trace(profile_dir: str, top: int = 15) -> dict:
         if b > end:
             busy += b - max(a, end)
             end = b
-    span = intervals[-1][1] - intervals[0][0] if len(intervals) > 1 else max(busy, 1e-9)
-    span = max(span, max(b for _, b in intervals) - intervals[0][0])
+    span = max(end - intervals[0][0], 1e-9)  # `end`: the last op's end, from the loop above
     ranked = sorted(totals.items(), key=lambda kv: -sum(kv[1]))[:top]
     every = sum(e.get("dur", 0.0) for e in ops)
     return {"where": where, "span_ms": span / 1e3, "idle": 1 - busy / span if span else float("nan"),
