@@ -4,8 +4,8 @@ A run compiles a few programs (the parameter initialiser, the step, the evaluati
 the persistent cache keeps them on disk, keyed by the program, the devices and the JAX
 version, so a second run of the same config skips XLA (on a 2-core CPU the README demo's step
 compiles in about 17-30 s cold and loads in about 2 s, plus the trace, which is not cached).
-The default folder is per user: `$XDG_CACHE_HOME/e2_jax/xla` (else `~/.cache/e2_jax/xla`); `JAX_COMPILATION_CACHE_DIR` or
-`--compilation_cache DIR` choose another, `--compilation_cache ''` turns it off. A cached
+The default folder is per user: `$XDG_CACHE_HOME/e2_jax/xla` (else `~/.cache/e2_jax/xla`);
+`JAX_COMPILATION_CACHE_DIR` or `--compilation_cache DIR` choose another, `--compilation_cache ''` turns it off. A cached
 executable is the program XLA would build again, so results are unchanged (bitwise).
 """
 
