@@ -6,7 +6,7 @@
 
 For each (model, batch, method) in order (B/32 then B/16; batch 64, 256, then 512 for B/32;
 CLIP-FT then E²), while the budget lasts: the stage program the trainer runs
-(`e2_jax.train.build_stage`: forward, loss over the global batch, backward, Adam), bfloat16
+(`e2_jax.step.build_stage`: forward, loss over the global batch, backward, Adam), bfloat16
 compute as in the accelerator configs, random weights, fed synthetic global batches made as the
 input pipeline makes them (images, 77-token global texts, and FashionGen-like tags of the
 authors' five groups packed by `e2_jax.data.region_texts`, as the trainer's pipeline packs them).
@@ -58,11 +58,12 @@ _prepare_environment(sys.argv)
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from e2_jax import compilation, train  # noqa: E402
+from e2_jax import compilation, step  # noqa: E402
 from e2_jax import config as recipes  # noqa: E402
 from e2_jax.data import region_texts  # noqa: E402
 from e2_jax.metrics import peak_flops, step_flops  # noqa: E402
 from e2_jax.sharding import batch_sharding  # noqa: E402
+from e2_jax.spec import RunSpec, resolve  # noqa: E402
 
 SOT, EOT = 49406, 49407
 # FashionGen-like tags per group: (distinct values, shortest, longest tokens incl. start and
@@ -88,7 +89,7 @@ def synthetic_tags(group: str, batch: int, length: int, rng: np.random.Generator
     return out
 
 
-def synthetic_batch(setup: train.Setup, batch: int, seed: int = 0) -> dict:
+def synthetic_batch(setup: RunSpec, batch: int, seed: int = 0) -> dict:
     """A global batch as the trainer's pipeline gives it (one process): random images and
     global texts, FashionGen-like tags (`TAG_SHAPES`)."""
     rng = np.random.default_rng(seed)
@@ -101,7 +102,7 @@ def synthetic_batch(setup: train.Setup, batch: int, seed: int = 0) -> dict:
     return place_batch(setup, host)
 
 
-def place_batch(setup: train.Setup, host: dict) -> dict:
+def place_batch(setup: RunSpec, host: dict) -> dict:
     """A one-process host batch with per-item `tags` -> the step's global batch: the tags packed
     as the trainer's pipeline packs them (e2_jax.data.region_texts), everything on the mesh."""
     host = dict(host)
@@ -120,7 +121,7 @@ def stage_config(model: str, method: str, batch: int):
     """The accelerator recipe (bfloat16, the authors' groups), one stage, random weights."""
     c = recipes.fashion_recipe(model if model != "tiny" else "ViT-B-32", "clip_ft" if method == "CLIP-FT" else "e2",
                                None)
-    c.model.pretrained, c.stages, c.batch_size = "", "finetune", batch
+    c.model.pretrained, c.stages, c.batch_size = "", ("finetune",), batch
     c.finetune.steps, c.finetune.trainable = 1000, "all"
     if model == "tiny":
         c.model.preset, c.model.compute_dtype = "tiny", "float32"
@@ -129,10 +130,9 @@ def stage_config(model: str, method: str, batch: int):
 
 def measure(model: str, method: str, batch: int, steps: int, profile_dir: str | None) -> dict:
     c = stage_config(model, method, batch)
-    setup = train.prepare(c, tempfile.mkdtemp(), open_data=False)
-    stage = setup.stages[0]
-    program = train.build_stage(setup, stage)
-    state = train.new_state(train.initial_params(setup), stage, program.tx, program.shardings)
+    setup = resolve(c)
+    program = step.build_stage(setup, setup.stages[0])
+    state = program.new_state(step.initial_params(setup))
     batches = [synthetic_batch(setup, batch)]  # one batch: another's packed shapes could differ
     start = time.perf_counter()
     compiled = program.step.lower(state, batches[0]).compile()

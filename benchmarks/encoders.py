@@ -53,7 +53,7 @@ def main() -> None:
 
     rng = np.random.default_rng(0)
     images = rng.standard_normal((args.image_batch, config.image_size, config.image_size, 3), np.float32)
-    from tests.fashion_texts import corpus
+    from e2_jax.data.fashion_texts import corpus
 
     texts = (corpus() * 10)[: args.text_batch]
     tokens = CLIPTokenizer()(texts)

@@ -23,6 +23,7 @@ import jax
 import numpy as np
 
 from e2_jax import retrieval
+from e2_jax.numerics import l2_normalize
 
 
 def rss_gb() -> float:
@@ -71,7 +72,7 @@ def main() -> None:
     print(f"BLAS GEMM: {rate / 1e9:.0f} GFLOP/s, so the similarities alone need at least {flops / rate:.1f} s")
     print("metrics:", {k: round(v, 2) for k, v in metrics.items()})
     # Brute force (float64, whole rows) for the first 500 image queries.
-    i, t = retrieval.normalize(image[:500]).astype(np.float64), retrieval.normalize(text).astype(np.float64)
+    i, t = l2_normalize(image[:500]).astype(np.float64), l2_normalize(text).astype(np.float64)
     s = i @ t.T
     want = (s > s[np.arange(500), np.arange(500)][:, None]).sum(1)
     print("brute-force check of 500 image queries' ranks:", "equal" if np.array_equal(want, ranks["i2t"][:500])

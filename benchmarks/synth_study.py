@@ -44,9 +44,13 @@ import sys
 import time
 from pathlib import Path
 
+from e2_jax import config as recipes
+from e2_jax import main as trainer_main
+from e2_jax import probe
+from e2_jax.inference import Encoder
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "configs"))
-import synth_study  # noqa: E402  (configs/synth_study.py: the variants)
+synth_study = recipes.config_module(ROOT / "configs" / "synth_study.py")  # the variants
 
 PROBE_FIELDS = ("brand", "season", "subcategory", "composition")  # probed on the front view
 # SynthFashion's care label (composition) is only on the back view: on the front view a
@@ -112,9 +116,6 @@ def run_variant(out: Path, init: Path, variant: str, seed: int, steps: int | Non
 
 
 def _back_probes(workdir: Path) -> dict:
-    from e2_jax import probe
-    from e2_jax.inference import Encoder
-
     probes = probe.probe_models({"model": Encoder.from_workdir(workdir)}, DATASET, BACK_PROBE_FIELDS,
                                 max_train=PROBE_TRAIN, view=1)["model"]
     (workdir / "probe_back.json").write_text(json.dumps(probes, indent=2) + "\n")
@@ -127,9 +128,6 @@ def one(arg: str, workdir: Path, probes_only: bool = False) -> None:
     then `--mode evaluate`, and `python -m e2_jax.probe --model W --dataset synth_fashion/medium
     --max-train 2048` (and again with `--view 1 --fields composition`). `probes_only`: add the
     back-view probes to an existing result."""
-    from e2_jax import probe, train
-    from e2_jax.inference import Encoder
-
     if probes_only:
         result = json.loads((workdir / "result.json").read_text())
         start = time.perf_counter()
@@ -140,10 +138,10 @@ def one(arg: str, workdir: Path, probes_only: bool = False) -> None:
     config = synth_study.get_config(arg)
     times = {}
     start = time.perf_counter()
-    train.run(config, workdir, "train")
+    trainer_main.run(config, workdir, "train")
     times["train"] = time.perf_counter() - start
     start = time.perf_counter()
-    report = train.run(config, workdir, "evaluate")["report"]
+    report = trainer_main.run(config, workdir, "evaluate")["report"]
     times["evaluate"] = time.perf_counter() - start
     start = time.perf_counter()
     probes = probe.probe_models({"model": Encoder.from_workdir(workdir)}, DATASET, PROBE_FIELDS,

@@ -3,7 +3,7 @@
     python -m benchmarks.tokenizer --n 10000
 
 Three batches of `--n` distinct texts, built from the FashionGen-like records of
-tests/fashion_texts.py: descriptions alone (about 8% contain a non-ASCII character), E² global
+e2_jax/data/fashion_texts.py: descriptions alone (about 8% contain a non-ASCII character), E² global
 texts (`composition.subcategory.brand.season.description`, about 40%), and a worst case in
 which every text carries accents and an HTML entity, so that every one goes through
 `ftfy.fix_text` (pure Python, about 0.2 ms a text). The median of `--repeats` runs is reported;
@@ -20,8 +20,8 @@ import time
 
 import numpy as np
 
+from e2_jax.data.fashion_texts import fashion_records
 from e2_jax.data.tokenizer import CLIPTokenizer
-from tests.fashion_texts import fashion_records
 
 
 def batches(n: int) -> dict[str, list[str]]:

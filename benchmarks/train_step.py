@@ -4,9 +4,9 @@
     python -m benchmarks.train_step --model ViT-B-16 --batch 8 --repeats 3 --no-torch
 
 One run, one machine, the same random weights and the same batch: FashionGen-like records
-(`tests/fashion_texts.py`: the E² global text at 77 tokens, tags tokenised at FashionGen's tag
+(`e2_jax/data/fashion_texts.py`: the E² global text at 77 tokens, tags tokenised at FashionGen's tag
 lengths), random images at 224 px. Each step is the trainer's stage program
-(`e2_jax.train.build_stage`: forward, loss over the global batch, backward, Adam with L2 weight
+(`e2_jax.step.build_stage`: forward, loss over the global batch, backward, Adam with L2 weight
 decay), float32.
 
 - e2_jax CLIP-FT: no selection tokens, the global InfoNCE only.
@@ -40,7 +40,6 @@ except ImportError:
 import argparse
 import platform
 import statistics
-import tempfile
 import time
 
 import jax
@@ -49,11 +48,12 @@ import numpy as np
 
 from benchmarks.device import place_batch
 from e2_jax import config as recipes
-from e2_jax import convert, train
+from e2_jax import convert, step
+from e2_jax.data.fashion_texts import fashion_records
 from e2_jax.data.region_texts import describe as region_texts_describe
 from e2_jax.data.tokenizer import CLIPTokenizer
 from e2_jax.metrics import peak_flops, step_flops
-from tests.fashion_texts import fashion_records
+from e2_jax.spec import RunSpec, resolve
 
 
 def matmul_peak(n: int = 2048, repeats: int = 5) -> float:
@@ -68,18 +68,17 @@ def matmul_peak(n: int = 2048, repeats: int = 5) -> float:
     return 2 * n**3 / best
 
 
-def jax_step(preset: str, groups: str | None, region_texts: str, batch_size: int):
+def jax_step(preset: str, groups: tuple[dict, ...] | None, region_texts: str, batch_size: int):
     """(run, FLOPs, host batch, state holder, CLIP config, region-text calls) of the trainer's step;
     `groups=None`: CLIP-FT."""
     c = recipes.base()
     c.model.preset, c.model.pretrained = preset, ""
-    c.e2.enabled, c.stages, c.batch_size = groups is not None, "finetune", batch_size
+    c.e2.enabled, c.stages, c.batch_size = groups is not None, ("finetune",), batch_size
     c.e2.groups, c.data.region_texts = groups or recipes.AUTHORS_GROUPS, region_texts
     c.finetune.steps = 1000
-    setup = train.prepare(c, tempfile.mkdtemp(), open_data=False)
-    stage = setup.stages[0]
-    program = train.build_stage(setup, stage)
-    state = train.new_state(train.initial_params(setup), stage, program.tx, program.shardings)
+    setup = resolve(c)
+    program = step.build_stage(setup, setup.stages[0])
+    state = program.new_state(step.initial_params(setup))
     host = fashion_batch(setup, batch_size)
     batch = place_batch(setup, host)
     compiled = program.step.lower(state, batch).compile()
@@ -93,7 +92,7 @@ def jax_step(preset: str, groups: str | None, region_texts: str, batch_size: int
     return run, step_flops(compiled), host, holder, setup.clip, calls
 
 
-def fashion_batch(setup: train.Setup, batch_size: int) -> dict:
+def fashion_batch(setup: RunSpec, batch_size: int) -> dict:
     """Host batch: FashionGen-like records' global texts and tags (tokenised as the pipeline
     does), random images."""
     records = fashion_records(batch_size, seed=0)

@@ -16,15 +16,12 @@ from e2_jax import config as recipes
 
 
 def get_config(arg=None):
-    options = recipes.parse_arg(arg)
-    unknown = set(options) - {"encoder", "pretrained", "dataset", "runlocal"}
-    if unknown:
-        raise ValueError(f"unknown config arguments {sorted(unknown)}; known: encoder, pretrained, dataset, runlocal")
+    options = recipes.parse_arg(arg, encoder="", pretrained="", dataset="fashion_gen", runlocal=False)
     c = ml_collections.ConfigDict()
-    c.encoder = str(options.get("encoder", ""))  # a training workdir (CLIP-FT or E²)
-    c.pretrained = str(options.get("pretrained", ""))  # or a converted CLIP
+    c.encoder = options.encoder  # a training workdir (CLIP-FT or E²)
+    c.pretrained = options.pretrained  # or a converted CLIP
     c.encode_batch_size = 256
-    c.dataset = str(options.get("dataset", "fashion_gen"))
+    c.dataset = options.dataset
     c.data_dir = ""
     c.train_split, c.eval_split = "train", "validation"
     c.text_field = "description"
@@ -44,7 +41,7 @@ def get_config(arg=None):
         # decoder and budget that fit a CPU.
         c.decoder.update(width=128, layers=3, heads=4, max_length=40, vocabulary="corpus")
         c.train.update(steps=1500, lr=1e-3, warmup_steps=100)
-    if options.get("runlocal"):
+    if options.runlocal:
         c.decoder.update(width=64, layers=2, heads=2, max_length=40)
         c.train.update(steps=50, batch_size=16, warmup_steps=5, log_every=10)
         c.max_eval, c.beam_size = 32, 2

@@ -31,51 +31,51 @@ VARIANTS = ("clip_ft", "e2", "no_fusion", "no_region_loss", "without_subcategory
 # Sized so that the 28 runs of the study take about two hours on a 2-core CPU.
 MODEL = {"image_size": 64, "patch_size": 8, "vision_width": 96, "vision_heads": 2, "vision_layers": 5,
          "text_width": 64, "text_heads": 2, "text_layers": 3, "embed_dim": 64, "context_length": 48}
+# SynthFashion's tags are short: the authors' five entities at shorter tag lengths.
+SYNTH_GROUPS = recipes.with_tag_lengths(recipes.AUTHORS_GROUPS, subcategory=8, brand=8, description=32, season=8,
+                                        composition=16)
 PRETRAIN_STEPS = 500
 STEPS = 160
 
 
 def get_config(arg=None):
-    options = recipes.parse_arg(arg)
-    unknown = set(options) - {"variant", "seed", "init", "steps", "runlocal"}
-    if unknown:
-        raise ValueError(f"unknown config arguments {sorted(unknown)}; known: variant, seed, init, steps, runlocal")
-    variant = options.get("variant", "e2")
+    options = recipes.parse_arg(arg, variant="e2", seed=0, init="", steps=0, runlocal=False)
+    variant = options.variant
     if variant not in ("pretrain", *VARIANTS):
         raise ValueError(f"variant must be pretrain or one of {VARIANTS}, got {variant!r}")
     c = recipes.base()
-    c.seed = int(options.get("seed", 0))
+    c.seed = options.seed
     c.model.preset, c.model.pretrained, c.model.overrides = "tiny", "", dict(MODEL)
     c.data.dataset, c.data.build_if_missing = "synth_fashion/medium", True
-    c.data.tag_lengths = "subcategory:8,brand:8,description:32,season:8,composition:16"
+    c.e2.groups = SYNTH_GROUPS
     c.optim.name, c.optim.weight_decay, c.optim.warmup_steps = "adamw", 0.05, 20
     c.batch_size = 64
     c.eval.batch_size, c.eval.selection_maps = 256, 8
     c.checkpoint.every_steps, c.checkpoint.keep = 50, 1
-    steps = int(options.get("steps", PRETRAIN_STEPS if variant == "pretrain" else STEPS))
+    steps = options.steps or (PRETRAIN_STEPS if variant == "pretrain" else STEPS)
     with c.unlocked():
         if variant == "pretrain":
             c.data.text_format = "{caption}"
-            c.e2.enabled, c.stages = False, "pretrain"
+            c.e2.enabled, c.stages = False, ("pretrain",)
             c.pretrain = recipes.stage(steps=steps, lr=1e-3, trainable="all")
             c.optim.warmup_steps = 50
-            c.eval.protocols, c.eval.texts, c.eval.every_steps = "full_candidate", "tags", steps // 4
+            c.eval.protocols, c.eval.texts, c.eval.every_steps = ("full_candidate",), ("tags",), steps // 4
         else:
-            if "init" not in options:
+            if not options.init:
                 raise ValueError("fine-tuning variants start from the pre-trained CLIP: give init=DIR (made by "
                                  "variant=pretrain and `python -m e2_jax.convert from-workdir`)")
-            c.model.pretrained = str(options["init"])
+            c.model.pretrained = options.init
             warmup = max(1, steps // 5)
             c.warmup = recipes.stage(steps=warmup, lr=1e-3, trainable="e2_new")
             c.finetune = recipes.stage(steps=steps - warmup, lr=2e-4, trainable="all")
             # with --mode train_and_evaluate: every 40 steps at the study's 160, eight times in a longer
             # run (`steps=`); the study's runner uses --mode train and evaluates the final parameters
-            c.eval.protocols, c.eval.every_steps = "full_candidate,sample_100", max(40, steps // 8)
+            c.eval.protocols, c.eval.every_steps = ("full_candidate", "sample_100"), max(40, steps // 8)
             if variant == "clip_ft":
-                c.e2.enabled, c.stages = False, "finetune"
+                c.e2.enabled, c.stages = False, ("finetune",)
                 c.finetune.steps = steps
             else:
                 recipes.apply_ablation(c, "none" if variant == "e2" else variant)
-    if options.get("runlocal"):
+    if options.runlocal:
         recipes.runlocal(c)
     return c

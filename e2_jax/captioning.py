@@ -38,8 +38,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from e2_jax import distributed
+from e2_jax import caption_metrics, distributed, inference, sharding
+from e2_jax.data import pipeline
+from e2_jax.data.tokenizer import CLIPTokenizer
 from e2_jax.models.caption_decoder import CaptionDecoder, DecoderConfig, init_cache, init_params
+from e2_jax.numerics import l2_normalize
+from e2_jax.pretrained import atomic_directory
+from e2_jax.search import find_images
 
 MODES = ("train", "evaluate", "caption")
 DECODER_DIR = "decoder"  # config.json + params (Orbax), written atomically at the end of training
@@ -50,22 +55,18 @@ SETTINGS_FILE = "captioning.json"  # the config this workdir was trained with
 # --- the memory projection --------------------------------------------------------------------------
 
 
-def _normalise(x: jax.Array) -> jax.Array:
-    return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
-
-
 @functools.partial(jax.jit, static_argnames=("chunk",))
 def project_to_memory(queries: jax.Array, memory: jax.Array, temperature: float, chunk: int = 1024) -> jax.Array:
     """DeCap's projection: each query (normalised) becomes `normalise(sum_i softmax(q . m_i / T) m_i)`
     over the memory rows m_i (normalised). Queries go `chunk` at a time, so that the
     [queries, memory] weights are never all in memory at once."""
-    q, m = _normalise(queries.astype(jnp.float32)), _normalise(memory.astype(jnp.float32))
+    q, m = l2_normalize(queries.astype(jnp.float32)), l2_normalize(memory.astype(jnp.float32))
     n = q.shape[0]
     pad = -n % chunk
     q = jnp.pad(q, ((0, pad), (0, 0))).reshape(-1, min(chunk, n + pad), q.shape[1])
     out = jax.lax.map(lambda block: jax.nn.softmax(block @ m.T / temperature, axis=-1) @ m, q)
     out = out.reshape(-1, m.shape[1])[:n]
-    return _normalise(out)
+    return l2_normalize(out)
 
 
 # --- training ---------------------------------------------------------------------------------------
@@ -113,8 +114,8 @@ def train_decoder(config: DecoderConfig, embeddings: np.ndarray, tokens: np.ndar
         raise ValueError(f"{len(embeddings)} embeddings but {len(tokens)} token rows")
     if tokens.shape[1] > config.max_length:
         raise ValueError(f"captions of {tokens.shape[1]} ids, more than the decoder's max_length {config.max_length}")
-    devices = np.array(jax.local_devices())
-    mesh = jax.sharding.Mesh(devices, ("data",))
+    devices = jax.local_devices()
+    mesh = sharding.make_mesh((("data", -1),), devices)
     rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     batch = -(-settings.batch_size // len(devices)) * len(devices)
@@ -127,14 +128,14 @@ def train_decoder(config: DecoderConfig, embeddings: np.ndarray, tokens: np.ndar
 
     @jax.jit
     def step(params, opt_state, prefix, tokens, key):
-        prefix = _normalise(prefix + settings.noise_std * jax.random.normal(key, prefix.shape)) \
+        prefix = l2_normalize(prefix + settings.noise_std * jax.random.normal(key, prefix.shape)) \
             if settings.noise_std else prefix
         loss, grads = jax.value_and_grad(caption_loss)(params, config, prefix, tokens, eot_id, settings.decap_mask)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
     embeddings = np.asarray(embeddings, np.float32)
-    embeddings = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)
+    embeddings = l2_normalize(embeddings)
     order_rng = np.random.default_rng(settings.seed)
     order, at = order_rng.permutation(len(tokens)), 0
     losses, start = [], time.perf_counter()
@@ -228,7 +229,7 @@ def caption_embeddings(params: dict, config: DecoderConfig, embeddings: np.ndarr
         chunk = np.asarray(embeddings[start : start + batch_size], np.float32)
         padded = np.concatenate([chunk, np.repeat(chunk[:1], batch_size - len(chunk), 0)]) if len(chunk) < batch_size \
             else chunk
-        prefix = padded / np.linalg.norm(padded, axis=1, keepdims=True)
+        prefix = l2_normalize(padded)
         ids = generate(params, config, jnp.asarray(prefix), beam_size, eot)
         out += decode_texts(vocab[np.asarray(ids)[: len(chunk)]], tokenizer)
     return out
@@ -263,7 +264,6 @@ class Captioner:
 def save_decoder(directory: Path, config: DecoderConfig, params: dict, vocab: np.ndarray) -> None:
     import orbax.checkpoint as ocp
 
-    from e2_jax.pretrained import atomic_directory
 
     with atomic_directory(directory, overwrite=True) as tmp:
         (tmp / "config.json").write_text(config.to_json() + "\n")
@@ -292,8 +292,6 @@ def load_decoder(directory: Path) -> tuple[DecoderConfig, dict, np.ndarray]:
 
 
 def load_encoder(settings):
-    from e2_jax import inference
-
     if bool(settings.encoder) == bool(settings.pretrained):
         raise ValueError("set exactly one of config.encoder (a training workdir) or config.pretrained "
                          "(a converted CLIP)")
@@ -302,8 +300,6 @@ def load_encoder(settings):
 
 def training_captions(settings) -> list[str]:
     """The distinct captions of the training split, in order of first appearance."""
-    from e2_jax.data import pipeline
-
     texts = pipeline.Source(settings.dataset, settings.train_split, settings.data_dir or None).scan(
         [settings.text_field])[settings.text_field]
     texts = list(dict.fromkeys(str(t) for t in texts if str(t).strip()))
@@ -316,8 +312,6 @@ def training_captions(settings) -> list[str]:
 
 def train(settings, workdir: Path, log=print) -> dict:
     """Mode `train`: the memory and the decoder, written to `workdir`."""
-    from e2_jax.data.tokenizer import CLIPTokenizer
-
     encoder = load_encoder(settings)
     texts = training_captions(settings)
     start = time.perf_counter()
@@ -364,9 +358,6 @@ def load_captioner(settings, workdir: Path) -> Captioner:
 
 def evaluate(settings, workdir: Path, log=print) -> dict:
     """Mode `evaluate`: caption the evaluation split's first views, greedy and beam; score."""
-    from e2_jax import caption_metrics
-    from e2_jax.data import pipeline
-
     captioner = load_captioner(settings, workdir)
     source = pipeline.Source(settings.dataset, settings.eval_split, settings.data_dir or None)
     references = [str(t) for t in source.scan([settings.text_field])[settings.text_field]]
@@ -397,8 +388,6 @@ def evaluate(settings, workdir: Path, log=print) -> dict:
 
 def caption_folder(settings, workdir: Path, folder: str, out: str | None, log=print) -> list[dict]:
     """Mode `caption`: every image of a folder, captioned; JSON lines to `out` (or stdout)."""
-    from e2_jax.search import find_images
-
     captioner = load_captioner(settings, workdir)
     paths = find_images(folder)
     if not paths:

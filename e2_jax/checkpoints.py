@@ -57,6 +57,15 @@ class Checkpoints:
         args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
         return self._latest.restore(step, args=args)["state"]
 
+    def restore_params(self, step: int, abstract_params: Any) -> Any:
+        """Only the parameters of the state saved at `step` (its optimizer state is not read)."""
+        restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, global_shape=a.shape,
+                                                                   dtype=a.dtype), abstract_params)
+        args = ocp.args.PyTreeRestore(item={"params": abstract_params}, restore_args={"params": restore_args},
+                                      partial_restore=True)
+        with ocp.PyTreeCheckpointer() as checkpointer:
+            return checkpointer.restore(self.path(step) / "state", args=args)["params"]
+
     # --- the best parameters of each stage ----------------------------------------------------
 
     def _best_manager(self, stage: str) -> ocp.CheckpointManager:

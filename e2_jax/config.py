@@ -2,31 +2,63 @@
 
 Config files (`configs/*.py`) define `get_config(arg=None)` and return `base()` with fields
 changed. `base()` is locked: setting a field it does not have raises at once, naming the field,
-as does a dotted flag for one (`--config.batch_sise=32`). Stages are named sub-configs listed in
-`stages`, run in order; each trains for `epochs` (or `steps`, if set) at peak `lr` with the
-parameters `trainable` selects ("all", "e2_new", or a regex), starting from the best
-parameters of the stage before it (by validation SumR), as the authors do.
+as does a dotted flag for one (`--config.batch_sise=32`). Lists are tuples, never comma strings:
+`stages` names the stage sub-configs, run in order; each trains for `epochs` (or `steps`, if
+set) at peak `lr` with the parameters `trainable` selects ("all", "e2_new", or a regex),
+starting from the best parameters of the stage before it (by validation SumR), as the authors
+do. A tag entity of E² is one entry of `e2.groups` (`group(name, tokens, tag_length, field)`):
+`AUTHORS_GROUPS` and `PAPER_GROUPS` are the presets, `without(groups, name)` the ablation.
 
 Config arguments (`--config configs/e2_b32.py:dataset=amazon_fashion,ablation=no_fusion`) are
-comma-separated `key=value` or bare flags; `fashion_recipe` reads `dataset`, `ablation` and
+comma-separated `key=value` or bare flags, read by `parse_arg` against typed defaults (an
+unknown or mistyped argument is an error); `fashion_recipe` reads `dataset`, `ablation` and
 `runlocal` (shrinks any config to a CPU smoke run: tiny model, SynthFashion/tiny, a few steps).
+This module reads nothing else: `e2_jax.spec` resolves a config into the typed objects the
+rest of the code takes.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
+import types
+from collections.abc import Iterable
+from typing import Any
 
 import ml_collections
 
 from e2_jax.data.preprocessing import AMAZON_TEXT, FASHIONGEN_TEXT
 
-AUTHORS_GROUPS = "subcategory,brand,description,season,composition"
-PAPER_GROUPS = "brand,season,subcategory,composition"
-# Tag context lengths (tokens, end token included) that cover FashionGen's tags; longer ones
-# are cut (keeping the end token). Any group not listed gets the full 77.
-FASHIONGEN_TAG_LENGTHS = "subcategory:16,brand:24,description:77,season:8,composition:32"
+
+def group(name: str, tokens: int = 2, tag_length: int = 0, field: str = "") -> dict[str, Any]:
+    """One tag entity of E²: `tokens` selection tokens, contrasted with the CLIP embedding of
+    the item's `field` tag (default: the group's name) tokenized at `tag_length` tokens, end
+    token included (0: the model's context length; longer tags are cut, keeping the end)."""
+    return {"name": name, "tokens": int(tokens), "tag_length": int(tag_length), "field": field}
+
+
+# The authors' five entities, in their order (E2_METHOD.md section 2), at tag lengths that
+# cover FashionGen's tags; the paper's four (its ablation and linear probes).
+AUTHORS_GROUPS = (group("subcategory", tag_length=16), group("brand", tag_length=24), group("description"),
+                  group("season", tag_length=8), group("composition", tag_length=32))
+PAPER_GROUPS = tuple(next(g for g in AUTHORS_GROUPS if g["name"] == name)
+                     for name in ("brand", "season", "subcategory", "composition"))
 ABLATIONS = ("none", "no_fusion", "no_selection_tokens", "no_region_loss", "paper_groups", "no_warmup",
-             "without_subcategory", "without_brand", "without_description", "without_season", "without_composition")
+             *(f"without_{g['name']}" for g in AUTHORS_GROUPS))
+
+
+def without(groups: Iterable[dict], name: str) -> tuple[dict, ...]:
+    """`groups` less the entity `name` (the paper's per-entity ablation)."""
+    groups = tuple(groups)
+    if name not in [g["name"] for g in groups]:
+        raise ValueError(f"no group {name!r} in {[g['name'] for g in groups]}")
+    return tuple(g for g in groups if g["name"] != name)
+
+
+def with_tag_lengths(groups: Iterable[dict], **lengths: int) -> tuple[dict, ...]:
+    """`groups` with the tag lengths given by name changed (e.g. shorter tags for a small model)."""
+    return tuple({**g, "tag_length": lengths.get(g["name"], g["tag_length"])} for g in groups)
 
 
 def stage(epochs: float = 0.0, lr: float = 5e-5, trainable: str = "all", steps: int = 0) -> ml_collections.ConfigDict:
@@ -48,10 +80,9 @@ def base() -> ml_collections.ConfigDict:
     })
     c.e2 = ml_collections.ConfigDict({
         "enabled": True,  # False: plain CLIP fine-tuning (CLIP-FT), no selection tokens
-        "groups": AUTHORS_GROUPS,
-        "tokens_per_group": 2,
+        "groups": AUTHORS_GROUPS,  # tag entities, each a `group(...)`
         "fusion": True,
-        "fusion_layers": "",  # "8,11"; "" scales the paper's (8, 11) of 12 layers with the depth
+        "fusion_layers": (),  # (8, 11); () scales the paper's (8, 11) of 12 layers with the depth
         "gumbel_tau": 1.0,
         "eval_gumbel_noise": False,  # the authors' quirk 4
         "reference_quirks": False,  # the authors' quirks 2, 3 and sqrt(768)
@@ -63,7 +94,6 @@ def base() -> ml_collections.ConfigDict:
         "train_split": "train",
         "eval_split": "validation",
         "text_format": FASHIONGEN_TEXT,
-        "tag_lengths": FASHIONGEN_TAG_LENGTHS,
         # "packed": each distinct tag of a process's batch encoded once, trimmed, in at most two
         # text-tower calls; "per_item": the authors' way, one row per item and group at its tag
         # length (same loss and gradients, more work). See e2_jax/data/region_texts.py.
@@ -73,7 +103,7 @@ def base() -> ml_collections.ConfigDict:
     c.loss = ml_collections.ConfigDict({"global_weight": 0.5, "region_weight": 0.5})
     c.optim = ml_collections.ConfigDict({"name": "adam_l2", "b1": 0.9, "b2": 0.999, "eps": 1e-8,
                                          "weight_decay": 1e-4, "grad_clip": 0.0, "warmup_steps": 100})
-    c.stages = "warmup,finetune"
+    c.stages = ("warmup", "finetune")
     c.warmup = stage(epochs=5, lr=5e-4, trainable="e2_new")
     c.finetune = stage(epochs=20, lr=5e-5, trainable="all")
     c.batch_size = 64  # the global batch, the contrastive batch too
@@ -84,8 +114,8 @@ def base() -> ml_collections.ConfigDict:
         "every_steps": 0,  # validation during training (full-candidate, global text); 0: once per epoch
         "batch_size": 256,
         # --mode=evaluate (and after training): the protocols and texts of e2_jax/evaluate.py.
-        "protocols": "full_candidate,full_gallery,sample_100",
-        "texts": "tags,description",  # tags = data.text_format; description = description_format
+        "protocols": ("full_candidate", "full_gallery", "sample_100"),
+        "texts": ("tags", "description"),  # tags = data.text_format; description = description_format
         "description_format": "{description}",
         "sample_field": "subcategory",  # sample-100's negatives share it; "" = any product
         "sample_queries": 1000,
@@ -97,48 +127,55 @@ def base() -> ml_collections.ConfigDict:
     c.log_every_steps = 10
     c.distributed = "auto"
     c.peak_flops = 0.0  # per device, for MFU; 0: from the device kind (TPU, NVIDIA)
-    # Fault injection for the tests: a NaN loss, a SIGKILL while a checkpoint is written, a
-    # SIGTERM (a preemption notice) to this process once step N is done.
-    c.debug = ml_collections.ConfigDict({"nan_at_step": -1, "kill_during_save_at_step": -1,
-                                         "sigterm_at_step": -1})
     c.lock()
     return c
 
 
-def parse_arg(arg: str | None) -> dict[str, str | bool]:
-    """'dataset=amazon_fashion,runlocal' -> {'dataset': 'amazon_fashion', 'runlocal': True}."""
-    out: dict[str, str | bool] = {}
+def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
+    """A config argument read against typed defaults (big_vision's `parse_arg`):
+    `parse_arg("dataset=amazon_fashion,runlocal", dataset="fashion_gen", runlocal=False)` ->
+    {dataset: "amazon_fashion", runlocal: True}. Each value takes its default's type (a bare
+    key sets a bool); a key without a default, or a value of the wrong type, is an error."""
+    out = ml_collections.ConfigDict(dict(defaults))
     for item in filter(None, (arg or "").split(",")):
-        key, _, value = item.partition("=")
-        out[key.strip()] = value.strip() if value else True
+        key, has_value, value = (part.strip() for part in item.partition("="))
+        if key not in defaults:
+            raise ValueError(f"unknown config argument {key!r}; known: {', '.join(sorted(defaults)) or 'none'}")
+        kind = type(defaults[key])
+        if kind is bool:
+            if has_value and value.lower() not in ("true", "false", "1", "0"):
+                raise ValueError(f"config argument {key} is a flag: write {key} or {key}=false, not {key}={value}")
+            out[key] = not has_value or value.lower() in ("true", "1")
+        else:
+            try:
+                out[key] = kind(value)
+            except ValueError:
+                raise ValueError(f"config argument {key}={value!r} is not a {kind.__name__}") from None
     return out
 
 
 def fashion_recipe(preset: str, method: str, arg: str | None) -> ml_collections.ConfigDict:
     """The paper's setting (E2_METHOD.md section 4) on `preset`, for E² or CLIP-FT (plain CLIP
     fine-tuning: the same data and the same 25 epochs, all parameters, no selection tokens)."""
-    options = parse_arg(arg)
-    unknown = set(options) - {"dataset", "ablation", "runlocal"}
-    if unknown:
-        raise ValueError(f"unknown config arguments {sorted(unknown)}; known: dataset, ablation, runlocal")
+    options = parse_arg(arg, dataset="fashion_gen", ablation="none", runlocal=False)
     c = base()
     c.model.preset = preset
     # An accelerator recipe: bfloat16 matmuls (parameters, LayerNorm, softmax and the loss stay
     # float32). `runlocal` goes back to float32, which a CPU computes faster.
     c.model.compute_dtype = "bfloat16"
     c.model.pretrained = "models/clip_" + preset.lower().replace("vit-", "").replace("-", "")  # models/clip_b32
-    if options.get("dataset", "fashion_gen") == "amazon_fashion":
+    if options.dataset == "amazon_fashion":
         c.data.dataset, c.data.eval_split = "amazon_fashion", "test"
-        c.data.text_format, c.data.tag_lengths, c.e2.groups = AMAZON_TEXT, "brand:24", "brand"
+        c.data.text_format, c.e2.groups = AMAZON_TEXT, (group("brand", tag_length=24),)
         c.eval.description_format, c.eval.sample_field = "{title}", ""  # no sub-category in AmazonFashion
-    elif options.get("dataset", "fashion_gen") != "fashion_gen":
-        raise ValueError(f"dataset must be fashion_gen or amazon_fashion, got {options['dataset']!r}")
+    elif options.dataset != "fashion_gen":
+        raise ValueError(f"dataset must be fashion_gen or amazon_fashion, got {options.dataset!r}")
     if method == "clip_ft":
         c.e2.enabled = False
-        c.stages = "finetune"
+        c.stages = ("finetune",)
         c.finetune.epochs = 25
-    apply_ablation(c, options.get("ablation", "none"))
-    if options.get("runlocal"):
+    apply_ablation(c, options.ablation)
+    if options.runlocal:
         runlocal(c)
     return c
 
@@ -151,16 +188,15 @@ def apply_ablation(c: ml_collections.ConfigDict, ablation: str) -> None:
     if ablation == "no_fusion":
         c.e2.fusion = False
     elif ablation == "no_selection_tokens":
-        c.e2.enabled, c.stages = False, "finetune"
+        c.e2.enabled, c.stages = False, ("finetune",)
     elif ablation == "no_region_loss":
         c.loss.region_weight = 0.0
     elif ablation == "paper_groups":
         c.e2.groups = PAPER_GROUPS
     elif ablation == "no_warmup":
-        c.stages = "finetune"
+        c.stages = ("finetune",)
     elif ablation.startswith("without_"):
-        group = ablation[len("without_"):]
-        c.e2.groups = ",".join(g for g in c.e2.groups.split(",") if g != group)
+        c.e2.groups = without(c.e2.groups, ablation[len("without_"):])
 
 
 def runlocal(c: ml_collections.ConfigDict) -> None:
@@ -169,21 +205,56 @@ def runlocal(c: ml_collections.ConfigDict) -> None:
     c.model.compute_dtype = "float32"
     c.data.dataset, c.data.eval_split, c.data.build_if_missing = "synth_fashion/tiny", "validation", True
     if c.data.text_format == AMAZON_TEXT:  # SynthFashion has FashionGen's fields
-        c.data.text_format, c.data.tag_lengths, c.e2.groups = FASHIONGEN_TEXT, "brand:24", "brand"
+        c.data.text_format, c.e2.groups = FASHIONGEN_TEXT, (group("brand", tag_length=24),)
         c.eval.description_format, c.eval.sample_field = "{description}", "subcategory"
-    for name in c.stages.split(","):
+    for name in c.stages:
         c[name].epochs, c[name].steps = 0.0, 4
     c.batch_size, c.eval.batch_size, c.log_every_steps = 16, 16, 1
     c.eval.sample_negatives = 8  # SynthFashion/tiny has 16 validation products
     c.optim.warmup_steps = 2
 
 
+def config_module(path: str | os.PathLike) -> types.ModuleType:
+    """A config file (`configs/*.py`) as a module, as `--config` loads it, for code that needs
+    its constants too (benchmarks/synth_study.py needs the study's variants)."""
+    spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
+    if spec is None or spec.loader is None:
+        raise FileNotFoundError(f"no config file {path}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _upgrade(data: dict) -> dict:
+    """A config.json written before lists became tuples (e2_jax of 2026-11): comma strings
+    split, `e2.tokens_per_group` and `data.tag_lengths` folded into the groups."""
+    data = json.loads(json.dumps(data))
+    split = lambda text: tuple(part.strip() for part in text.split(",") if part.strip())
+    for path in (("stages",), ("eval", "protocols"), ("eval", "texts"), ("e2", "fusion_layers")):
+        *parents, key = path
+        node = data
+        for part in parents:
+            node = node.get(part, {})
+        if isinstance(node.get(key), str):
+            node[key] = split(node[key])
+            if key == "fusion_layers":
+                node[key] = tuple(int(x) for x in node[key])
+    e2, data_config = data.get("e2", {}), data.get("data", {})
+    if isinstance(e2.get("groups"), str):
+        lengths = {name: int(length) for name, _, length in
+                   (item.partition(":") for item in split(data_config.pop("tag_lengths", "")))}
+        tokens = e2.pop("tokens_per_group", 2)
+        e2["groups"] = tuple(group(name, tokens, lengths.get(name, 0)) for name in split(e2["groups"]))
+    return data
+
+
 def from_json(text: str) -> ml_collections.ConfigDict:
     """The config a run wrote to its workdir (`config.json`), checked against `base()`: a field
-    the schema lacks (other than a stage listed in `stages`) is an error."""
-    data = json.loads(text)
+    the schema lacks (other than a stage listed in `stages`) is an error. Workdirs written
+    before lists became tuples are read too."""
+    data = _upgrade(json.loads(text))
     c = base()
-    stages = [s.strip() for s in data.get("stages", c.stages).split(",") if s.strip()]
+    stages = tuple(data.get("stages", c.stages))
 
     def assign(node: ml_collections.ConfigDict, values: dict, path: str) -> None:
         for key, value in values.items():
@@ -200,6 +271,8 @@ def from_json(text: str) -> ml_collections.ConfigDict:
                     node[key] = ml_collections.ConfigDict(value)
             elif isinstance(node[key], ml_collections.ConfigDict):
                 assign(node[key], value, where + ".")
+            elif isinstance(node[key], tuple):
+                node[key] = tuple(tuple(v) if isinstance(v, list) else v for v in value)
             else:
                 node[key] = value
 

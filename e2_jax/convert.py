@@ -36,7 +36,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from e2_jax import pretrained
+from e2_jax import pretrained, workdir
 from e2_jax.models.clip import CLIPConfig, get_config
 from e2_jax.models.e2 import E2Config
 
@@ -781,13 +781,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "from-workdir":
-            from e2_jax.inference import Encoder
-
-            encoder = Encoder.from_workdir(args.workdir, checkpoint=args.checkpoint)
-            e2 = encoder.e2 if encoder.e2.selection_tokens else None
-            pretrained.save(args.out, encoder.clip, pretrained.to_numpy(encoder.params), overwrite=args.overwrite,
+            trained = workdir.load(args.workdir, checkpoint=args.checkpoint)
+            e2 = trained.e2 if trained.e2.selection_tokens else None
+            pretrained.save(args.out, trained.clip, pretrained.to_numpy(trained.params), overwrite=args.overwrite,
                             e2=e2)
-            print(f"wrote {args.out}: {'E² model' if e2 else 'CLIP'} from {encoder.source}")
+            print(f"wrote {args.out}: {'E² model' if e2 else 'CLIP'} from {trained.where}")
         elif args.command == "to-flax":
             heads = {k: v for k, v in (("vision_heads", args.vision_heads),
                                        ("text_heads", args.text_heads)) if v is not None}

@@ -21,28 +21,25 @@ import dataclasses
 import json
 import os
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import jax
 import numpy as np
+from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
-from e2_jax import retrieval, storage
-from e2_jax.data.preprocessing import FASHIONGEN_TEXT, Preprocessing
+from e2_jax import retrieval, sharding, step, storage, workdir
+from e2_jax.checkpoints import Checkpoints
+from e2_jax.data import pipeline
+from e2_jax.data.preprocessing import Preprocessing
+from e2_jax.models.e2 import E2Model
+from e2_jax.spec import PROTOCOLS, Protocols, RunSpec, resolve
 
 if TYPE_CHECKING:
-    from e2_jax.data import pipeline
+    import ml_collections
 
 KS = retrieval.KS
-PROTOCOLS = ("full_candidate", "full_gallery", "sample_100")
-PROTOCOL_TEXT = {
-    "full_candidate": "one image (the first view) and one text per product, all against all (the authors')",
-    "full_gallery": "every image of every product against one text per product; for text->image any view of the "
-                    "product counts (FashionSAP's)",
-    "sample_100": "{queries} query products, each against {negatives} negatives of the same {field} (topped up "
-                  "from others when too few), a random view as each product's image (FashionBERT/FashionSAP's)",
-}
 
 
 def _host(x: jax.Array) -> np.ndarray:
@@ -67,30 +64,6 @@ def embed_split(embed: Callable[[dict], dict[str, jax.Array]], batches: Iterable
     return {k: np.concatenate(v) for k, v in out.items()}
 
 
-@dataclasses.dataclass(frozen=True)
-class Protocols:
-    """Which evaluations to run (the `eval` fields of the config)."""
-
-    protocols: tuple[str, ...] = ("full_candidate",)
-    texts: dict[str, str] = dataclasses.field(default_factory=lambda: {"tags": FASHIONGEN_TEXT})
-    sample_field: str = "subcategory"  # "" = negatives drawn from every other product
-    sample_queries: int = 1000
-    sample_negatives: int = 100
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        unknown = [p for p in self.protocols if p not in PROTOCOLS]
-        if unknown:
-            raise ValueError(f"unknown evaluation protocols {unknown}; known: {PROTOCOLS}")
-        if not self.texts:
-            raise ValueError("no evaluation texts")
-
-    def describe(self) -> dict[str, str]:
-        field = self.sample_field or "any category"
-        return {p: PROTOCOL_TEXT[p].format(queries=self.sample_queries, negatives=self.sample_negatives, field=field)
-                for p in self.protocols}
-
-
 def sampled_views(views: np.ndarray, seed: int) -> np.ndarray:
     """One view per product, drawn from `seed` (sample-100's query and candidate images)."""
     return np.random.default_rng([seed, 100]).integers(0, np.maximum(views, 1))
@@ -100,8 +73,6 @@ def retrieval_report(source: pipeline.Source, pre: Preprocessing, protocols: Pro
                      embed_images: Callable[[dict], jax.Array], embed_texts: Callable[[dict], jax.Array],
                      global_batch: int, sharding: jax.sharding.Sharding) -> dict:
     """Every protocol x text of `protocols` on `source`: {"metrics": {key: value}, "counts": ...}."""
-    from e2_jax.data import pipeline  # TensorFlow, loaded when data is read (not by the trainer's step)
-
     fields = [protocols.sample_field] if "sample_100" in protocols.protocols and protocols.sample_field else []
     scan = source.scan(fields)
     views, n = scan["views"], len(source)
@@ -172,3 +143,89 @@ def write_report(report: dict, directory: str | os.PathLike) -> tuple[epath.Path
         lines += ["", "Texts:", ""] + [f"- `{name}`: `{fmt}`" for name, fmt in report["texts"].items()]
         md_path.write_text("\n".join(lines) + "\n")
     return json_path, md_path
+
+
+# --- A trained model on the run's evaluation split ----------------------------------------------
+
+
+def open_source(config: ml_collections.ConfigDict, protocols: Protocols) -> pipeline.Source | None:
+    """The run's evaluation split (None without one), checked for the fields `protocols` read."""
+    if not config.data.eval_split:
+        return None
+    source = pipeline.Source(config.data.dataset, config.data.eval_split, config.data.data_dir or None)
+    lacking = sorted(f for f in protocols.fields() if f not in source.features.keys())
+    if lacking:
+        raise ValueError(f"{config.data.dataset}/{config.data.eval_split} has no field {lacking} that the evaluation "
+                         f"texts or eval.sample_field name; it has {sorted(source.features.keys())}")
+    return source
+
+
+def make_embed(spec: RunSpec):
+    """(images, texts): jitted (params, batch) -> the global image / text embeddings."""
+    model, seed = spec.model, spec.config.seed
+
+    @jax.jit
+    def images(params: dict, batch: dict) -> jax.Array:
+        rngs = {"gumbel": jax.random.key(seed)}  # used only with the authors' noisy evaluation
+        return model.apply({"params": params}, batch["images"], False, method=E2Model.encode_image,
+                           rngs=rngs).global_embedding
+
+    @jax.jit
+    def texts(params: dict, batch: dict) -> jax.Array:
+        return model.apply({"params": params}, batch["text"], method=E2Model.encode_text)
+
+    return images, texts
+
+
+def evaluation_report(spec: RunSpec, source: pipeline.Source, params: dict, protocols: Protocols,
+                      embed=None) -> dict[str, Any]:
+    images, texts = embed or make_embed(spec)
+    return retrieval_report(source, spec.pre, protocols, embed_images=lambda b: images(params, b),
+                            embed_texts=lambda b: texts(params, b), global_batch=spec.config.eval.batch_size,
+                            sharding=sharding.batch_sharding(spec.mesh))
+
+
+def validate(spec: RunSpec, source: pipeline.Source, params: dict, embed=None) -> dict[str, float]:
+    """Validation during training: full-candidate retrieval (first views, the global text),
+    as `i2t_r1` ... `sumr`."""
+    report = evaluation_report(spec, source, params, spec.validation, embed)
+    return {k.rsplit("/", 1)[-1]: v for k, v in report["metrics"].items()}
+
+
+def format_retrieval(metrics: dict[str, float]) -> str:
+    both = " | ".join(f"{d.upper()} R@1/5/10 " + "/".join(f"{metrics[f'{d}_r{k}']:.1f}" for k in KS)
+                      for d in ("i2t", "t2i"))
+    return f"{both} | SumR {metrics['sumr']:.1f}"
+
+
+@dataclasses.dataclass
+class Evaluated:
+    spec: RunSpec
+    source: pipeline.Source
+    params: dict
+    where: str  # which parameters
+    result: dict[str, Any]  # {"report": ..., "eval": full-candidate metrics of the first text}
+
+
+def evaluate_run(config: ml_collections.ConfigDict, directory: str | os.PathLike) -> Evaluated:
+    """`--mode=evaluate`: the run's best parameters (else its latest) under every protocol of
+    `config.eval`, reported in `<workdir>/eval/report.{json,md}`."""
+    spec = resolve(config, stages=False)
+    source = open_source(config, spec.protocols)
+    if source is None:
+        raise ValueError("nothing to evaluate on: data.eval_split is empty")
+    checkpoints = Checkpoints(workdir.path(directory), config.checkpoint.keep)
+    try:
+        params, where = workdir.trained_params(checkpoints, tuple(config.stages), step.sharded_abstract_params(spec))
+    finally:
+        checkpoints.close()
+    report = evaluation_report(spec, source, params, spec.protocols)
+    report.update(checkpoint=where, dataset=config.data.dataset, split=config.data.eval_split)
+    json_path, md_path = write_report(report, workdir.path(directory) / workdir.EVAL_DIR)
+    table = markdown_table(report["metrics"])
+    logging.info("evaluation of %s:\n%s", where, table)
+    print(f"evaluation of {where} ({report['counts']}):\n{table}report: {json_path}, {md_path}", flush=True)
+    first = next(iter(report["texts"]))
+    validation = {k.rsplit("/", 1)[-1]: v for k, v in report["metrics"].items()
+                  if k.startswith(f"full_candidate/{first}/")}
+    return Evaluated(spec, source, params, where, {"report": report, **({"eval": validation} if validation else {})})

@@ -15,7 +15,6 @@ CLIP normalisation); texts are tokenised by the same tokenizer.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,14 +22,15 @@ from typing import Any, NamedTuple
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
-from etils import epath
+from PIL import Image, UnidentifiedImageError
 
-from e2_jax import config as recipes
-from e2_jax import pretrained, storage
-from e2_jax.checkpoints import Checkpoints
+from e2_jax import evaluate, pretrained, sharding, workdir
+from e2_jax.data import pipeline
+from e2_jax.data.tensorflow_cpu import tf
+from e2_jax.data.tokenizer import CLIPTokenizer
 from e2_jax.models.clip import CLIPConfig
-from e2_jax.models.e2 import E2Config, E2Model, init_e2_params
+from e2_jax.models.e2 import E2Config, E2Model
+from e2_jax.numerics import l2_normalize
 
 ImageInput = str | os.PathLike | np.ndarray | Any  # Any: a PIL image
 
@@ -51,8 +51,6 @@ def load_image(image: ImageInput) -> np.ndarray:
     if isinstance(image, np.ndarray):
         array = image
     else:
-        from PIL import Image, UnidentifiedImageError
-
         if isinstance(image, (str, os.PathLike)):
             path = Path(image)
             if not path.is_file():
@@ -73,10 +71,7 @@ def load_image(image: ImageInput) -> np.ndarray:
 
 def preprocess(image: np.ndarray, size: int) -> np.ndarray:
     """The training pipeline's evaluation preprocessing of one uint8 image: float32 [S, S, 3]."""
-    from e2_jax.data.pipeline import normalize, resize_and_crop
-    from e2_jax.data.tensorflow_cpu import tf
-
-    return normalize(resize_and_crop(tf.constant(image), size)).numpy()
+    return pipeline.normalize(pipeline.resize_and_crop(tf.constant(image), size)).numpy()
 
 
 class Encoder:
@@ -84,13 +79,11 @@ class Encoder:
 
     def __init__(self, clip: CLIPConfig, e2: E2Config, params: dict, *, batch_size: int = 64,
                  source: str = "") -> None:
-        from e2_jax.data.tokenizer import CLIPTokenizer
-
         self.clip, self.e2, self.source = clip, e2, source
         self.origin: dict[str, str] = {}  # how to load it again: {"workdir": ...} or {"pretrained": ...}
         self.model = E2Model(clip, e2)
-        devices = np.asarray(jax.local_devices())
-        self.mesh = jax.sharding.Mesh(devices, ("data",))
+        devices = jax.local_devices()
+        self.mesh = sharding.make_mesh((("data", -1),), devices)
         self._replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
         self._rows = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec("data"))
         self.params = jax.device_put(params, self._replicated)
@@ -102,62 +95,34 @@ class Encoder:
         def images(params, x):
             out = model.apply({"params": params}, x, False, method=E2Model.encode_image,
                               rngs={"gumbel": jax.random.key(0)})
-            norm = lambda v: v / jax.numpy.linalg.norm(v, axis=-1, keepdims=True)
-            regions = None if out.region_embeddings is None else norm(out.region_embeddings)
+            regions = None if out.region_embeddings is None else l2_normalize(out.region_embeddings)
             picks = None if out.picks is None else out.picks.transpose(1, 0, 2)
-            return norm(out.global_embedding), regions, picks
+            return l2_normalize(out.global_embedding), regions, picks
 
         @jax.jit
         def texts(params, tokens):
-            v = model.apply({"params": params}, tokens, method=E2Model.encode_text)
-            return v / jax.numpy.linalg.norm(v, axis=-1, keepdims=True)
+            return l2_normalize(model.apply({"params": params}, tokens, method=E2Model.encode_text))
 
         self._images, self._texts = images, texts
 
     # --- loading --------------------------------------------------------------------------------
 
     @classmethod
-    def from_workdir(cls, workdir: str | os.PathLike, *, checkpoint: str = "best", **kw) -> Encoder:
+    def from_workdir(cls, directory: str | os.PathLike, *, checkpoint: str = "best", **kw) -> Encoder:
         """The model a training run in `workdir` trained. `checkpoint`: "best" (the best
         parameters of the last stage that kept any, else the latest step), "latest", or a
         step number."""
-        workdir = storage.path(workdir)
-        config_file = workdir / "config.json"
-        if not config_file.is_file():
-            raise FileNotFoundError(f"no {config_file}: {workdir} is not a training workdir (python -m e2_jax.main "
-                                    "writes config.json there)")
-        config = recipes.from_json(config_file.read_text())
-        clip, e2 = model_configs_of(config, workdir)
-        abstract = jax.eval_shape(lambda r: init_e2_params(clip, e2, r), jax.random.key(0))
-        checkpoints = Checkpoints(workdir, config.checkpoint.keep)
-        try:
-            params, where = None, ""
-            if checkpoint == "best":
-                for stage in reversed([s.strip() for s in config.stages.split(",") if s.strip()]):
-                    params = checkpoints.restore_best(stage, abstract)
-                    if params is not None:
-                        where = f"{workdir}, best {stage} parameters"
-                        break
-            if params is None:
-                step = checkpoints.latest_step() if checkpoint in ("best", "latest") else int(checkpoint)
-                if step is None or not (checkpoints.path(step) / "state").is_dir():
-                    raise FileNotFoundError(f"no checkpoint {checkpoint!r} in {workdir}")
-                state = ocp.StandardCheckpointer().restore(checkpoints.path(step) / "state")
-                params, where = state["params"], f"{workdir}, step {step}"
-        finally:
-            checkpoints.close()
-        encoder = cls(clip, e2, params, source=where, **kw)
-        encoder.origin = {"workdir": str(workdir), "checkpoint": checkpoint}
+        trained = workdir.load(directory, checkpoint)
+        encoder = cls(trained.clip, trained.e2, trained.params, source=trained.where, **kw)
+        encoder.origin = {"workdir": str(directory), "checkpoint": checkpoint}
         return encoder
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, **kw) -> Encoder:
         """A converted CLIP (`python -m e2_jax.convert to-flax ...`), without E²'s parts; or an
-        E² model exported with its `e2.json`."""
+        E² model exported with `python -m e2_jax.convert from-workdir` (its model.json says which)."""
         clip, params = pretrained.load(path)
-        e2_file = storage.path(path) / pretrained.E2_FILE
-        e2 = E2Config.from_dict(json.loads(e2_file.read_text())) if e2_file.is_file() else E2Config(
-            selection_tokens=False)
+        e2 = pretrained.load_e2_config(path) or E2Config(selection_tokens=False)
         encoder = cls(clip, e2, params, source=str(path), **kw)
         encoder.origin = {"pretrained": str(Path(path).absolute())}
         return encoder
@@ -173,10 +138,6 @@ class Encoder:
         """A split's images through the input pipeline (every product's first view, or `items`,
         [M, 2] (product, view) pairs), each once across processes: {"global": [M, D],
         "regions": [M, G, D] (E² only), "index", "view"}, embeddings L2-normalised."""
-        from e2_jax import evaluate
-        from e2_jax.data import pipeline
-        from e2_jax.sharding import batch_sharding
-
         pre = pipeline.Preprocessing(image_size=self.clip.image_size, text_format="",
                                      context_length=self.clip.context_length)
 
@@ -186,7 +147,7 @@ class Encoder:
                 {} if out.region_embeddings is None else {"regions": out.region_embeddings})
 
         batches = pipeline.eval_batches(source, pre, global_batch=-(-batch_size // self.mesh.size) * self.mesh.size,
-                                        sharding=batch_sharding(self.mesh, ("data",)), items=items)
+                                        sharding=sharding.batch_sharding(self.mesh, ("data",)), items=items)
         return evaluate.embed_split(embed, batches)
 
     def _batches(self, n: int):
@@ -229,15 +190,3 @@ def load_encoder(workdir: str | os.PathLike | None = None, pretrained: str | os.
     if bool(workdir) == bool(pretrained):
         raise ValueError("give exactly one of a training workdir or a converted CLIP (pretrained)")
     return Encoder.from_workdir(workdir, **kw) if workdir else Encoder.from_pretrained(pretrained, **kw)
-
-
-def model_configs_of(config, workdir: epath.Path) -> tuple[CLIPConfig, E2Config]:
-    """The model a run trained: from `model.json` in its workdir (written by training, so that
-    the converted weights it started from need not be here), else from its config."""
-    model_file = workdir / "model.json"
-    if model_file.is_file():
-        data = json.loads(model_file.read_text())
-        return CLIPConfig.from_json(json.dumps(data["clip"])), E2Config.from_dict(data["e2"])
-    from e2_jax.train import model_configs
-
-    return model_configs(config)

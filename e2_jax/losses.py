@@ -19,13 +19,10 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
+from e2_jax.numerics import l2_normalize
+
 Array = jax.Array
 AxisName = str | tuple[str, ...] | None
-
-
-def _normalize(x: Array) -> Array:
-    x = x.astype(jnp.float32)
-    return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), 1e-24))
 
 
 def _gather(x: Array, axis_name: AxisName) -> Array:
@@ -45,7 +42,7 @@ def contrastive_loss(a: Array, b: Array, logit_scale: Array, axis_name: AxisName
 
     Mean over the global batch of (CE(a->b) + CE(b->a)) / 2, as open_clip's ClipLoss.
     """
-    a, b = _normalize(a), _normalize(b)
+    a, b = l2_normalize(a.astype(jnp.float32)), l2_normalize(b.astype(jnp.float32))
     scale = jnp.exp(logit_scale.astype(jnp.float32))
     local = a.shape[0]
     labels = _offset(local, axis_name) + jnp.arange(local)

@@ -13,22 +13,46 @@ in a per-user cache (`--compilation_cache`, see e2_jax/compilation.py).
 from __future__ import annotations
 
 import logging as logging_std
+import os
 import sys
+from typing import Any
 
 import jax
+import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from e2_jax import compilation, train
+from e2_jax import compilation, distributed, evaluate, train, visualize
+from e2_jax.inference import Encoder
+
+MODES = ("train", "evaluate", "train_and_evaluate")
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py[:arg]).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and the config go.")
-_MODE = flags.DEFINE_enum("mode", "train_and_evaluate", list(train.MODES), "What to do.")
+_MODE = flags.DEFINE_enum("mode", "train_and_evaluate", list(MODES), "What to do.")
 _CACHE = flags.DEFINE_string("compilation_cache", None,
                              "JAX's persistent compilation cache folder (default: JAX_COMPILATION_CACHE_DIR, else "
                              "~/.cache/e2_jax/xla); '' turns it off.")
 flags.mark_flags_as_required(["config", "workdir"])
+
+
+def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, mode: str = "train_and_evaluate",
+        hooks: train.Hooks | None = None) -> dict[str, Any]:
+    """Trains (validating as it goes unless `mode` is "train") and, with "evaluate" or once a
+    "train_and_evaluate" run is complete, evaluates its best parameters under every protocol
+    and draws selection maps."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if mode != "evaluate":
+        result = train.run(config, workdir, validate=mode == "train_and_evaluate", hooks=hooks)
+        if mode == "train" or not result.get("complete"):
+            return result
+        logging.info("training in %s is complete; evaluating its best parameters", workdir)
+    evaluated = evaluate.evaluate_run(config, workdir)
+    encoder = Encoder(evaluated.spec.clip, evaluated.spec.e2, evaluated.params, source=evaluated.where)
+    visualize.run_selection_maps(workdir, evaluated.source, encoder, config.eval.selection_maps)
+    return evaluated.result
 
 
 class _QuietOrbax(logging_std.Filter):
@@ -38,15 +62,12 @@ class _QuietOrbax(logging_std.Filter):
         return record.levelno > logging_std.INFO or "/orbax/" not in record.pathname
 
 
-def main(argv: list[str]) -> None:
+def main(argv: list[str], hooks: train.Hooks | None = None) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.get_absl_handler().addFilter(_QuietOrbax())
     config = _CONFIG.value
-    # Multi-host start-up before anything touches a device.
-    from e2_jax import distributed
-
-    try:
+    try:  # multi-host start-up before anything touches a device
         distributed.initialize(config.distributed)
     except distributed.StartupError as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
@@ -55,7 +76,7 @@ def main(argv: list[str]) -> None:
     cache = compilation.setup(compilation.default_cache_dir() if _CACHE.value is None else _CACHE.value)
     logging.info("XLA compilation cache: %s", cache or "off")
     try:
-        result = train.run(config, _WORKDIR.value, _MODE.value)
+        result = run(config, _WORKDIR.value, _MODE.value, hooks)
     except train.TrainingError as error:
         logging.error("%s", error)
         print(f"error: {error}", file=sys.stderr, flush=True)
@@ -64,7 +85,7 @@ def main(argv: list[str]) -> None:
         if jax.process_count() > 1:
             jax.distributed.shutdown()  # every process leaves together, now rather than at exit
     if "eval" in result:
-        print(f"validation: {train.format_retrieval(result['eval'])}", flush=True)
+        print(f"validation: {evaluate.format_retrieval(result['eval'])}", flush=True)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,8 @@ import numpy as np
 import optax
 
 from e2_jax import distributed
+from e2_jax.data import pipeline
+from e2_jax.inference import Encoder
 
 PENALTIES = (1e-5, 1e-4, 1e-3, 1e-2)
 
@@ -115,8 +117,6 @@ def probe_models(encoders: dict, dataset: str, fields: Sequence[str], *, data_di
                  min_count: int = 5, seed: int = 0, batch_size: int = 256, view: int = 0) -> dict:
     """{model: {field: ProbeResult as a dict}} for every encoder and field, on each product's
     view `view` (modulo its number of views) in both splits."""
-    from e2_jax.data import pipeline
-
     train_source = pipeline.Source(dataset, train_split, data_dir)
     eval_source = pipeline.Source(dataset, eval_split, data_dir)
     train_labels = train_source.scan(fields)
@@ -157,7 +157,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--view", type=int, default=0, help="which view of each product to embed (0: the first)")
     parser.add_argument("--out", help="write the report as JSON here")
     args = parser.parse_args(argv)
-    from e2_jax.inference import Encoder
 
     if not args.model and not args.pretrained:
         raise SystemExit("name at least one --model WORKDIR or --pretrained PATH")

@@ -17,8 +17,9 @@ import jax
 import numpy as np
 
 from e2_jax import convert, pretrained
+from e2_jax.data.preprocessing import MEAN, STD
 from e2_jax.data.tokenizer import CLIPTokenizer
-from e2_jax.models.clip import CLIP, IMAGE_MEAN, IMAGE_STD, count_params, get_config, init_params
+from e2_jax.models.clip import CLIP, count_params, get_config, init_params
 
 TEXTS = [
     "SHIRTS.Raf Simons.FW2016.Long sleeve cotton shirt in black. Spread collar.",
@@ -38,7 +39,7 @@ def striped_garments(size: int, n: int, seed: int = 0) -> np.ndarray:
         stripes = (np.sin(yy * rng.uniform(20, 60)) > 0)[..., None]
         colour, accent = rng.uniform(0, 1, 3), rng.uniform(0, 1, 3)
         image[body] = np.where(stripes[body], colour, accent)
-    return (images - np.array(IMAGE_MEAN, np.float32)) / np.array(IMAGE_STD, np.float32)
+    return (images - np.array(MEAN, np.float32)) / np.array(STD, np.float32)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -31,13 +31,10 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from e2_jax.numerics import l2_normalize
+
 KS = (1, 5, 10)
 DIRECTIONS = ("i2t", "t2i")
-
-
-def normalize(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
 def recall_at(ranks: dict[str, np.ndarray], ks: tuple[int, ...] = KS) -> dict[str, float]:
@@ -113,7 +110,7 @@ def ranks(image: np.ndarray, text: np.ndarray, image_product: np.ndarray | None 
     t2i, a text's positive is its product's best image, and its product's other images are
     not counted against it. Embeddings are L2-normalised here.
     """
-    image, text = normalize(image), normalize(text)
+    image, text = l2_normalize(np.asarray(image, np.float32)), l2_normalize(np.asarray(text, np.float32))
     n_images, n_texts = len(image), len(text)
     product = np.arange(n_images, dtype=np.int32) if image_product is None else np.asarray(image_product, np.int32)
     if product.shape != (n_images,) or (n_images and (product.min() < 0 or product.max() >= n_texts)):
@@ -208,7 +205,8 @@ def sample_100(image: np.ndarray, text: np.ndarray, candidates: np.ndarray) -> d
     """`image`, `text`: one per product (image = the product's sampled view). Each row of
     `candidates` ([Q, 101], query product first) is one image query against those products'
     texts, and one text query against their images."""
-    image, text = normalize(image).astype(np.float64), normalize(text).astype(np.float64)
+    image = l2_normalize(np.asarray(image, np.float32)).astype(np.float64)
+    text = l2_normalize(np.asarray(text, np.float32)).astype(np.float64)
     query = candidates[:, 0]
     i2t = np.einsum("qd,qcd->qc", image[query], text[candidates])
     t2i = np.einsum("qd,qcd->qc", text[query], image[candidates])

@@ -26,7 +26,7 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 
 
 def _encoder(workdir: str | None, pretrained: str | None, batch_size: int):
-    from e2_jax.inference import load_encoder
+    from e2_jax.inference import load_encoder  # deferred: TensorFlow loads after main's single-host check
 
     if bool(workdir) == bool(pretrained):
         raise SystemExit("give exactly one of --workdir (a training run) or --pretrained (a converted CLIP)")
@@ -43,7 +43,7 @@ def find_images(folder: str | Path) -> list[Path]:
 def build_index(encoder, folder: str | Path, out: str | Path, chunk: int = 1024) -> dict:
     """Embeds the folder's readable images into `out` (.npz), `chunk` images in memory at a
     time; returns a summary."""
-    from e2_jax.inference import load_image
+    from e2_jax.inference import load_image  # deferred: as in _encoder
 
     found = find_images(folder)
     paths, parts, skipped = [], [], []

@@ -25,7 +25,11 @@ from pathlib import Path
 
 import numpy as np
 
-from e2_jax import distributed, storage
+from e2_jax import distributed, storage, workdir
+from e2_jax.data import pipeline
+from e2_jax.inference import Encoder, ImageOutputs
+from e2_jax.numerics import l2_normalize
+from e2_jax.search import find_images
 
 KS = (1, 5)
 TEMPLATES = {
@@ -42,8 +46,7 @@ def topk_accuracy(query: np.ndarray, candidates: np.ndarray, labels: np.ndarray,
                   ks: Sequence[int] = KS) -> dict[str, float]:
     """Percent of rows of `query` ([N, D]) whose label (index into `candidates`, [C, D]) is
     among its k most similar candidates (cosine); ties count in the query's favour."""
-    q = query / np.linalg.norm(query, axis=1, keepdims=True)
-    c = candidates / np.linalg.norm(candidates, axis=1, keepdims=True)
+    q, c = l2_normalize(np.asarray(query)), l2_normalize(np.asarray(candidates))
     s = q.astype(np.float64) @ c.astype(np.float64).T
     correct = s[np.arange(len(q)), labels]
     rank = (s > correct[:, None]).sum(1)
@@ -76,8 +79,6 @@ def image_queries(outputs, encoder, field: str, use_global: bool) -> tuple[np.nd
 
 
 def _training_values(config, fields: Sequence[str]) -> dict[str, np.ndarray]:
-    from e2_jax.data import pipeline
-
     source = pipeline.Source(config.data.dataset, config.data.train_split, config.data.data_dir or None)
     scanned = source.scan(fields)
     return {f: np.unique(scanned[f]) for f in fields}
@@ -86,9 +87,6 @@ def _training_values(config, fields: Sequence[str]) -> dict[str, np.ndarray]:
 def evaluate_tagging(encoder, config, fields: Sequence[str], *, use_global: bool = False,
                      template: str | None = None, batch_size: int = 256) -> dict:
     """Top-1/top-5 per field on the run's evaluation split."""
-    from e2_jax.data import pipeline
-    from e2_jax.inference import ImageOutputs
-
     candidates = _training_values(config, fields)
     source = pipeline.Source(config.data.dataset, config.data.eval_split, config.data.data_dir or None)
     labels = source.scan(fields)
@@ -138,11 +136,9 @@ def main(argv: list[str] | None = None) -> None:
         s.add_argument("--global", dest="use_global", action="store_true", help="use the global embedding")
         s.add_argument("--template", help="prompt for the global embedding, with {} for the value")
     args = parser.parse_args(argv)
-    from e2_jax import config as recipes
-    from e2_jax.inference import Encoder
 
     encoder = Encoder.from_workdir(args.workdir)
-    config = recipes.from_json((storage.path(args.workdir) / "config.json").read_text())
+    config = workdir.read_config(args.workdir)
     fields = [f.strip() for f in args.fields.split(",") if f.strip()]
     if args.command == "evaluate":
         report = evaluate_tagging(encoder, config, fields, use_global=args.use_global, template=args.template)
@@ -154,7 +150,6 @@ def main(argv: list[str] | None = None) -> None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, indent=2) + "\n")
         return
-    from e2_jax.search import find_images
 
     candidates = json.loads(Path(args.values).read_text()) if args.values else {
         f: list(v) for f, v in _training_values(config, fields).items()}

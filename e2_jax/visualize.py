@@ -20,10 +20,15 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+import jax
 import numpy as np
+from absl import logging
 from etils import epath
 
-from e2_jax import distributed, storage
+from e2_jax import distributed, storage, workdir
+from e2_jax.data import pipeline
+from e2_jax.data.tensorflow_cpu import tf
+from e2_jax.inference import Encoder, load_image
 
 COLOURS = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240),
            (240, 50, 230), (210, 245, 60)]
@@ -32,10 +37,7 @@ SCALE = 4  # the drawn image is this many times the model's input size (at least
 
 def _display(image: np.ndarray, size: int) -> np.ndarray:
     """uint8 [S, S, 3], the crop the model sees, without normalisation."""
-    from e2_jax.data.pipeline import resize_and_crop
-    from e2_jax.data.tensorflow_cpu import tf
-
-    return resize_and_crop(tf.constant(image), size).numpy()
+    return pipeline.resize_and_crop(tf.constant(image), size).numpy()
 
 
 def _dashed_rectangle(draw, box, colour, width: int, dash: int = 6) -> None:
@@ -92,8 +94,6 @@ def draw_selection_map(image: np.ndarray, picks: np.ndarray, groups: Sequence[tu
 
 def write_selection_maps(encoder, images: Sequence, names: Sequence[str], out: str | os.PathLike) -> list[epath.Path]:
     """One PNG per image into `out`; returns the paths."""
-    from e2_jax.inference import load_image
-
     if encoder.e2.num_tokens == 0 or not encoder.e2.fusion:
         raise ValueError(f"{encoder.source} has no selection tokens or no fusion blocks: nothing picks a patch")
     out = storage.path(out)
@@ -112,15 +112,8 @@ def write_selection_maps(encoder, images: Sequence, names: Sequence[str], out: s
     return written
 
 
-def split_images(workdir: str | os.PathLike, count: int,
-                 split: str | None = None) -> tuple[list[np.ndarray], list[str]]:
-    """The first views of the first `count` products of the run's evaluation split."""
-    from e2_jax import config as recipes
-    from e2_jax.data import pipeline
-    from e2_jax.data.tensorflow_cpu import tf
-
-    config = recipes.from_json((storage.path(workdir) / "config.json").read_text())
-    source = pipeline.Source(config.data.dataset, split or config.data.eval_split, config.data.data_dir or None)
+def source_images(source: pipeline.Source, count: int) -> tuple[list[np.ndarray], list[str]]:
+    """The first views of the first `count` products of a split."""
     spec = {"images": source.features.tf_example_spec["images"]}
     images, names = [], []
     for i, record in enumerate(source.read(range(min(count, len(source))))):
@@ -128,6 +121,23 @@ def split_images(workdir: str | os.PathLike, count: int,
         images.append(tf.io.decode_image(views[0], channels=3, expand_animations=False).numpy())
         names.append(f"{source.split}_{i:05d}")
     return images, names
+
+
+def run_selection_maps(directory: str | os.PathLike, source: pipeline.Source, encoder: Encoder,
+                       count: int) -> None:
+    """`--mode=evaluate`'s selection maps: the first `count` products of the evaluation split,
+    in `<workdir>/eval/selection_maps` (E² with fusion blocks; one process: with several, draw
+    them afterwards with `python -m e2_jax.visualize`)."""
+    if not count or not encoder.e2.selection_tokens or not encoder.e2.fusion:
+        return
+    if jax.process_count() > 1:
+        logging.info("selection maps are drawn by one process: run python -m e2_jax.visualize --workdir %s "
+                     "--split %s", directory, source.split)
+        return
+    images, names = source_images(source, count)
+    out = workdir.path(directory) / workdir.EVAL_DIR / "selection_maps"
+    written = write_selection_maps(encoder, images, names, out)
+    logging.info("%d selection maps in %s", len(written), written[0].parent)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -139,13 +149,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--count", type=int, default=16)
     parser.add_argument("--out", help="output folder (default: WORKDIR/selection_maps)")
     args = parser.parse_args(argv)
-    from e2_jax.inference import Encoder
-
     if bool(args.images) == bool(args.split):
         raise SystemExit("give --images FILES or --split NAME")
     encoder = Encoder.from_workdir(args.workdir)
     if args.split:
-        images, names = split_images(args.workdir, args.count, args.split)
+        config = workdir.read_config(args.workdir)
+        images, names = source_images(pipeline.Source(config.data.dataset, args.split, config.data.data_dir or None),
+                                      args.count)
     else:
         images, names = args.images, [str(p) for p in args.images]
     written = write_selection_maps(encoder, images, names, args.out or storage.path(args.workdir) / "selection_maps")

@@ -31,7 +31,7 @@ import pytest
 
 @pytest.fixture(scope="session")
 def fashion_corpus() -> list[str]:
-    from tests.fashion_texts import corpus
+    from e2_jax.data.fashion_texts import corpus
 
     return corpus()
 

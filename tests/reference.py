@@ -8,7 +8,8 @@ import numpy as np
 import open_clip
 import torch
 
-from e2_jax.models.clip import CLIP, CLIPConfig, l2_normalize
+from e2_jax.models.clip import CLIP, CLIPConfig
+from e2_jax.numerics import l2_normalize
 
 # A small open_clip CLIP with the real vocabulary (so real tokenized texts run through it) and
 # OpenAI's head width of 64 (head counts are not visible in weights; 64 is OpenAI's rule).

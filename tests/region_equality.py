@@ -9,7 +9,7 @@ import numpy as np
 import optax
 
 from e2_jax import config as recipes
-from e2_jax import train
+from e2_jax import step, train
 from e2_jax.data import pipeline
 from e2_jax.sharding import batch_sharding
 
@@ -20,7 +20,7 @@ def config(data_dir: str, batch_size: int = 16, mesh=(("data", -1), ("fsdp", 1))
     c = recipes.base()
     c.model.preset, c.model.pretrained = "tiny", ""
     c.data.dataset, c.data.data_dir = "synth_fashion/tiny", data_dir
-    c.stages, c.finetune.steps, c.batch_size, c.mesh = "finetune", 1, batch_size, mesh
+    c.stages, c.finetune.steps, c.batch_size, c.mesh = ("finetune",), 1, batch_size, mesh
     return c
 
 
@@ -37,17 +37,16 @@ def _host(x: jax.Array) -> np.ndarray:
     return np.asarray(x.addressable_shards[0].data)
 
 
-def one_step(c, workdir: str, mode: str) -> dict:
+def one_step(c, mode: str) -> dict:
     """{"loss", "loss_region", "gradients" (host arrays), "calls" (the region texts' global
     rows x tokens per call)} of the first step of `c` with `data.region_texts = mode`."""
     c = c.copy_and_resolve_references()
     c.data.region_texts = mode
-    setup = train.prepare(c, workdir)
-    stage = setup.stages[0]
-    program = train.build_stage(setup, stage, _capture_gradients(), optax.constant_schedule(0.0))
-    state = train.new_state(train.initial_params(setup), stage, program.tx, program.shardings)
-    batch = next(pipeline.train_batches(setup.train_source, setup.pre, global_batch=c.batch_size,
-                                        sharding=batch_sharding(setup.mesh), seed=c.seed))
+    spec, data = train.prepare(c, validate=False)
+    program = step.build_stage(spec, spec.stages[0], _capture_gradients(), optax.constant_schedule(0.0))
+    state = program.new_state(step.initial_params(spec))
+    batch = next(pipeline.train_batches(data.train, spec.pre, global_batch=c.batch_size,
+                                        sharding=batch_sharding(spec.mesh), seed=c.seed))
     calls = [tuple(t.shape) for t in batch["region_tokens"]]
     new, metrics = program.step(state, batch)
     gradients = jax.tree.map(_host, new["opt_state"])

@@ -160,7 +160,7 @@ def test_cli_writes_model_directory_and_refuses_to_overwrite(tmp_path, capsys):
     out = tmp_path / "out"
     argv = ["to-flax", str(tmp_path / "m.pt"), str(out), "--activation", "quick_gelu"]
     assert convert.main(argv) == 0
-    assert (out / "config.json").is_file() and (out / "params").is_dir()
+    assert (out / "model.json").is_file() and (out / "params").is_dir()
     assert convert.main(argv) == 1
     assert "already exists" in capsys.readouterr().err
     assert convert.main([*argv, "--overwrite"]) == 0

@@ -16,7 +16,6 @@ from e2_jax.models.e2 import (
     E2Model,
     count_new_params,
     fusion_layers_for,
-    groups_from_names,
     init_e2_params,
     straight_through_gumbel,
 )
@@ -51,9 +50,8 @@ def test_fusion_layers_scale_with_depth():
 
 def test_groups_are_config():
     assert [g.name for g in AUTHORS_GROUPS] == ["subcategory", "brand", "description", "season", "composition"]
-    # The paper's four entities in one line of config:
-    e2 = E2Config(groups=groups_from_names("brand,season,subcategory,composition"))
-    assert e2.groups == PAPER_GROUPS and e2.num_tokens == 8
+    e2 = E2Config(groups=PAPER_GROUPS)
+    assert [g.name for g in e2.groups] == ["brand", "season", "subcategory", "composition"] and e2.num_tokens == 8
     assert [g.name for g in E2Config().without_group("brand").groups] == [
         "subcategory", "description", "season", "composition"]
 

@@ -5,7 +5,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from e2_jax import search, train, visualize
+from e2_jax import evaluate, search, train, visualize
 from e2_jax.data import pipeline
 from e2_jax.inference import Encoder
 from e2_jax.sharding import batch_sharding
@@ -30,10 +30,9 @@ def test_encoder_gives_the_evaluation_embeddings(synth_tiny, trained_tiny, encod
     batches, for a count (7) that does not divide the batch (4)."""
     workdir, _ = trained_tiny
     assert "best finetune" in encoder.source and (workdir / "model.json").is_file()
-    setup = train.prepare(tiny_config(synth_tiny), workdir)
-    images_fn, texts_fn = train.make_embed(setup)
-    batch = next(pipeline.eval_batches(setup.eval_source, setup.pre, global_batch=16,
-                                       sharding=batch_sharding(setup.mesh)))
+    spec, data = train.prepare(tiny_config(synth_tiny))
+    images_fn, texts_fn = evaluate.make_embed(spec)
+    batch = next(pipeline.eval_batches(data.eval, spec.pre, global_batch=16, sharding=batch_sharding(spec.mesh)))
     want_images = np.array(images_fn(encoder.params, batch))[:7]
     want_texts = np.array(texts_fn(encoder.params, batch))[:7]
     want_images /= np.linalg.norm(want_images, axis=1, keepdims=True)
@@ -99,14 +98,14 @@ def test_selection_maps_box_the_picked_patches(synth_tiny, encoder, tmp_path):
 
 def test_workdir_exported_as_a_model_directory_encodes_the_same(trained_tiny, encoder, tmp_path, capsys):
     """`convert from-workdir` writes the run's best parameters as a model directory (with its
-    e2.json), which `from_pretrained` loads to the same embeddings; the export refuses to
+    model.json), which `from_pretrained` loads to the same embeddings; the export refuses to
     overwrite, and a directory that is no workdir is named in the error."""
     from e2_jax import convert
 
     workdir, _ = trained_tiny
     out = tmp_path / "exported"
     assert convert.main(["from-workdir", str(workdir), str(out)]) == 0
-    assert "E² model" in capsys.readouterr().out and (out / "e2.json").is_file()
+    assert "E² model" in capsys.readouterr().out and (out / "model.json").is_file()
     exported = Encoder.from_pretrained(out, batch_size=4)
     images = [np.full((40, 32, 3), v, np.uint8) for v in (0, 90, 200)]
     np.testing.assert_array_equal(exported.encode_images(images), encoder.encode_images(images))

@@ -6,10 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from e2_jax.data.fashion_texts import fashion_records
 from e2_jax.data.region_texts import SHORT_TOKENS, Packing, describe, text_lengths
 from e2_jax.data.tokenizer import CLIPTokenizer
 from e2_jax.models.clip import CLIP, get_config, init_params
-from tests.fashion_texts import fashion_records
 
 GROUPS = (("subcategory", 16), ("brand", 24), ("description", 77), ("season", 8), ("composition", 32))
 

@@ -4,11 +4,12 @@ import numpy as np
 import pytest
 
 from e2_jax import retrieval
+from e2_jax.numerics import l2_normalize
 
 
 def _brute(image, text, product=None):
     """Float64, whole matrix, loops: the definition, written out."""
-    image, text = retrieval.normalize(image).astype(np.float64), retrieval.normalize(text).astype(np.float64)
+    image, text = l2_normalize(image).astype(np.float64), l2_normalize(text).astype(np.float64)
     product = np.arange(len(image)) if product is None else np.asarray(product)
     s = image @ text.T
     i2t = np.array([sum(s[i, j] > s[i, product[i]] for j in range(len(text)) if j != product[i])
@@ -107,7 +108,7 @@ def test_sample_100_equals_brute_force():
     image, text = _embeddings(400, noise=1.5)
     c = retrieval.sample_100_candidates(category, queries=1000, seed=0)
     assert c.shape == (400, 101)
-    i, t = retrieval.normalize(image).astype(np.float64), retrieval.normalize(text).astype(np.float64)
+    i, t = l2_normalize(image).astype(np.float64), l2_normalize(text).astype(np.float64)
     i2t = [sum(i[r[0]] @ t[j] > i[r[0]] @ t[r[0]] for j in r[1:]) for r in c]
     t2i = [sum(t[r[0]] @ i[j] > t[r[0]] @ i[r[0]] for j in r[1:]) for r in c]
     got = retrieval.sample_100(image, text, c)

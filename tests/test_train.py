@@ -14,10 +14,10 @@ from flax import traverse_util
 from jax import monitoring
 
 from e2_jax import config as recipes
-from e2_jax import optim, train
+from e2_jax import main, optim, step, train
 from e2_jax.data import pipeline
 from e2_jax.sharding import batch_sharding
-from tests import region_equality
+from tests import faults, region_equality
 
 
 def tiny_config(data_dir: str, **changes):
@@ -25,7 +25,7 @@ def tiny_config(data_dir: str, **changes):
     c = recipes.base()
     c.model.preset, c.model.pretrained = "tiny", ""
     c.data.dataset, c.data.data_dir = "synth_fashion/tiny", data_dir
-    c.data.tag_lengths, c.e2.groups = "brand:8,season:8", "brand,season"
+    c.e2.groups = (recipes.group("brand", tag_length=8), recipes.group("season", tag_length=8))
     c.warmup.steps, c.finetune.steps = 3, 3
     c.batch_size, c.eval.batch_size, c.log_every_steps, c.optim.warmup_steps = 16, 16, 1, 1
     c.checkpoint.every_steps = 2
@@ -45,7 +45,7 @@ def saved_state(workdir: Path, step: int) -> dict:
 def test_two_stage_run_writes_everything(synth_tiny, trained_tiny):
     workdir, result = trained_tiny
     assert set(result["eval"]) >= {"i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "sumr"}
-    assert json.loads((workdir / "config.json").read_text())["stages"] == "warmup,finetune"
+    assert json.loads((workdir / "config.json").read_text())["stages"] == ["warmup", "finetune"]
     assert (workdir / "checkpoints" / "6").is_dir()
     assert (workdir / "best" / "warmup").is_dir() and (workdir / "best" / "finetune").is_dir()
     lines = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
@@ -65,7 +65,7 @@ def test_two_stage_run_writes_everything(synth_tiny, trained_tiny):
     assert result["step"] == 6
     # Evaluation mode: every protocol on the best parameters, written as JSON and Markdown; its
     # full-candidate numbers with the training's text are the validation of the best step.
-    evaluated = train.run(tiny_config(synth_tiny, **{"eval.sample_negatives": 8}), workdir, mode="evaluate")
+    evaluated = main.run(tiny_config(synth_tiny, **{"eval.sample_negatives": 8}), workdir, mode="evaluate")
     report = json.loads((workdir / "eval" / "report.json").read_text())
     assert report["metrics"] == evaluated["report"]["metrics"] and len(report["metrics"]) == 3 * 2 * 7
     assert "best finetune parameters" in report["checkpoint"]
@@ -78,10 +78,10 @@ def test_two_stage_run_writes_everything(synth_tiny, trained_tiny):
 
 def test_stage_one_leaves_every_clip_parameter_bit_identical(synth_tiny, tmp_path):
     # With bfloat16 compute and rematerialisation: parameters stay float32, frozen ones untouched.
-    config = tiny_config(synth_tiny, stages="warmup", **{"model.compute_dtype": "bfloat16", "model.remat": True})
-    setup = train.prepare(config, tmp_path)
-    initial = traverse_util.flatten_dict(jax.device_get(train.initial_params(setup)), sep="/")
-    train.run(config, tmp_path, mode="train")
+    config = tiny_config(synth_tiny, stages=("warmup",), **{"model.compute_dtype": "bfloat16", "model.remat": True})
+    spec, _ = train.prepare(config, validate=False)
+    initial = traverse_util.flatten_dict(jax.device_get(step.initial_params(spec)), sep="/")
+    train.run(config, tmp_path, validate=False)
     state = saved_state(tmp_path, 3)
     after = traverse_util.flatten_dict(state["params"], sep="/")
     new = optim.trainable_pattern("e2_new")
@@ -95,28 +95,22 @@ def test_stage_one_leaves_every_clip_parameter_bit_identical(synth_tiny, tmp_pat
     assert state_size <= 2 * new_size + 8
 
 
-def _one_step(setup, accum: int):
+def _one_step(synth_tiny: str, accum: int):
     """Parameters after one SGD step of learning rate 1 (= params - gradients)."""
-    stage = setup.stages[0]
-    tx = optax.sgd(1.0)
-    _, shardings = train.state_shardings(setup, stage, tx)
-    params = train.initial_params(setup)
-    state = train.new_state(params, stage, tx, shardings)
-    setup.config.unlock()
-    setup.config.accum_steps = accum
-    step = jax.jit(train.make_train_step(setup, stage, tx, optax.constant_schedule(1.0)))
-    batch = next(pipeline.train_batches(setup.train_source, setup.pre, global_batch=setup.config.batch_size,
-                                        sharding=batch_sharding(setup.mesh)))
-    new_state, metrics = step(state, batch)
+    spec, data = train.prepare(tiny_config(synth_tiny, stages=("finetune",), accum_steps=accum), validate=False)
+    program = step.build_stage(spec, spec.stages[0], optax.sgd(1.0), optax.constant_schedule(1.0))
+    state = program.new_state(step.initial_params(spec))
+    batch = next(pipeline.train_batches(data.train, spec.pre, global_batch=spec.config.batch_size,
+                                        sharding=batch_sharding(spec.mesh)))
+    new_state, metrics = program.step(state, batch)
     return jax.device_get(new_state["params"]), jax.device_get(metrics)
 
 
-def test_gradient_accumulation_keeps_the_contrastive_batch_whole(synth_tiny, tmp_path):
+def test_gradient_accumulation_keeps_the_contrastive_batch_whole(synth_tiny):
     """GradCache with 4 micro-batches: the same loss and gradients as the whole batch at once
     (not the mean of 4 small-batch losses, whose negatives would be 4 times fewer)."""
-    setup = train.prepare(tiny_config(synth_tiny, stages="finetune"), tmp_path)
-    whole, whole_metrics = _one_step(setup, 1)
-    micro, micro_metrics = _one_step(setup, 4)
+    whole, whole_metrics = _one_step(synth_tiny, 1)
+    micro, micro_metrics = _one_step(synth_tiny, 4)
     np.testing.assert_allclose(micro_metrics["loss"], whole_metrics["loss"], rtol=1e-6)
     np.testing.assert_allclose(micro_metrics["loss_region"], whole_metrics["loss_region"], rtol=1e-6)
     for a, b in zip(jax.tree.leaves(micro), jax.tree.leaves(whole), strict=True):
@@ -124,10 +118,11 @@ def test_gradient_accumulation_keeps_the_contrastive_batch_whole(synth_tiny, tmp
 
 
 def test_a_nan_loss_stops_the_run_naming_the_step_and_the_last_good_checkpoint(synth_tiny, tmp_path):
-    config = tiny_config(synth_tiny, stages="finetune", **{"debug.nan_at_step": 4, "finetune.steps": 8})
+    config = tiny_config(synth_tiny, stages=("finetune",), **{"finetune.steps": 8})
     with pytest.raises(train.TrainingError, match=r"loss is nan at step 4; stopping\. the last good checkpoint is "
                                                   r".*checkpoints/4 \(step 4\)"):
-        train.run(config, tmp_path)
+        train.run(config, tmp_path, hooks=faults.hooks(nan_at_step=4))
+    assert max(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == 4
 
 
 def test_a_preemption_notice_on_a_stage_last_step_saves_there_and_resumes_exactly(synth_tiny, trained_tiny,
@@ -135,8 +130,8 @@ def test_a_preemption_notice_on_a_stage_last_step_saves_there_and_resumes_exactl
     """SIGTERM lands right after step 3, the warm-up's last: the run saves step 3 and exits
     there (it used to run on into the next stage before looking), and the resumed run ends where
     the uninterrupted one does."""
-    config = tiny_config(synth_tiny, **{"optim.grad_clip": 1.0, "debug.sigterm_at_step": 3})
-    first = train.run(config, tmp_path)
+    config = tiny_config(synth_tiny, **{"optim.grad_clip": 1.0})
+    first = train.run(config, tmp_path, hooks=faults.hooks(sigterm_at_step=3))
     assert first["preempted"] and first["step"] == 3
     assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [2, 3]
     resumed = train.run(tiny_config(synth_tiny, **{"optim.grad_clip": 1.0}), tmp_path)
@@ -165,15 +160,15 @@ def test_config_errors_come_before_any_compile(synth_tiny, tmp_path):
     cases = {
         "divisible": tiny_config(synth_tiny, batch_size=16, accum_steps=3),
         "converted CLIP": tiny_config(synth_tiny, **{"model.pretrained": str(tmp_path / "no_such_model")}),
-        "not defined": tiny_config(synth_tiny, stages="warmup,polish"),
+        "not defined": tiny_config(synth_tiny, stages=("warmup", "polish")),
         "no text field": tiny_config(synth_tiny, **{"data.text_format": pipeline.AMAZON_TEXT}),
         "not built": tiny_config(str(tmp_path / "empty")),
     }
     for expected, config in cases.items():
-        compiles, error = _compiles_during(lambda config=config: train.prepare(config, tmp_path))
+        compiles, error = _compiles_during(lambda config=config: train.prepare(config))
         assert error is not None and compiles == 0, (expected, error, compiles)
         assert expected in str(error), (expected, str(error))
-    _, error = _compiles_during(lambda: train.prepare(cases["converted CLIP"], tmp_path))
+    _, error = _compiles_during(lambda: train.prepare(cases["converted CLIP"]))
     assert "python -m e2_jax.convert to-flax" in str(error)
 
 
@@ -181,6 +176,6 @@ def test_packed_region_texts_give_the_per_item_loss_and_gradients(synth_tiny, tm
     """The trainer's step with each distinct tag encoded once, trimmed, in two text-tower calls
     equals the step that encodes every item's tag of every group (the authors' way)."""
     c = region_equality.config(synth_tiny)
-    packed = region_equality.one_step(c, str(tmp_path / "packed"), "packed")
-    per_item = region_equality.one_step(c, str(tmp_path / "per_item"), "per_item")
+    packed = region_equality.one_step(c, "packed")
+    per_item = region_equality.one_step(c, "per_item")
     region_equality.assert_equal_steps(packed, per_item)

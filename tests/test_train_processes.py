@@ -17,15 +17,21 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from e2_jax import config as recipes
+
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 12
 pytestmark = pytest.mark.slow
 
 
-def _command(workdir: Path, data_dir: str, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "e2_jax.main", "--config", "configs/e2_synth.py:runlocal", "--workdir", str(workdir),
+GROUPS = "--config.e2.groups=" + repr(tuple(recipes.group(name, tag_length=8) for name in ("brand", "season")))
+
+
+def _command(workdir: Path, data_dir: str, *extra: str, program: str = "e2_jax.main") -> list[str]:
+    """The trainer's command; `program="tests.faults"` with fault flags in `extra`."""
+    return [sys.executable, "-m", program, "--config", "configs/e2_synth.py:runlocal", "--workdir", str(workdir),
             f"--config.data.data_dir={data_dir}", f"--config.train.steps={STEPS}", "--config.checkpoint.every_steps=2",
-            "--config.e2.groups=brand,season", "--config.data.tag_lengths=brand:8,season:8", "--mode=train", *extra]
+            GROUPS, "--mode=train", *extra]
 
 
 def _env(devices: int = 1, **extra: str) -> dict:
@@ -34,8 +40,10 @@ def _env(devices: int = 1, **extra: str) -> dict:
     return env
 
 
-def _run(workdir: Path, data_dir: str, *extra: str, devices: int = 1, expect: int = 0) -> str:
-    result = subprocess.run(_command(workdir, data_dir, *extra), cwd=ROOT, env=_env(devices), capture_output=True,
+def _run(workdir: Path, data_dir: str, *extra: str, devices: int = 1, expect: int = 0,
+         program: str = "e2_jax.main") -> str:
+    result = subprocess.run(_command(workdir, data_dir, *extra, program=program), cwd=ROOT, env=_env(devices),
+                            capture_output=True,
                             text=True, timeout=900)
     assert result.returncode == expect, result.stdout[-3000:] + result.stderr[-6000:]
     return result.stdout + result.stderr
@@ -76,7 +84,7 @@ def reference(synth_tiny, tmp_path_factory) -> Path:
 
 def test_runs_killed_during_a_save_and_mid_run_resume_bitwise_exact(reference, synth_tiny, tmp_path):
     # 1. SIGKILL while the checkpoint of step 5 is being written.
-    _run(tmp_path, synth_tiny, "--config.debug.kill_during_save_at_step=5", expect=-signal.SIGKILL)
+    _run(tmp_path, synth_tiny, "--kill_during_save_at_step=5", expect=-signal.SIGKILL, program="tests.faults")
     assert max(_complete_steps(tmp_path)) in (4, 5)  # 5 only if its write won the race against the kill
     # 2. Resume, and SIGKILL it from outside once it has saved step 8.
     process = subprocess.Popen(_command(tmp_path, synth_tiny), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
@@ -146,15 +154,20 @@ def test_two_processes_started_by_the_slurm_script_survive_sigterm_and_give_the_
     port = free_port()
     env = _env(1, JAX_COORDINATOR_PORT=str(port), E2_PYTHON=sys.executable, **slurm_env(tmp_path, 2))
     workdir = tmp_path / "run"
+    # The first job's Python: the script's `python -m e2_jax.main ARGS` becomes `python -m
+    # tests.faults --sigterm_at_step=5 ARGS`, the trainer with a preemption notice after step 5.
+    notice = tmp_path / "python_with_notice"
+    notice.write_text(f'#!/bin/sh\nshift 2\nexec {sys.executable} -m tests.faults --sigterm_at_step=5 "$@"\n')
+    notice.chmod(0o755)
 
-    def job(*extra: str) -> str:
-        main_args = _command(workdir, synth_tiny, *extra)[3:]  # what follows python -m e2_jax.main
-        result = subprocess.run(["bash", str(ROOT / "launch" / "gpu_slurm.sbatch"), *main_args], cwd=ROOT, env=env,
-                                capture_output=True, text=True, timeout=900)
+    def job(python: str = sys.executable) -> str:
+        main_args = _command(workdir, synth_tiny)[3:]  # what follows python -m e2_jax.main
+        result = subprocess.run(["bash", str(ROOT / "launch" / "gpu_slurm.sbatch"), *main_args], cwd=ROOT,
+                                env={**env, "E2_PYTHON": python}, capture_output=True, text=True, timeout=900)
         assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-6000:]
         return result.stdout + result.stderr
 
-    log = job("--config.debug.sigterm_at_step=5")
+    log = job(str(notice))
     assert "multi-host start-up (slurm: Slurm job 4711" in log and f"coordinator_address='localhost:{port}'" in log
     assert "process 1 of 2" in log and "2 devices" in log
     saved = [int(log.split(f"preemption: process {i} saved step ")[1].split()[0]) for i in range(2)]

@@ -42,6 +42,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
 
+import e2_jax.data.builders  # noqa: F401  (registers the project's builders with TFDS)
 from e2_jax import distributed
 from e2_jax.data import region_texts
 
@@ -55,8 +56,6 @@ class Source:
     """Random access to the raw records of one split of a built TFDS dataset (array_record)."""
 
     def __init__(self, name: str, split: str, data_dir: str | None = None) -> None:
-        import e2_jax.data.builders  # noqa: F401  (registers the project's builders)
-
         builder = tfds.builder(name, data_dir=data_dir)
         if not builder.is_prepared():
             raise FileNotFoundError(

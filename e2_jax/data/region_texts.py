@@ -112,7 +112,8 @@ class Packing:
         n_short, short, n_long, long = (int(x) for x in needs)
         out = []
         if n_short:
-            out.append((self._rows(n_short), min(SHORT_TOKENS, _round_up(short, 8))))
+            # Never wider than the tags themselves (tags of fewer than 8 tokens: their own length).
+            out.append((self._rows(n_short), min(SHORT_TOKENS, max(tag_lengths), _round_up(short, 8))))
         if n_long:
             out.append((self._rows(n_long), min(max(tag_lengths), _round_up(long, 16))))
         return tuple(out)

@@ -21,6 +21,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
+
+from e2_jax.data import fashion_gen_h5
 
 SUBCATEGORIES = ("T-SHIRTS", "SHIRTS", "SWEATERS", "DRESSES", "SKIRTS", "PANTS", "JACKETS & COATS", "TOPS")
 _GARMENT_NOUN = {"T-SHIRTS": "t-shirt", "SHIRTS": "shirt", "SWEATERS": "sweater", "DRESSES": "dress",
@@ -277,8 +280,6 @@ def write_fashiongen_h5(config: SynthConfig, directory: str | Path, split: str, 
     With `shuffle_rows` the rows are in a random order (a product's views are not contiguous,
     as the FashionGen reader must not assume they are); rendering and writing go in chunks of
     `chunk_products`, so memory stays bounded for any size."""
-    from e2_jax.data import fashion_gen_h5
-
     config = config.replace(image_size=256)  # the FashionGen format is 256 x 256
     count = num_products(config, split)
     records = [product_record(config, split, i) for i in range(count)]
@@ -330,11 +331,10 @@ def main(argv: list[str] | None = None) -> None:
         return
     if not args.out:
         parser.error("give --out (a contact sheet) or --fashiongen-h5 (FashionGen-format files)")
-    from e2_jax.data.tensorflow_cpu import tf
 
     indices = [int(i) for i in args.indices.split(",")]
     sheet, records = contact_sheet(SynthConfig(image_size=args.image_size), indices)
-    tf.io.write_file(args.out, tf.io.encode_png(sheet))
+    Image.fromarray(np.asarray(sheet, np.uint8)).save(args.out)
     fields = ("product_id", "subcategory", "name", "brand", "composition", "season", "description")
     print("| " + " | ".join(fields) + " |")
     print("|" + "---|" * len(fields))

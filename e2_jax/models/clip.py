@@ -17,11 +17,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from e2_jax.numerics import l2_normalize
+
 Array = jax.Array
 
 # Input statistics of OpenAI's image preprocessing (E2_METHOD.md section 1).
-IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
-IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -327,7 +327,7 @@ def _init_normal(std: float):
 
 
 class VisionTransformer(nn.Module):
-    """CLIP's image tower. Input: NHWC images, already normalised with IMAGE_MEAN/IMAGE_STD."""
+    """CLIP's image tower. Input: NHWC images normalised with CLIP's mean and std (data.preprocessing)."""
 
     config: CLIPConfig
 
@@ -424,11 +424,6 @@ class CLIP(nn.Module):
         """Normalised image and text embeddings and exp(logit_scale), as open_clip's forward."""
         return (self.encode_image(images, normalize=True), self.encode_text(tokens, normalize=True),
                 jnp.exp(self.logit_scale))
-
-
-def l2_normalize(x: Array, eps: float = 1e-12) -> Array:
-    x32 = x.astype(jnp.float32)
-    return (x32 / jnp.maximum(jnp.linalg.norm(x32, axis=-1, keepdims=True), eps)).astype(x.dtype)
 
 
 def init_params(config: CLIPConfig, rng: Array) -> dict:

@@ -29,6 +29,8 @@ from e2_jax.models.clip import (
     LayerNorm,
     TextTransformer,
     VisionTransformer,
+    count_params,
+    get_config,
 )
 
 Array = jax.Array
@@ -54,11 +56,6 @@ AUTHORS_GROUPS = (Group("subcategory"), Group("brand"), Group("description"), Gr
                   Group("composition"))
 # The paper's ablation and linear probes: four entities.
 PAPER_GROUPS = (Group("brand"), Group("season"), Group("subcategory"), Group("composition"))
-
-
-def groups_from_names(names: str, tokens: int = 2) -> tuple[Group, ...]:
-    """'brand,season,subcategory,composition' -> groups, for one-line configs."""
-    return tuple(Group(n.strip(), tokens) for n in names.split(",") if n.strip())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -348,8 +345,6 @@ def _merge_clip(params: dict, clip_params: dict, path: tuple[str, ...]) -> None:
 
 def count_new_params(config: CLIPConfig, e2: E2Config) -> tuple[int, int]:
     """(parameters E² adds to CLIP, parameters of CLIP)."""
-    from e2_jax.models.clip import count_params
-
     shapes = jax.eval_shape(lambda r: init_e2_params(config, e2, r), jax.random.key(0))
     total = sum(math.prod(x.shape) for x in jax.tree.leaves(shapes))
     clip = count_params(config)
@@ -358,8 +353,6 @@ def count_new_params(config: CLIPConfig, e2: E2Config) -> tuple[int, int]:
 
 def main() -> None:
     """`python -m e2_jax.models.e2`: the parameters E² adds to each CLIP preset."""
-    from e2_jax.models.clip import get_config
-
     print("| CLIP | groups | selection tokens | CLIP parameters | E² adds | share of CLIP |")
     print("|---|---|---|---|---|---|")
     for preset in ("ViT-B-32", "ViT-B-16", "ViT-L-14"):

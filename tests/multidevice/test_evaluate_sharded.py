@@ -6,7 +6,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from e2_jax import evaluate, retrieval, train
+from e2_jax import evaluate, retrieval, spec, step
 from e2_jax.sharding import batch_sharding
 from tests.test_evaluate import eval_config
 
@@ -27,17 +27,18 @@ def test_ranks_on_8_devices_equal_1_device():
 
 
 def test_report_on_8_devices_equals_1_device(synth_tiny):
-    setup = train.prepare(eval_config(synth_tiny), "/tmp/unused")
-    assert setup.mesh.size == 8
-    params = train.initial_params(setup)
-    images, texts = train.make_embed(setup)
-    protocols = train.eval_protocols(setup.config)
+    run = spec.resolve(eval_config(synth_tiny), stages=False)
+    assert run.mesh.size == 8
+    source = evaluate.open_source(run.config, run.protocols)
+    params = step.initial_params(run)
+    images, texts = evaluate.make_embed(run)
+    protocols = run.protocols
     reports = {}
     for name, devices in (("8", jax.devices()), ("1", jax.devices()[:1])):
         mesh = Mesh(np.array(devices), ("data",))
         p = jax.device_put(params, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
         reports[name] = evaluate.retrieval_report(
-            setup.eval_source, setup.pre, protocols, embed_images=lambda b, p=p: images(p, b),
+            source, run.pre, protocols, embed_images=lambda b, p=p: images(p, b),
             embed_texts=lambda b, p=p: texts(p, b), global_batch=40, sharding=batch_sharding(mesh, ("data",)))
     assert reports["8"]["counts"] == reports["1"]["counts"] == {"products": 16, "images": 48,
                                                                  "sample_100_queries": 16}

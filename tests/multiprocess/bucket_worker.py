@@ -17,17 +17,17 @@ data_dir, workdir, out = sys.argv[1:4]
 
 import numpy as np  # noqa: E402
 
-from e2_jax import storage, train  # noqa: E402
+from e2_jax import main, storage, train  # noqa: E402
 from e2_jax.inference import Encoder  # noqa: E402
 from tests.test_train import tiny_config  # noqa: E402
 
 remote = storage.path(workdir)
-train.run(tiny_config(data_dir, stages="warmup", **{"optim.grad_clip": 1.0}), workdir)
+train.run(tiny_config(data_dir, stages=("warmup",), **{"optim.grad_clip": 1.0}), workdir)
 after_first = sorted(p.name for p in (remote / "checkpoints").iterdir())
 config = tiny_config(data_dir, **{"optim.grad_clip": 1.0})
 result = train.run(config, workdir)
-evaluated = train.run(tiny_config(data_dir, **{"optim.grad_clip": 1.0, "eval.sample_negatives": 8}), workdir,
-                      mode="evaluate")
+evaluated = main.run(tiny_config(data_dir, **{"optim.grad_clip": 1.0, "eval.sample_negatives": 8}), workdir,
+                     mode="evaluate")
 encoder = Encoder.from_workdir(workdir)
 images = np.random.default_rng(0).integers(0, 255, (3, 32, 32, 3), dtype=np.uint8)
 Path(out).write_text(json.dumps({

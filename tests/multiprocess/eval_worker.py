@@ -22,13 +22,14 @@ if int(num_processes) > 1:
 
 import numpy as np  # noqa: E402
 
-from e2_jax import evaluate, train  # noqa: E402
+from e2_jax import evaluate, spec, step  # noqa: E402
 from e2_jax.sharding import batch_sharding  # noqa: E402
 from tests.test_evaluate import eval_config  # noqa: E402
 
-setup = train.prepare(eval_config(data_dir), "/tmp/unused")
-params = train.initial_params(setup)
-images, texts = train.make_embed(setup)
+run = spec.resolve(eval_config(data_dir), stages=False)
+source = evaluate.open_source(run.config, run.protocols)
+params = step.initial_params(run)
+images, texts = evaluate.make_embed(run)
 seen = {}
 
 
@@ -40,10 +41,9 @@ def keep(name, fn):
     return run
 
 
-report = evaluate.retrieval_report(setup.eval_source, setup.pre, train.eval_protocols(setup.config),
+report = evaluate.retrieval_report(source, run.pre, run.protocols,
                                    embed_images=keep("image", images), embed_texts=keep("text", texts),
-                                   global_batch=setup.config.eval.batch_size,
-                                   sharding=batch_sharding(setup.mesh))
+                                   global_batch=run.config.eval.batch_size, sharding=batch_sharding(run.mesh))
 embeddings = {k: np.concatenate(v).tolist() for k, v in seen.items()}
 with open(out, "w") as f:
     json.dump({"report": report, "embeddings": embeddings, "devices": jax.device_count()}, f)

@@ -11,7 +11,6 @@ process's own needs, the agreed calls and the losses.
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository, for tests.*
@@ -28,15 +27,13 @@ from e2_jax.sharding import batch_sharding  # noqa: E402
 from tests import region_equality  # noqa: E402
 
 c = region_equality.config(data_dir)
-workdir = tempfile.mkdtemp()
-packed = region_equality.one_step(c, workdir + "/packed", "packed")
-per_item = region_equality.one_step(c, workdir + "/per_item", "per_item")
+packed = region_equality.one_step(c, "packed")
+per_item = region_equality.one_step(c, "per_item")
 region_equality.assert_equal_steps(packed, per_item)
 
-setup = train.prepare(c, workdir + "/needs")
-rows = pipeline.process_rows(batch_sharding(setup.mesh), c.batch_size)
-local = next(pipeline.local_train_batches(setup.train_source, setup.pre, global_batch=c.batch_size, rows=rows,
-                                          seed=c.seed))
-needs = region_texts.Packing("packed", len(rows)).needs([local["tags"][g] for g, _, _ in setup.pre.tags])
+spec, data = train.prepare(c, validate=False)
+rows = pipeline.process_rows(batch_sharding(spec.mesh), c.batch_size)
+local = next(pipeline.local_train_batches(data.train, spec.pre, global_batch=c.batch_size, rows=rows, seed=c.seed))
+needs = region_texts.Packing("packed", len(rows)).needs([local["tags"][g] for g, _, _ in spec.pre.tags])
 Path(out).write_text(json.dumps({"needs": needs.tolist(), "calls": packed["calls"], "loss": packed["loss"],
                                  "per_item_loss": per_item["loss"]}))

@@ -1,4 +1,5 @@
-"""A corpus of fashion strings for tokenizer parity: FashionGen-style records plus hard cases.
+"""A corpus of fashion strings (tokenizer parity tests, the tokenizer and train-step benchmarks):
+FashionGen-style records plus hard cases.
 
 Hand-written edge cases (latin-1 accents, HTML entities, mojibake, emoji, control and
 whitespace characters, very long texts, empty strings) and deterministic combinations of

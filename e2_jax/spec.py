@@ -1,0 +1,230 @@
+"""A run, resolved: the ConfigDict read once, at start, into the typed objects the rest of the
+code takes (the CLIP and E² configs, the preprocessing, the stages, the evaluation protocols
+and the mesh). Every error a user can make in a config is raised here, before anything is
+compiled or any data is read; nothing downstream parses a config string.
+
+    spec = resolve(config)                           # stages in steps; epochs need the data:
+    spec = resolve(config, train_examples=len(src))  # the trainer knows the training split's size
+
+No TensorFlow here (benchmarks/device.py resolves configs on a machine without it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import TYPE_CHECKING, Any
+
+import jax
+
+from e2_jax import optim, pretrained, sharding, storage
+from e2_jax.data import region_texts
+from e2_jax.data.preprocessing import FASHIONGEN_TEXT, Preprocessing
+from e2_jax.models.clip import CLIPConfig, get_config
+from e2_jax.models.e2 import E2Config, E2Model, Group
+
+if TYPE_CHECKING:
+    import ml_collections
+
+GROUP_KEYS = ("name", "tokens", "tag_length", "field")
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    name: str
+    start: int  # global step at which it starts
+    steps: int
+    lr: float
+    trainable: str
+
+    @property
+    def end(self) -> int:
+        return self.start + self.steps
+
+
+# --- Evaluation protocols (E2_METHOD.md section 6; e2_jax/evaluate.py runs them) -------------------
+
+PROTOCOLS = ("full_candidate", "full_gallery", "sample_100")
+PROTOCOL_TEXT = {
+    "full_candidate": "one image (the first view) and one text per product, all against all (the authors')",
+    "full_gallery": "every image of every product against one text per product; for text->image any view of the "
+                    "product counts (FashionSAP's)",
+    "sample_100": "{queries} query products, each against {negatives} negatives of the same {field} (topped up "
+                  "from others when too few), a random view as each product's image (FashionBERT/FashionSAP's)",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Protocols:
+    """Which evaluations to run (the `eval` fields of the config)."""
+
+    protocols: tuple[str, ...] = ("full_candidate",)
+    texts: dict[str, str] = dataclasses.field(default_factory=lambda: {"tags": FASHIONGEN_TEXT})
+    sample_field: str = "subcategory"  # "" = negatives drawn from every other product
+    sample_queries: int = 1000
+    sample_negatives: int = 100
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        unknown = [p for p in self.protocols if p not in PROTOCOLS]
+        if unknown:
+            raise ValueError(f"unknown evaluation protocols {unknown}; known: {PROTOCOLS}")
+        if not self.texts:
+            raise ValueError("no evaluation texts")
+
+    def describe(self) -> dict[str, str]:
+        field = self.sample_field or "any category"
+        return {p: PROTOCOL_TEXT[p].format(queries=self.sample_queries, negatives=self.sample_negatives, field=field)
+                for p in self.protocols}
+
+    def fields(self) -> list[str]:
+        """The text fields these protocols read (their texts' and sample-100's)."""
+        named = [name for text in self.texts.values() for name in Preprocessing(text_format=text).fields()]
+        if "sample_100" in self.protocols and self.sample_field:
+            named.append(self.sample_field)
+        return list(dict.fromkeys(named))
+
+
+# --- The run --------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+    config: ml_collections.ConfigDict  # for plain values (batch size, optimizer, intervals)
+    clip: CLIPConfig
+    e2: E2Config
+    pre: Preprocessing  # training batches
+    stages: tuple[Stage, ...]
+    protocols: Protocols  # --mode=evaluate, and after training
+    validation: Protocols  # during training: full-candidate, the training's global text
+    mesh: jax.sharding.Mesh
+    steps_per_epoch: float  # nan: resolved without the data
+
+    @property
+    def model(self) -> E2Model:
+        return E2Model(self.clip, self.e2)
+
+    @property
+    def region_loss(self) -> bool:
+        """Whether the loss has its region term (E² with selection tokens and a region weight)."""
+        return self.e2.selection_tokens and self.config.loss.region_weight > 0
+
+    def stage_at(self, step: int) -> int:
+        """Index of the stage that step `step` (the next one to run) belongs to."""
+        return next((i for i, s in enumerate(self.stages) if step < s.end), len(self.stages))
+
+
+def groups(config: ml_collections.ConfigDict, context_length: int) -> tuple[tuple[Group, int], ...]:
+    """((model group, tag length), ...) of `e2.groups`, each a `config.group(...)` entry."""
+    out = []
+    for i, entry in enumerate(config.e2.groups):
+        entry = dict(entry)
+        unknown = sorted(set(entry) - set(GROUP_KEYS))
+        if unknown or "name" not in entry:
+            raise ValueError(f"e2.groups[{i}] = {entry}: a group has the keys {GROUP_KEYS} (name required; "
+                             f"unknown: {unknown}); write it with e2_jax.config.group(name, tokens, tag_length, field)")
+        length = int(entry.get("tag_length", 0)) or context_length
+        if not 2 <= length <= context_length:
+            raise ValueError(f"e2.groups[{i}] ({entry['name']}): tag_length {length} must be from 2 to the model's "
+                             f"context length {context_length}")
+        out.append((Group(entry["name"], int(entry.get("tokens", 2)), entry.get("field", "")), length))
+    return tuple(out)
+
+
+def model_configs(config: ml_collections.ConfigDict) -> tuple[CLIPConfig, E2Config]:
+    overrides = dict(config.model.overrides)
+    if config.model.pretrained:
+        clip = pretrained.load_config(pretrained_path(config)).replace(**overrides)
+    else:
+        clip = get_config(config.model.preset, **overrides)
+    clip = clip.replace(compute_dtype=config.model.compute_dtype, remat=config.model.remat,
+                        attention=config.model.attention)
+    e = config.e2
+    fusion_layers = tuple(int(x) for x in e.fusion_layers) or None
+    e2 = E2Config(groups=tuple(g for g, _ in groups(config, clip.context_length)), fusion_layers=fusion_layers,
+                  gumbel_tau=e.gumbel_tau, fusion=e.fusion, selection_tokens=e.enabled,
+                  eval_gumbel_noise=e.eval_gumbel_noise, reference_quirks=e.reference_quirks,
+                  proj_cls_from_clip=e.proj_cls_from_clip)
+    return clip, e2
+
+
+def pretrained_path(config: ml_collections.ConfigDict) -> Any:
+    path = storage.path(config.model.pretrained)
+    if not pretrained.is_model(path):
+        raise FileNotFoundError(
+            f"model.pretrained: no converted CLIP at {path}. Make one from OpenAI's archive with "
+            f"`python -m e2_jax.convert to-flax ViT-B-32.pt {path} --trust-pickle` (or from open_clip or Hugging "
+            "Face weights, see docs/convert.md), or set --config.model.pretrained='' to start from random weights.")
+    return path
+
+
+def protocols(config: ml_collections.ConfigDict, validation: bool = False) -> Protocols:
+    """What `config.eval` asks for; `validation`: the check during training (full-candidate,
+    the training's global text)."""
+    formats = {"tags": config.data.text_format, "description": config.eval.description_format}
+    if validation:
+        return Protocols(("full_candidate",), {"tags": formats["tags"]})
+    unknown = [t for t in config.eval.texts if t not in formats]
+    if unknown:
+        raise ValueError(f"eval.texts: unknown {unknown}; known: {sorted(formats)}")
+    return Protocols(tuple(config.eval.protocols), {t: formats[t] for t in config.eval.texts}, config.eval.sample_field,
+                     config.eval.sample_queries, config.eval.sample_negatives, config.eval.seed)
+
+
+def _stages(config: ml_collections.ConfigDict, steps_per_epoch: float) -> tuple[Stage, ...]:
+    names = tuple(config.stages)
+    missing = [s for s in names if s not in config]
+    if missing:
+        hint = "" if not any("," in s for s in names) else \
+            " (a list is a tuple: --config.stages=\"('warmup', 'finetune')\")"
+        raise ValueError(f"stages {missing} are listed in `stages` but not defined in the config{hint}")
+    out, start = [], 0
+    for name in names:
+        s = config[name]
+        if s.trainable == "e2_new" and not config.e2.enabled:
+            raise ValueError(f"stage {name} trains only E²'s new parameters, but E² is disabled (e2.enabled=False)")
+        if s.steps:
+            steps = s.steps
+        elif math.isnan(steps_per_epoch):
+            raise ValueError(f"stage {name} is given in epochs; resolving it needs the training split's size")
+        else:
+            steps = math.ceil(s.epochs * steps_per_epoch)
+        if steps <= 0:
+            raise ValueError(f"stage {name} has no steps: set {name}.epochs or {name}.steps")
+        out.append(Stage(name, start, steps, s.lr, s.trainable))
+        start += steps
+    return tuple(out)
+
+
+def check(config: ml_collections.ConfigDict) -> None:
+    """The config's own consistency (no devices, no data)."""
+    if config.data.region_texts not in region_texts.MODES:
+        raise ValueError(f"data.region_texts must be one of {region_texts.MODES}, got {config.data.region_texts!r}")
+    if config.optim.name not in optim.OPTIMIZERS:
+        raise ValueError(f"optim.name must be one of {optim.OPTIMIZERS}, got {config.optim.name!r}")
+    for name in ("stages", "e2.groups", "e2.fusion_layers", "eval.protocols", "eval.texts"):
+        node, key = (config, name) if "." not in name else (config[name.split(".")[0]], name.split(".")[1])
+        if isinstance(node[key], str):
+            raise ValueError(f"{name} is a tuple, not a comma string: got {node[key]!r}")
+
+
+def resolve(config: ml_collections.ConfigDict, train_examples: int | None = None,
+            stages: bool = True) -> RunSpec:
+    """The run `config` describes. `train_examples`: the training split's size, which stages
+    given in epochs need; `stages=False`: no stages (evaluation only)."""
+    check(config)
+    mesh = sharding.make_mesh(config.mesh)
+    shards = sharding.num_batch_shards(mesh)
+    if config.batch_size % (shards * config.accum_steps):
+        raise ValueError(f"batch_size {config.batch_size} must be divisible by the {shards} batch shards of the mesh "
+                         f"{dict(mesh.shape)} times accum_steps {config.accum_steps}")
+    if config.eval.batch_size % shards:
+        raise ValueError(f"eval.batch_size {config.eval.batch_size} must be divisible by the {shards} batch shards")
+    clip, e2 = model_configs(config)
+    region = e2.selection_tokens and config.loss.region_weight > 0
+    tags = tuple((g.name, g.text_field, length) for g, length in groups(config, clip.context_length)) if region else ()
+    pre = Preprocessing(image_size=clip.image_size, text_format=config.data.text_format, tags=tags,
+                        context_length=clip.context_length, region_texts=config.data.region_texts)
+    steps_per_epoch = train_examples / config.batch_size if train_examples is not None else float("nan")
+    return RunSpec(config, clip, e2, pre, _stages(config, steps_per_epoch) if stages else (), protocols(config),
+                   protocols(config, validation=True), mesh, steps_per_epoch)
