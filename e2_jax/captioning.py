@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import io
 import json
+import os
 import re
 import sys
 import time
@@ -37,10 +39,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from absl import app, flags
+from etils import epath
+from ml_collections import config_flags
 
-from e2_jax import caption_metrics, distributed, inference, sharding
+from e2_jax import caption_metrics, checkpoints, distributed, inference, optim, sharding, storage
 from e2_jax.data import pipeline
 from e2_jax.data.tokenizer import CLIPTokenizer
+from e2_jax.metrics import Writer
 from e2_jax.models.caption_decoder import CaptionDecoder, DecoderConfig, init_cache, init_params
 from e2_jax.numerics import l2_normalize
 from e2_jax.pretrained import atomic_directory
@@ -120,8 +126,9 @@ def train_decoder(config: DecoderConfig, embeddings: np.ndarray, tokens: np.ndar
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     batch = -(-settings.batch_size // len(devices)) * len(devices)
     warmup = min(settings.warmup_steps, settings.steps // 2)  # a short run still decays
-    schedule = optax.warmup_cosine_decay_schedule(0.0, settings.lr, warmup, max(settings.steps, warmup + 1))
-    optimizer = optax.adamw(schedule, weight_decay=settings.weight_decay)
+    # The trainer's AdamW (decoupled decay on matrices) and schedule (linear warm-up, cosine to 0).
+    optimizer = optim.optimizer("adamw", optim.schedule(settings.lr, warmup, settings.steps),
+                                weight_decay=settings.weight_decay)
     rng = jax.random.key(settings.seed)
     params = jax.device_put(init_params(config, rng), replicated)
     opt_state = optimizer.init(params)
@@ -261,34 +268,37 @@ class Captioner:
         return self.caption_image_embeddings(self.encoder.encode_images(images), beam_size)
 
 
-def save_decoder(directory: Path, config: DecoderConfig, params: dict, vocab: np.ndarray) -> None:
-    import orbax.checkpoint as ocp
+def save_decoder(directory: epath.Path, config: DecoderConfig, params: dict, vocab: np.ndarray) -> None:
+    """The decoder in `directory`: its parameters (Orbax), vocabulary, and last its config.json,
+    which marks it complete. A local directory is replaced atomically (the old decoder stays
+    until the new one is whole); in a bucket, where nothing renames atomically, it is replaced
+    in place."""
+    if not storage.is_remote(directory):
+        with atomic_directory(directory, overwrite=True) as tmp:
+            _write_decoder(epath.Path(tmp), config, params, vocab)
+        return
+    if directory.exists():
+        directory.rmtree()
+    _write_decoder(directory, config, params, vocab)
 
 
-    with atomic_directory(directory, overwrite=True) as tmp:
-        (tmp / "config.json").write_text(config.to_json() + "\n")
-        np.save(tmp / "vocab.npy", np.asarray(vocab, np.int32))
-        checkpointer = ocp.StandardCheckpointer()
-        checkpointer.save(tmp / "params", jax.device_get(params))
-        checkpointer.wait_until_finished()
-        checkpointer.close()
+def _write_decoder(directory: epath.Path, config: DecoderConfig, params: dict, vocab: np.ndarray) -> None:
+    checkpoints.write_tree(directory / "params", jax.device_get(params))
+    buffer = io.BytesIO()
+    np.save(buffer, np.asarray(vocab, np.int32))
+    (directory / "vocab.npy").write_bytes(buffer.getvalue())
+    (directory / "config.json").write_text(config.to_json() + "\n")
 
 
-def load_decoder(directory: Path) -> tuple[DecoderConfig, dict, np.ndarray]:
-    import orbax.checkpoint as ocp
-
+def load_decoder(directory: epath.Path) -> tuple[DecoderConfig, dict, np.ndarray]:
     config_file = directory / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"no {config_file}: train the decoder first (python -m e2_jax.captioning "
                                 "--mode train with the same --workdir)")
     config = DecoderConfig.from_json(config_file.read_text())
     abstract = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
-    checkpointer = ocp.StandardCheckpointer()
-    try:
-        params = checkpointer.restore((directory / "params").absolute(), abstract)
-    finally:
-        checkpointer.close()
-    return config, params, np.load(directory / "vocab.npy")
+    params = checkpoints.read_tree(directory / "params", abstract)
+    return config, params, np.load(io.BytesIO((directory / "vocab.npy").read_bytes()))
 
 
 def load_encoder(settings):
@@ -310,7 +320,7 @@ def training_captions(settings) -> list[str]:
     return texts
 
 
-def train(settings, workdir: Path, log=print) -> dict:
+def train(settings, workdir: str | os.PathLike, log=print) -> dict:
     """Mode `train`: the memory and the decoder, written to `workdir`."""
     encoder = load_encoder(settings)
     texts = training_captions(settings)
@@ -332,22 +342,29 @@ def train(settings, workdir: Path, log=print) -> dict:
     params, losses = train_decoder(decoder, memory, np.searchsorted(vocab, tokens), train_settings,
                                    int(np.searchsorted(vocab, tokenizer.eot_id)), log=log)
     seconds = time.perf_counter() - start
+    workdir = storage.path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     save_decoder(workdir / DECODER_DIR, decoder, params, vocab)
-    np.savez(workdir / MEMORY_FILE, embeddings=memory.astype(np.float32), texts=np.array(texts))
+    buffer = io.BytesIO()
+    np.savez(buffer, embeddings=memory.astype(np.float32), texts=np.array(texts))
+    (workdir / MEMORY_FILE).write_bytes(buffer.getvalue())
     (workdir / SETTINGS_FILE).write_text(settings.to_json_best_effort(indent=2) + "\n")
-    with (workdir / "metrics.jsonl").open("w") as f:
+    writer = Writer(workdir)  # the trainer's metrics: metrics.jsonl and TensorBoard
+    try:
         for i, loss in enumerate(losses):
-            f.write(json.dumps({"step": i + 1, "caption_loss": loss}) + "\n")
+            writer.write(i + 1, {"caption_loss": loss})
+    finally:
+        writer.close()
     return {"captions": len(texts), "final_loss": losses[-1] if losses else None, "train_seconds": seconds}
 
 
-def load_captioner(settings, workdir: Path) -> Captioner:
+def load_captioner(settings, workdir: str | os.PathLike) -> Captioner:
+    workdir = storage.path(workdir)
     config, params, vocab = load_decoder(workdir / DECODER_DIR)
     memory_file = workdir / MEMORY_FILE
     if not memory_file.is_file():
         raise FileNotFoundError(f"no {memory_file}: train first (--mode train with this --workdir)")
-    with np.load(memory_file) as data:
+    with np.load(io.BytesIO(memory_file.read_bytes())) as data:
         memory = data["embeddings"]
     encoder = load_encoder(settings)
     if memory.shape[1] != encoder.clip.embed_dim:
@@ -356,8 +373,9 @@ def load_captioner(settings, workdir: Path) -> Captioner:
     return Captioner(config, params, vocab, memory, encoder, settings.temperature)
 
 
-def evaluate(settings, workdir: Path, log=print) -> dict:
+def evaluate(settings, workdir: str | os.PathLike, log=print) -> dict:
     """Mode `evaluate`: caption the evaluation split's first views, greedy and beam; score."""
+    workdir = storage.path(workdir)
     captioner = load_captioner(settings, workdir)
     source = pipeline.Source(settings.dataset, settings.eval_split, settings.data_dir or None)
     references = [str(t) for t in source.scan([settings.text_field])[settings.text_field]]
@@ -374,9 +392,9 @@ def evaluate(settings, workdir: Path, log=print) -> dict:
     seconds = time.perf_counter() - start
     refs = references[:count]
     scores = {name: caption_metrics.score(refs, caps) for name, caps in captions.items()}
-    with (workdir / "captions.jsonl").open("w") as f:
-        for i in range(count):
-            f.write(json.dumps({"index": i, "reference": refs[i], **{n: c[i] for n, c in captions.items()}}) + "\n")
+    (workdir / "captions.jsonl").write_text("".join(
+        json.dumps({"index": i, "reference": refs[i], **{n: c[i] for n, c in captions.items()}}) + "\n"
+        for i in range(count)))
     report = {"dataset": settings.dataset, "split": settings.eval_split, "products": count,
               "text_field": settings.text_field, "temperature": settings.temperature, "seconds": seconds,
               "metrics": scores}
@@ -386,7 +404,7 @@ def evaluate(settings, workdir: Path, log=print) -> dict:
     return report
 
 
-def caption_folder(settings, workdir: Path, folder: str, out: str | None, log=print) -> list[dict]:
+def caption_folder(settings, workdir: str | os.PathLike, folder: str, out: str | None, log=print) -> list[dict]:
     """Mode `caption`: every image of a folder, captioned; JSON lines to `out` (or stdout)."""
     captioner = load_captioner(settings, workdir)
     paths = find_images(folder)
@@ -405,9 +423,6 @@ def caption_folder(settings, workdir: Path, folder: str, out: str | None, log=pr
 
 def main(argv: list[str] | None = None) -> None:
     distributed.single_host_only("python -m e2_jax.captioning")
-    from absl import app, flags
-    from ml_collections import config_flags
-
     config_flag = config_flags.DEFINE_config_file("config", None, "configs/decap.py[:arg]", lock_config=True)
     workdir_flag = flags.DEFINE_string("workdir", None, "where the decoder, its memory and the reports go")
     mode_flag = flags.DEFINE_enum("mode", "train", list(MODES), "what to do")
@@ -418,7 +433,7 @@ def main(argv: list[str] | None = None) -> None:
     def run(args: list[str]) -> None:
         if len(args) > 1:
             raise app.UsageError(f"unexpected arguments: {args[1:]}")
-        settings, workdir = config_flag.value, Path(workdir_flag.value).absolute()
+        settings, workdir = config_flag.value, storage.path(workdir_flag.value)
         log = lambda message: print(message, flush=True)
         if mode_flag.value == "train":
             log(json.dumps(train(settings, workdir, log)))

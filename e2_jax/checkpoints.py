@@ -118,3 +118,20 @@ class Checkpoints:
         self._latest.close()
         for manager in self._best.values():
             manager.close()
+
+
+# --- a tree of arrays on its own (a model's parameters, a caption decoder's) ------------------------
+
+
+def write_tree(directory: str | os.PathLike, tree: Any) -> None:
+    """`tree` as one Orbax checkpoint in `directory` (local or a bucket), complete when this
+    returns (Orbax's own commit: a killed write leaves no checkpoint that looks whole)."""
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(storage.path(directory), tree)
+        checkpointer.wait_until_finished()
+
+
+def read_tree(directory: str | os.PathLike, abstract: Any) -> Any:
+    """A tree written by `write_tree`, restored into `abstract`'s shapes, dtypes (and shardings)."""
+    with ocp.StandardCheckpointer() as checkpointer:
+        return checkpointer.restore(storage.path(directory), abstract)

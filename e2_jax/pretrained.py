@@ -20,9 +20,8 @@ from pathlib import Path
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 
-from e2_jax import storage
+from e2_jax import checkpoints, storage
 from e2_jax.models.clip import CLIPConfig, param_shapes
 from e2_jax.models.e2 import E2Config, init_e2_params
 
@@ -93,10 +92,7 @@ def save(path: str | os.PathLike, config: CLIPConfig, params: dict, overwrite: b
     """Writes `model.json` and the Orbax checkpoint of `params` to `path`."""
     with atomic_directory(path, overwrite=overwrite) as tmp:
         write_description(tmp, config, e2)
-        checkpointer = ocp.StandardCheckpointer()
-        checkpointer.save(tmp / PARAMS_DIR, params)
-        checkpointer.wait_until_finished()
-        checkpointer.close()
+        checkpoints.write_tree(tmp / PARAMS_DIR, params)
     return Path(path)
 
 
@@ -130,7 +126,7 @@ def load(path: str | os.PathLike, **config_overrides) -> tuple[CLIPConfig, dict]
     change computation only (e.g. compute_dtype)."""
     clip, e2 = _description(path)
     clip = clip.replace(**config_overrides)
-    params = ocp.StandardCheckpointer().restore(storage.path(path) / PARAMS_DIR, abstract_params(clip, e2))
+    params = checkpoints.read_tree(storage.path(path) / PARAMS_DIR, abstract_params(clip, e2))
     return clip, params
 
 

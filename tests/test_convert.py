@@ -238,7 +238,7 @@ def test_interrupted_write_leaves_nothing(tmp_path, monkeypatch):
     def broken_save(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(pretrained.ocp.StandardCheckpointer, "save", broken_save)
+    monkeypatch.setattr(pretrained.checkpoints, "write_tree", broken_save)
     with pytest.raises(OSError, match="disk full"):
         pretrained.save(tmp_path / "m", config, params)
     assert list(tmp_path.iterdir()) == []
