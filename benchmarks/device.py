@@ -6,7 +6,7 @@
 
 For each (model, batch, method) in order (B/32 then B/16; batch 64, 256, then 512 for B/32;
 CLIP-FT then E²), while the budget lasts: the stage program the trainer runs
-(`e2_jax.step.build_stage`: forward, loss over the global batch, backward, Adam), bfloat16
+(`e2_jax.training.step.build_stage`: forward, loss over the global batch, backward, Adam), bfloat16
 compute as in the accelerator configs, random weights, fed synthetic global batches made as the
 input pipeline makes them (images, 77-token global texts, and FashionGen-like tags of the
 authors' five groups packed by `e2_jax.data.region_texts`, as the trainer's pipeline packs them).
@@ -58,12 +58,12 @@ _prepare_environment(sys.argv)
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from e2_jax import compilation, step  # noqa: E402
 from e2_jax import config as recipes  # noqa: E402
 from e2_jax.data import region_texts  # noqa: E402
 from e2_jax.metrics import peak_flops, step_flops  # noqa: E402
 from e2_jax.sharding import batch_sharding  # noqa: E402
 from e2_jax.spec import RunSpec, resolve  # noqa: E402
+from e2_jax.training import compilation, step  # noqa: E402
 
 SOT, EOT = 49406, 49407
 # FashionGen-like tags per group: (distinct values, shortest, longest tokens incl. start and

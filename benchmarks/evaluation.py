@@ -4,7 +4,7 @@
     python -m benchmarks.evaluation --tile 2048     # another block size
 
 The embeddings are random (the metric's cost does not depend on them), float32, as the model
-gives them. Timed: `e2_jax.retrieval.full_candidate` (both directions, blocked similarities
+gives them. Timed: `e2_jax.evaluation.retrieval.full_candidate` (both directions, blocked similarities
 on this process's devices), after one warm-up call on the same shapes that compiles the block
 program. Peak memory is the process's maximum resident set (`ru_maxrss`), which includes
 Python, JAX and the embeddings themselves; the baseline before the first call is printed too.
@@ -22,7 +22,7 @@ import time
 import jax
 import numpy as np
 
-from e2_jax import retrieval
+from e2_jax.evaluation import retrieval
 from e2_jax.numerics import l2_normalize
 
 

@@ -10,7 +10,7 @@ written as FashionGen h5 files, 256 px like the real one, built by the `fashion_
    bicubic resize + centre crop, normalise, global text and the authors' five tags tokenised),
    after a warm-up, at 224 px (from 256 px FashionGen-format images, and from 128 px
    SynthFashion) and at the demo's 64 px.
-2. Step alone: examples/s the trainer's E² step consumes (`e2_jax.step.build_stage`: forward,
+2. Step alone: examples/s the trainer's E² step consumes (`e2_jax.training.step.build_stage`: forward,
    loss, backward, Adam; region texts packed as the trainer packs them) for each model at its
    resolution, on one fixed batch.
 3. Fed: the fastest of those steps fed by the pipeline (global arrays, `train_batches`) against
@@ -31,7 +31,6 @@ import tensorflow_datasets as tfds
 
 from benchmarks.device import place_batch
 from e2_jax import config as recipes
-from e2_jax import step
 from e2_jax.data import pipeline as pl
 from e2_jax.data.build import build
 from e2_jax.data.synth_fashion import SynthConfig, write_fashiongen_h5
@@ -39,6 +38,7 @@ from e2_jax.data.tensorflow_cpu import tf
 from e2_jax.models.e2 import AUTHORS_GROUPS
 from e2_jax.sharding import batch_sharding
 from e2_jax.spec import resolve
+from e2_jax.training import step
 
 # The authors' five groups; tags at lengths that cover SynthFashion's and FashionGen's.
 TAGS = tuple((g.name, g.text_field, 77 if g.name == "description" else 16) for g in AUTHORS_GROUPS)

@@ -6,7 +6,7 @@
 One run, one machine, the same random weights and the same batch: FashionGen-like records
 (`e2_jax/data/fashion_texts.py`: the E² global text at 77 tokens, tags tokenised at FashionGen's tag
 lengths), random images at 224 px. Each step is the trainer's stage program
-(`e2_jax.step.build_stage`: forward, loss over the global batch, backward, Adam with L2 weight
+(`e2_jax.training.step.build_stage`: forward, loss over the global batch, backward, Adam with L2 weight
 decay), float32.
 
 - e2_jax CLIP-FT: no selection tokens, the global InfoNCE only.
@@ -48,12 +48,13 @@ import numpy as np
 
 from benchmarks.device import place_batch
 from e2_jax import config as recipes
-from e2_jax import convert, step
+from e2_jax import convert
 from e2_jax.data.fashion_texts import fashion_records
 from e2_jax.data.region_texts import describe as region_texts_describe
 from e2_jax.data.tokenizer import CLIPTokenizer
 from e2_jax.metrics import peak_flops, step_flops
 from e2_jax.spec import RunSpec, resolve
+from e2_jax.training import step
 
 
 def matmul_peak(n: int = 2048, repeats: int = 5) -> float:

@@ -113,7 +113,7 @@ def base() -> ml_collections.ConfigDict:
     c.eval = ml_collections.ConfigDict({
         "every_steps": 0,  # validation during training (full-candidate, global text); 0: once per epoch
         "batch_size": 256,
-        # --mode=evaluate (and after training): the protocols and texts of e2_jax/evaluate.py.
+        # --mode=evaluate (and after training): the protocols and texts of e2_jax/evaluation/evaluate.py.
         "protocols": ("full_candidate", "full_gallery", "sample_100"),
         "texts": ("tags", "description"),  # tags = data.text_format; description = description_format
         "description_format": "{description}",

@@ -24,10 +24,11 @@ import jax
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from e2_jax import evaluate, pretrained, sharding, workdir
+from e2_jax import pretrained, sharding, workdir
 from e2_jax.data import pipeline
 from e2_jax.data.tensorflow_cpu import tf
 from e2_jax.data.tokenizer import CLIPTokenizer
+from e2_jax.evaluation import evaluate
 from e2_jax.models.clip import CLIPConfig
 from e2_jax.models.e2 import E2Config, E2Model
 from e2_jax.numerics import l2_normalize

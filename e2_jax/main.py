@@ -7,7 +7,7 @@
 The same command on a laptop CPU, one GPU, a GPU cluster (one process per host, see
 launch/) and a TPU pod (`--worker=all`). A run resumes from the latest checkpoint in
 `--workdir`; the resolved config is written there as config.json. Compiled programs are kept
-in a per-user cache (`--compilation_cache`, see e2_jax/compilation.py).
+in a per-user cache (`--compilation_cache`, see e2_jax/training/compilation.py).
 """
 
 from __future__ import annotations
@@ -22,8 +22,10 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from e2_jax import compilation, distributed, evaluate, train, visualize
+from e2_jax import distributed, visualize
+from e2_jax.evaluation import evaluate
 from e2_jax.inference import Encoder
+from e2_jax.training import compilation, train
 
 MODES = ("train", "evaluate", "train_and_evaluate")
 

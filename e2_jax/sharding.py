@@ -132,3 +132,8 @@ def tree_shardings(abstract: Any, mesh: Mesh, rules: Sequence[tuple[str, str]] =
         return NamedSharding(mesh, P())
 
     return jax.tree_util.tree_map_with_path(place, abstract)
+
+
+def with_shardings(abstract: Any, shardings: Any) -> Any:
+    """`abstract` (shapes and dtypes) carrying `shardings`: what restoring onto them takes."""
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)

@@ -42,7 +42,7 @@ class Stage:
         return self.start + self.steps
 
 
-# --- Evaluation protocols (E2_METHOD.md section 6; e2_jax/evaluate.py runs them) -------------------
+# --- Evaluation protocols (E2_METHOD.md section 6; e2_jax/evaluation/evaluate.py runs them) --------
 
 PROTOCOLS = ("full_candidate", "full_gallery", "sample_100")
 PROTOCOL_TEXT = {
@@ -108,6 +108,15 @@ class RunSpec:
     def region_loss(self) -> bool:
         """Whether the loss has its region term (E² with selection tokens and a region weight)."""
         return self.e2.selection_tokens and self.config.loss.region_weight > 0
+
+    def shardings(self, abstract: Any) -> Any:
+        """The shardings `config.sharding_rules` give the leaves of `abstract` on the mesh."""
+        return sharding.tree_shardings(abstract, self.mesh, self.config.sharding_rules)
+
+    def abstract_params(self) -> Any:
+        """The parameters' shapes, dtypes and shardings on the mesh: what restoring them takes."""
+        abstract = pretrained.abstract_params(self.clip, self.e2)
+        return sharding.with_shardings(abstract, self.shardings(abstract))
 
     def stage_at(self, step: int) -> int:
         """Index of the stage that step `step` (the next one to run) belongs to."""

@@ -21,7 +21,7 @@ import jax
 from etils import epath
 
 from e2_jax import config as recipes
-from e2_jax import pretrained, spec, storage
+from e2_jax import pretrained, sharding, spec, storage
 from e2_jax.checkpoints import Checkpoints
 from e2_jax.models.clip import CLIPConfig
 from e2_jax.models.e2 import E2Config
@@ -102,7 +102,7 @@ def load(workdir: str | os.PathLike, checkpoint: str = "best",
         placed = jax.tree.map(lambda _: here, abstract)
     else:
         placed = shardings(abstract)
-    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, placed)
+    abstract = sharding.with_shardings(abstract, placed)
     checkpoints = Checkpoints(path(workdir), config.checkpoint.keep)
     try:
         params, where = trained_params(checkpoints, tuple(config.stages), abstract, checkpoint)

@@ -60,7 +60,7 @@ def synth_tiny(tmp_path_factory) -> str:
 def trained_tiny(synth_tiny, tmp_path_factory):
     """One two-stage run of `tests.test_train.tiny_config` (3 + 3 steps, gradient clipping on):
     (its workdir, what `train.run` returned). Shared by the training and inference tests."""
-    from e2_jax import train
+    from e2_jax.training import train
     from tests.test_train import tiny_config
 
     workdir = tmp_path_factory.mktemp("trained_tiny")

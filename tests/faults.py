@@ -1,4 +1,4 @@
-"""Faults injected into a real training run from outside the trainer (e2_jax.train.Hooks):
+"""Faults injected into a real training run from outside the trainer (e2_jax.training.train.Hooks):
 
     nan_at(step)                 the loss and the parameters become NaN at that step
     kill_during_save_at(step)    SIGKILL while that step's checkpoint is being written
@@ -17,7 +17,7 @@ import signal
 import jax
 import jax.numpy as jnp
 
-from e2_jax.train import Hooks
+from e2_jax.training.train import Hooks
 
 
 def nan_at(index: int):

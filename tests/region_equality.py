@@ -9,9 +9,9 @@ import numpy as np
 import optax
 
 from e2_jax import config as recipes
-from e2_jax import step, train
 from e2_jax.data import pipeline
 from e2_jax.sharding import batch_sharding
+from e2_jax.training import step, train
 
 
 def config(data_dir: str, batch_size: int = 16, mesh=(("data", -1), ("fsdp", 1))):

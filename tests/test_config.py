@@ -10,11 +10,12 @@ import optax
 import pytest
 
 from e2_jax import config as recipes
-from e2_jax import pretrained, spec, step, train
+from e2_jax import pretrained, spec
 from e2_jax.data import pipeline
 from e2_jax.models.clip import get_config, init_params
 from e2_jax.models.e2 import E2Config
 from e2_jax.sharding import batch_sharding
+from e2_jax.training import step, train
 from tests.test_train import tiny_config
 
 

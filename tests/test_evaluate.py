@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 
 from e2_jax import config as recipes
-from e2_jax import evaluate, retrieval
+from e2_jax.evaluation import evaluate, retrieval
 from tests.processes import run_workers
 
 WORKER = Path(__file__).parent / "multiprocess" / "eval_worker.py"

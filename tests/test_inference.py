@@ -5,10 +5,12 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from e2_jax import evaluate, search, train, visualize
+from e2_jax import search, visualize
 from e2_jax.data import pipeline
+from e2_jax.evaluation import evaluate
 from e2_jax.inference import Encoder
 from e2_jax.sharding import batch_sharding
+from e2_jax.training import train
 from tests.test_train import tiny_config
 
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from e2_jax import retrieval
+from e2_jax.evaluation import retrieval
 from e2_jax.numerics import l2_normalize
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from e2_jax import config as recipes
-from e2_jax import train
+from e2_jax.training import train
 
 ROOT = Path(__file__).resolve().parent.parent
 

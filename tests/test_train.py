@@ -14,9 +14,10 @@ from flax import traverse_util
 from jax import monitoring
 
 from e2_jax import config as recipes
-from e2_jax import main, optim, step, train
+from e2_jax import main, optim
 from e2_jax.data import pipeline
 from e2_jax.sharding import batch_sharding
+from e2_jax.training import step, train
 from tests import faults, region_equality
 
 

@@ -25,7 +25,7 @@ the input pipeline hands the step something smaller:
 The step receives `region_tokens`, one int32 [rows, tokens] array per call (global: each
 process's rows of it are its own distinct tags, the rest padding), and `region_index`, int32
 [batch, groups]: the row of the calls' concatenated outputs that holds item i's tag of group g.
-It encodes each call, concatenates and gathers (`e2_jax.train`). The loss and its gradients
+It encodes each call, concatenates and gathers (`e2_jax.training.train`). The loss and its gradients
 are those of encoding every item's tag separately (tests/test_train.py checks it).
 
 `mode="per_item"` is the authors' encoding in the same format: one call per group, one row per

@@ -6,8 +6,10 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from e2_jax import evaluate, retrieval, spec, step
+from e2_jax import spec
+from e2_jax.evaluation import evaluate, retrieval
 from e2_jax.sharding import batch_sharding
+from e2_jax.training import step
 from tests.test_evaluate import eval_config
 
 

@@ -17,8 +17,9 @@ data_dir, workdir, out = sys.argv[1:4]
 
 import numpy as np  # noqa: E402
 
-from e2_jax import main, storage, train  # noqa: E402
+from e2_jax import main, storage  # noqa: E402
 from e2_jax.inference import Encoder  # noqa: E402
+from e2_jax.training import train  # noqa: E402
 from tests.test_train import tiny_config  # noqa: E402
 
 remote = storage.path(workdir)

@@ -22,8 +22,10 @@ if int(num_processes) > 1:
 
 import numpy as np  # noqa: E402
 
-from e2_jax import evaluate, spec, step  # noqa: E402
+from e2_jax import spec  # noqa: E402
+from e2_jax.evaluation import evaluate  # noqa: E402
 from e2_jax.sharding import batch_sharding  # noqa: E402
+from e2_jax.training import step  # noqa: E402
 from tests.test_evaluate import eval_config  # noqa: E402
 
 run = spec.resolve(eval_config(data_dir), stages=False)

@@ -21,9 +21,9 @@ import jax  # noqa: E402
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
 jax.distributed.initialize(f"localhost:{port}", num_processes=int(num_processes), process_id=int(process_id))
 
-from e2_jax import train  # noqa: E402
 from e2_jax.data import pipeline, region_texts  # noqa: E402
 from e2_jax.sharding import batch_sharding  # noqa: E402
+from e2_jax.training import train  # noqa: E402
 from tests import region_equality  # noqa: E402
 
 c = region_equality.config(data_dir)

@@ -1,5 +1,5 @@
 """Evaluation of a model on a split: embeddings computed on the mesh, retrieval under every
-protocol (E2_METHOD.md section 6; the metrics are `e2_jax.retrieval`), and the report.
+protocol (E2_METHOD.md section 6; the metrics are `e2_jax.evaluation.retrieval`), and the report.
 
 `embed_split` runs an embedding function over a pass of the pipeline, each (product, view)
 once across every device and process, padding dropped, and gathers the result on every
@@ -29,10 +29,11 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
-from e2_jax import retrieval, sharding, step, storage, workdir
+from e2_jax import sharding, storage, workdir
 from e2_jax.checkpoints import Checkpoints
 from e2_jax.data import pipeline
 from e2_jax.data.preprocessing import Preprocessing
+from e2_jax.evaluation import retrieval
 from e2_jax.models.e2 import E2Model
 from e2_jax.spec import PROTOCOLS, Protocols, RunSpec, resolve
 
@@ -216,7 +217,7 @@ def evaluate_run(config: ml_collections.ConfigDict, directory: str | os.PathLike
         raise ValueError("nothing to evaluate on: data.eval_split is empty")
     checkpoints = Checkpoints(workdir.path(directory), config.checkpoint.keep)
     try:
-        params, where = workdir.trained_params(checkpoints, tuple(config.stages), step.sharded_abstract_params(spec))
+        params, where = workdir.trained_params(checkpoints, tuple(config.stages), spec.abstract_params())
     finally:
         checkpoints.close()
     report = evaluation_report(spec, source, params, spec.protocols)

@@ -147,24 +147,10 @@ def _gradcache(trainable, frozen, inputs, noise, accum, embeddings, whole, total
 # --- Parameters and state ----------------------------------------------------------------------
 
 
-def _shardings(spec: RunSpec, abstract: Any) -> Any:
-    return sharding.tree_shardings(abstract, spec.mesh, spec.config.sharding_rules)
-
-
-def _with_shardings(abstract: Any, shardings: Any) -> Any:
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-
-
-def sharded_abstract_params(spec: RunSpec) -> Any:
-    """The parameters' shapes, dtypes and shardings on the mesh: what restoring them takes."""
-    abstract = pretrained.abstract_params(spec.clip, spec.e2)
-    return _with_shardings(abstract, _shardings(spec, abstract))
-
-
 def initial_params(spec: RunSpec) -> dict:
     """The first stage's starting point: converted CLIP weights plus E²'s new parameters, or a
     random initialisation; created sharded."""
-    out = _shardings(spec, pretrained.abstract_params(spec.clip, spec.e2))
+    out = spec.shardings(pretrained.abstract_params(spec.clip, spec.e2))
     clip_params = None
     if spec.config.model.pretrained:
         _, clip_params = pretrained.load(pretrained_path(spec.config))
@@ -215,7 +201,7 @@ def build_stage(spec: RunSpec, stage: Stage, tx: optax.GradientTransformation | 
         return {"step": jnp.zeros((), jnp.int32), "params": p, "opt_state": tx.init(optim.partition(p, pattern)[0])}
 
     abstract = jax.eval_shape(make, pretrained.abstract_params(spec.clip, spec.e2))
-    shardings = _shardings(spec, abstract)
+    shardings = spec.shardings(abstract)
     step = make_train_step(spec, stage, tx, schedule)
     step = jax.jit(step if wrap is None else wrap(step), donate_argnums=0, out_shardings=(shardings, None))
-    return StageProgram(stage, tx, schedule, _with_shardings(abstract, shardings), shardings, step)
+    return StageProgram(stage, tx, schedule, sharding.with_shardings(abstract, shardings), shardings, step)

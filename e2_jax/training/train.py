@@ -1,7 +1,7 @@
 """Training E² (and CLIP-FT) on any mesh: the stages of a run, resumed from its workdir.
 
 A run is a list of stages (E2_METHOD.md section 4: a warm-up that trains only E²'s new
-parameters, then everything), each one jitted program (`e2_jax.step.build_stage`). Order of a
+parameters, then everything), each one jitted program (`e2_jax.training.step.build_stage`). Order of a
 run (the resume order, big_vision style): the latest checkpoint in the workdir; else the
 stage's start: the previous stage's best parameters (by validation SumR), or for the first
 stage converted CLIP weights (`model.pretrained`) with E²'s new parameters drawn, or a random
@@ -28,13 +28,15 @@ import tensorflow_datasets as tfds
 from absl import logging
 from jax.experimental import multihost_utils
 
-from e2_jax import evaluate, optim, sharding, step, workdir
+from e2_jax import optim, sharding, workdir
 from e2_jax.checkpoints import Checkpoints
 from e2_jax.data import pipeline, region_texts
 from e2_jax.data.build import build
+from e2_jax.evaluation import evaluate
 from e2_jax.metrics import Progress, Writer, peak_flops, step_flops
 from e2_jax.models.e2 import Group
 from e2_jax.spec import RunSpec, Stage, resolve
+from e2_jax.training import step
 
 if TYPE_CHECKING:
     import ml_collections
@@ -155,14 +157,14 @@ def _stage_start_params(spec: RunSpec, checkpoints: Checkpoints, index: int, par
     if index == 0:
         return step.initial_params(spec)
     previous = spec.stages[index - 1]
-    best = checkpoints.restore_best(previous.name, step.sharded_abstract_params(spec))
+    best = checkpoints.restore_best(previous.name, spec.abstract_params())
     if best is not None:
         logging.info("stage %s starts from the best of %s: %s", spec.stages[index].name, previous.name,
                      checkpoints.best_path(previous.name))
         return best
     if params is not None:
         return params
-    return checkpoints.restore_params(latest, step.sharded_abstract_params(spec))  # stopped at the stage's end
+    return checkpoints.restore_params(latest, spec.abstract_params())  # stopped at the stage's end
 
 
 def _host_metrics(metrics: dict, groups: tuple[Group, ...]) -> dict[str, float]:
