@@ -24,7 +24,6 @@ from ml_collections import config_flags
 
 from e2_jax import distributed, visualize
 from e2_jax.evaluation import evaluate
-from e2_jax.inference import Encoder
 from e2_jax.training import compilation, train
 
 MODES = ("train", "evaluate", "train_and_evaluate")
@@ -52,8 +51,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, mode: str
             return result
         logging.info("training in %s is complete; evaluating its best parameters", workdir)
     evaluated = evaluate.evaluate_run(config, workdir)
-    encoder = Encoder(evaluated.spec.clip, evaluated.spec.e2, evaluated.params, source=evaluated.where)
-    visualize.run_selection_maps(workdir, evaluated.source, encoder, config.eval.selection_maps)
+    visualize.run_selection_maps(workdir, evaluated.source, evaluated.spec.clip, evaluated.spec.e2, evaluated.params,
+                                 evaluated.where, config.eval.selection_maps)
     return evaluated.result
 
 

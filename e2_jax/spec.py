@@ -5,6 +5,7 @@ compiled or any data is read; nothing downstream parses a config string.
 
     spec = resolve(config)                           # stages in steps; epochs need the data:
     spec = resolve(config, train_examples=len(src))  # the trainer knows the training split's size
+    spec = resolve(config, stages=False).with_train_examples(len(src))  # the same, in two steps
 
 No TensorFlow here (benchmarks/device.py resolves configs on a machine without it).
 """
@@ -107,7 +108,7 @@ class RunSpec:
     @property
     def region_loss(self) -> bool:
         """Whether the loss has its region term (E² with selection tokens and a region weight)."""
-        return self.e2.selection_tokens and self.config.loss.region_weight > 0
+        return _region_loss(self.config, self.e2)
 
     def shardings(self, abstract: Any) -> Any:
         """The shardings `config.sharding_rules` give the leaves of `abstract` on the mesh."""
@@ -118,9 +119,19 @@ class RunSpec:
         abstract = pretrained.abstract_params(self.clip, self.e2)
         return sharding.with_shardings(abstract, self.shardings(abstract))
 
+    def with_train_examples(self, count: int) -> RunSpec:
+        """This spec with its stages in steps, given the training split's size (stages given in
+        epochs need it; the rest of the spec does not, so nothing else is resolved again)."""
+        steps_per_epoch = count / self.config.batch_size
+        return dataclasses.replace(self, stages=_stages(self.config, steps_per_epoch), steps_per_epoch=steps_per_epoch)
+
     def stage_at(self, step: int) -> int:
         """Index of the stage that step `step` (the next one to run) belongs to."""
         return next((i for i, s in enumerate(self.stages) if step < s.end), len(self.stages))
+
+
+def _region_loss(config: ml_collections.ConfigDict, e2: E2Config) -> bool:
+    return e2.selection_tokens and config.loss.region_weight > 0
 
 
 def groups(config: ml_collections.ConfigDict, context_length: int) -> tuple[tuple[Group, int], ...]:
@@ -220,7 +231,8 @@ def check(config: ml_collections.ConfigDict) -> None:
 def resolve(config: ml_collections.ConfigDict, train_examples: int | None = None,
             stages: bool = True) -> RunSpec:
     """The run `config` describes. `train_examples`: the training split's size, which stages
-    given in epochs need; `stages=False`: no stages (evaluation only)."""
+    given in epochs need (or later: `RunSpec.with_train_examples`); `stages=False`: no stages
+    (evaluation only)."""
     check(config)
     mesh = sharding.make_mesh(config.mesh)
     shards = sharding.num_batch_shards(mesh)
@@ -230,8 +242,8 @@ def resolve(config: ml_collections.ConfigDict, train_examples: int | None = None
     if config.eval.batch_size % shards:
         raise ValueError(f"eval.batch_size {config.eval.batch_size} must be divisible by the {shards} batch shards")
     clip, e2 = model_configs(config)
-    region = e2.selection_tokens and config.loss.region_weight > 0
-    tags = tuple((g.name, g.text_field, length) for g, length in groups(config, clip.context_length)) if region else ()
+    tags = tuple((g.name, g.text_field, length) for g, length in groups(config, clip.context_length)) \
+        if _region_loss(config, e2) else ()
     pre = Preprocessing(image_size=clip.image_size, text_format=config.data.text_format, tags=tags,
                         context_length=clip.context_length, region_texts=config.data.region_texts)
     steps_per_epoch = train_examples / config.batch_size if train_examples is not None else float("nan")

@@ -29,6 +29,8 @@ from e2_jax import distributed, storage, workdir
 from e2_jax.data import pipeline
 from e2_jax.data.tensorflow_cpu import tf
 from e2_jax.inference import Encoder, load_image
+from e2_jax.models.clip import CLIPConfig
+from e2_jax.models.e2 import E2Config
 
 COLOURS = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240),
            (240, 50, 230), (210, 245, 60)]
@@ -123,19 +125,20 @@ def source_images(source: pipeline.Source, count: int) -> tuple[list[np.ndarray]
     return images, names
 
 
-def run_selection_maps(directory: str | os.PathLike, source: pipeline.Source, encoder: Encoder,
-                       count: int) -> None:
+def run_selection_maps(directory: str | os.PathLike, source: pipeline.Source, clip: CLIPConfig, e2: E2Config,
+                       params: dict, where: str, count: int) -> None:
     """`--mode=evaluate`'s selection maps: the first `count` products of the evaluation split,
     in `<workdir>/eval/selection_maps` (E² with fusion blocks; one process: with several, draw
     them afterwards with `python -m e2_jax.visualize`)."""
-    if not count or not encoder.e2.selection_tokens or not encoder.e2.fusion:
+    if not count or not e2.selection_tokens or not e2.fusion:
         return
     if jax.process_count() > 1:
         logging.info("selection maps are drawn by one process: run python -m e2_jax.visualize --workdir %s "
                      "--split %s", directory, source.split)
         return
+    encoder = Encoder(clip, e2, params, source=where)
     images, names = source_images(source, count)
-    out = workdir.path(directory) / workdir.EVAL_DIR / "selection_maps"
+    out = storage.path(directory) / workdir.EVAL_DIR / "selection_maps"
     written = write_selection_maps(encoder, images, names, out)
     logging.info("%d selection maps in %s", len(written), written[0].parent)
 

@@ -18,7 +18,6 @@ import os
 from typing import TYPE_CHECKING, Any
 
 import jax
-from etils import epath
 
 from e2_jax import config as recipes
 from e2_jax import pretrained, sharding, spec, storage
@@ -33,15 +32,11 @@ CONFIG_FILE = "config.json"
 EVAL_DIR = "eval"
 
 
-def path(workdir: str | os.PathLike) -> epath.Path:
-    return storage.path(workdir)
-
-
 def write_start(workdir: str | os.PathLike, config: ml_collections.ConfigDict, clip: CLIPConfig,
                 e2: E2Config) -> None:
     """The config and the model's description, written when a run starts (by process 0), so that
     the workdir is usable without the weights the run started from."""
-    directory = path(workdir)
+    directory = storage.path(workdir)
     directory.mkdir(parents=True, exist_ok=True)
     if jax.process_index() == 0:
         (directory / CONFIG_FILE).write_text(config.to_json_best_effort(indent=2) + "\n")
@@ -49,7 +44,7 @@ def write_start(workdir: str | os.PathLike, config: ml_collections.ConfigDict, c
 
 
 def read_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
-    config_file = path(workdir) / CONFIG_FILE
+    config_file = storage.path(workdir) / CONFIG_FILE
     if not config_file.is_file():
         raise FileNotFoundError(f"no {config_file}: {workdir} is not a training workdir (python -m e2_jax.main "
                                 "writes config.json there)")
@@ -59,7 +54,7 @@ def read_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
 def model_configs(workdir: str | os.PathLike, config: ml_collections.ConfigDict | None = None
                   ) -> tuple[CLIPConfig, E2Config]:
     """The model a run trained: its `model.json`, else (a workdir written before it) its config."""
-    described = pretrained.read_description(path(workdir))
+    described = pretrained.read_description(storage.path(workdir))
     if described is not None and described[1] is not None:
         return described  # type: ignore[return-value]
     return spec.model_configs(config if config is not None else read_config(workdir))
@@ -90,20 +85,14 @@ class TrainedModel:
     where: str  # which parameters, for reports
 
 
-def load(workdir: str | os.PathLike, checkpoint: str = "best",
-         shardings: Any = None) -> TrainedModel:
-    """A run's model and parameters (see `trained_params`), on `shardings` (a function of the
-    abstract parameters; default: this process's first device)."""
+def load(workdir: str | os.PathLike, checkpoint: str = "best") -> TrainedModel:
+    """A run's model and parameters (see `trained_params`), on this process's first device."""
     config = read_config(workdir)
     clip, e2 = model_configs(workdir, config)
     abstract = pretrained.abstract_params(clip, e2)
-    if shardings is None:
-        here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        placed = jax.tree.map(lambda _: here, abstract)
-    else:
-        placed = shardings(abstract)
-    abstract = sharding.with_shardings(abstract, placed)
-    checkpoints = Checkpoints(path(workdir), config.checkpoint.keep)
+    here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract = sharding.with_shardings(abstract, jax.tree.map(lambda _: here, abstract))
+    checkpoints = Checkpoints(storage.path(workdir), config.checkpoint.keep)
     try:
         params, where = trained_params(checkpoints, tuple(config.stages), abstract, checkpoint)
     finally:

@@ -215,14 +215,14 @@ def evaluate_run(config: ml_collections.ConfigDict, directory: str | os.PathLike
     source = open_source(config, spec.protocols)
     if source is None:
         raise ValueError("nothing to evaluate on: data.eval_split is empty")
-    checkpoints = Checkpoints(workdir.path(directory), config.checkpoint.keep)
+    checkpoints = Checkpoints(storage.path(directory), config.checkpoint.keep)
     try:
         params, where = workdir.trained_params(checkpoints, tuple(config.stages), spec.abstract_params())
     finally:
         checkpoints.close()
     report = evaluation_report(spec, source, params, spec.protocols)
     report.update(checkpoint=where, dataset=config.data.dataset, split=config.data.eval_split)
-    json_path, md_path = write_report(report, workdir.path(directory) / workdir.EVAL_DIR)
+    json_path, md_path = write_report(report, storage.path(directory) / workdir.EVAL_DIR)
     table = markdown_table(report["metrics"])
     logging.info("evaluation of %s:\n%s", where, table)
     print(f"evaluation of {where} ({report['counts']}):\n{table}report: {json_path}, {md_path}", flush=True)

@@ -28,7 +28,7 @@ import tensorflow_datasets as tfds
 from absl import logging
 from jax.experimental import multihost_utils
 
-from e2_jax import optim, sharding, workdir
+from e2_jax import optim, sharding, storage, workdir
 from e2_jax.checkpoints import Checkpoints
 from e2_jax.data import pipeline, region_texts
 from e2_jax.data.build import build
@@ -90,7 +90,7 @@ def prepare(config: ml_collections.ConfigDict, validate: bool = True) -> tuple[R
     before anything is compiled."""
     spec = resolve(config, stages=False)  # the config's errors first, then the data's
     data = open_data(config, spec, validate)
-    return resolve(config, train_examples=len(data.train)), data
+    return spec.with_train_examples(len(data.train)), data
 
 
 def run(config: ml_collections.ConfigDict, directory: str | os.PathLike, validate: bool = True,
@@ -103,7 +103,7 @@ def run(config: ml_collections.ConfigDict, directory: str | os.PathLike, validat
     try:
         spec, data = prepare(config, validate)
         workdir.write_start(directory, config, spec.clip, spec.e2)
-        checkpoints = Checkpoints(workdir.path(directory), config.checkpoint.keep)
+        checkpoints = Checkpoints(storage.path(directory), config.checkpoint.keep)
         try:
             if checkpoints.latest_step() == spec.stages[-1].end:
                 logging.info("training in %s is complete", directory)
@@ -124,6 +124,7 @@ def _train(spec: RunSpec, data: Data, checkpoints: Checkpoints, preemption: _Pre
     writer, progress = Writer(checkpoints.workdir), Progress(stages[-1].end, start)
     result: dict[str, Any] = {"workdir": str(checkpoints.workdir)}
     params = None
+    embed = evaluate.make_embed(spec) if data.eval is not None else None  # compiled once for every stage
     try:
         for index in range(spec.stage_at(start), len(stages)):
             program = step.build_stage(spec, stages[index], wrap=hooks.wrap_step)
@@ -133,7 +134,7 @@ def _train(spec: RunSpec, data: Data, checkpoints: Checkpoints, preemption: _Pre
                              program.stage.name)
             else:
                 state = program.new_state(_stage_start_params(spec, checkpoints, index, params, latest))
-            outcome = _Loop(spec, data, program, checkpoints, writer, progress, preemption, hooks).run(
+            outcome = _Loop(spec, data, program, checkpoints, writer, progress, preemption, hooks, embed).run(
                 state, final=index == len(stages) - 1)
             result.update(outcome)
             if outcome.get("preempted"):
@@ -245,10 +246,10 @@ class _Loop:
     """One stage's steps: batches in, the compiled step, metrics, checkpoints, validation."""
 
     def __init__(self, spec: RunSpec, data: Data, program: step.StageProgram, checkpoints: Checkpoints,
-                 writer: Writer, progress: Progress, preemption: _Preemption, hooks: Hooks) -> None:
+                 writer: Writer, progress: Progress, preemption: _Preemption, hooks: Hooks, embed) -> None:
         self.spec, self.data, self.program, self.checkpoints = spec, data, program, checkpoints
         self.writer, self.progress, self.preemption, self.hooks = writer, progress, preemption, hooks
-        self.embed = evaluate.make_embed(spec) if data.eval is not None else None
+        self.embed = embed  # evaluate.make_embed's jitted functions, or None: no validation
         self.eval_every = spec.config.eval.every_steps or max(1, round(spec.steps_per_epoch))
 
     def run(self, state: dict, final: bool) -> dict[str, Any]:
