@@ -29,6 +29,7 @@ from typing import Any
 import ml_collections
 
 from e2_jax.data.preprocessing import AMAZON_TEXT, FASHIONGEN_TEXT
+from e2_jax.errors import ConfigError, MissingError, suggest
 
 
 def group(name: str, tokens: int = 2, tag_length: int = 0, field: str = "") -> dict[str, Any]:
@@ -52,7 +53,7 @@ def without(groups: Iterable[dict], name: str) -> tuple[dict, ...]:
     """`groups` less the entity `name` (the paper's per-entity ablation)."""
     groups = tuple(groups)
     if name not in [g["name"] for g in groups]:
-        raise ValueError(f"no group {name!r} in {[g['name'] for g in groups]}")
+        raise ConfigError(f"no group {name!r} in {[g['name'] for g in groups]}")
     return tuple(g for g in groups if g["name"] != name)
 
 
@@ -140,17 +141,18 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
     for item in filter(None, (arg or "").split(",")):
         key, has_value, value = (part.strip() for part in item.partition("="))
         if key not in defaults:
-            raise ValueError(f"unknown config argument {key!r}; known: {', '.join(sorted(defaults)) or 'none'}")
+            raise ConfigError(f"unknown config argument {key!r}{suggest(key, defaults)}; known: "
+                              f"{', '.join(sorted(defaults)) or 'none'}")
         kind = type(defaults[key])
         if kind is bool:
             if has_value and value.lower() not in ("true", "false", "1", "0"):
-                raise ValueError(f"config argument {key} is a flag: write {key} or {key}=false, not {key}={value}")
+                raise ConfigError(f"config argument {key} is a flag: write {key} or {key}=false, not {key}={value}")
             out[key] = not has_value or value.lower() in ("true", "1")
         else:
             try:
                 out[key] = kind(value)
             except ValueError:
-                raise ValueError(f"config argument {key}={value!r} is not a {kind.__name__}") from None
+                raise ConfigError(f"config argument {key}={value!r} is not a {kind.__name__}") from None
     return out
 
 
@@ -169,7 +171,7 @@ def fashion_recipe(preset: str, method: str, arg: str | None) -> ml_collections.
         c.data.text_format, c.e2.groups = AMAZON_TEXT, (group("brand", tag_length=24),)
         c.eval.description_format, c.eval.sample_field = "{title}", ""  # no sub-category in AmazonFashion
     elif options.dataset != "fashion_gen":
-        raise ValueError(f"dataset must be fashion_gen or amazon_fashion, got {options.dataset!r}")
+        raise ConfigError(f"dataset must be fashion_gen or amazon_fashion, got {options.dataset!r}")
     if method == "clip_ft":
         c.e2.enabled = False
         c.stages = ("finetune",)
@@ -184,7 +186,7 @@ def apply_ablation(c: ml_collections.ConfigDict, ablation: str) -> None:
     """One of the paper's ablations (`ABLATIONS`) applied to an E² config whose stages are
     `warmup` (E²'s new parameters) then `finetune` (all parameters)."""
     if ablation not in ABLATIONS:
-        raise ValueError(f"ablation must be one of {ABLATIONS}, got {ablation!r}")
+        raise ConfigError(f"ablation must be one of {ABLATIONS}, got {ablation!r}")
     if ablation == "no_fusion":
         c.e2.fusion = False
     elif ablation == "no_selection_tokens":
@@ -219,7 +221,7 @@ def config_module(path: str | os.PathLike) -> types.ModuleType:
     its constants too (benchmarks/synth_study.py needs the study's variants)."""
     spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
     if spec is None or spec.loader is None:
-        raise FileNotFoundError(f"no config file {path}")
+        raise MissingError(f"no config file {path}")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

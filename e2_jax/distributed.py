@@ -31,11 +31,13 @@ from typing import Any
 
 import numpy as np
 
+from e2_jax.errors import UserError
+
 _TPU_MARKERS = ("TPU_ACCELERATOR_TYPE", "TPU_WORKER_HOSTNAMES", "TPU_WORKER_ID", "TPU_PROCESS_ADDRESSES")
 _TPU_DEVICE_FILES = ("/dev/accel0", "/dev/vfio/0")
 
 
-class StartupError(RuntimeError):
+class StartupError(UserError, RuntimeError):
     """The environment names a multi-process run that cannot start as it is; says why and how."""
 
 

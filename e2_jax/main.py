@@ -22,7 +22,7 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from e2_jax import distributed, visualize
+from e2_jax import distributed, errors, visualize
 from e2_jax.evaluation import evaluate
 from e2_jax.training import compilation, train
 
@@ -68,12 +68,7 @@ def main(argv: list[str], hooks: train.Hooks | None = None) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.get_absl_handler().addFilter(_QuietOrbax())
     config = _CONFIG.value
-    try:  # multi-host start-up before anything touches a device
-        distributed.initialize(config.distributed)
-    except distributed.StartupError as error:
-        print(f"error: {error}", file=sys.stderr, flush=True)
-        sys.exit(2)
-    logging.info("config:\n%s", config)
+    distributed.initialize(config.distributed)  # multi-host start-up before anything touches a device
     cache = compilation.setup(compilation.default_cache_dir() if _CACHE.value is None else _CACHE.value)
     logging.info("XLA compilation cache: %s", cache or "off")
     try:
@@ -90,4 +85,4 @@ def main(argv: list[str], hooks: train.Hooks | None = None) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    errors.run(main)

@@ -16,6 +16,8 @@ import jax
 import optax
 from flax import traverse_util
 
+from e2_jax.errors import ConfigError
+
 # The parameters E² adds to CLIP (its warm-up stage trains only these; logit_scale stays frozen).
 E2_NEW = r"^visual/(selection_tokens|proj_cls|fusion_\d+/.*|region_[^/]+/.*)$"
 TRAINABLE = {"all": r".*", "e2_new": E2_NEW}
@@ -50,7 +52,7 @@ def optimizer(name: str, learning_rate: optax.Schedule, *, b1: float = 0.9, b2: 
     """"adam_l2" (the authors: `torch.optim.Adam(weight_decay=...)`, the decay added to the
     gradient of every parameter before Adam) or "adamw" (decoupled decay, on matrices only)."""
     if name not in OPTIMIZERS:
-        raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {name!r}")
+        raise ConfigError(f"optimizer must be one of {OPTIMIZERS}, got {name!r}")
     chain = [optax.clip_by_global_norm(grad_clip)] if grad_clip else []
     if name == "adam_l2":
         chain += [optax.add_decayed_weights(weight_decay), optax.scale_by_adam(b1, b2, eps)]

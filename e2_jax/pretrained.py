@@ -22,6 +22,7 @@ import jax
 import numpy as np
 
 from e2_jax import checkpoints, storage
+from e2_jax.errors import ExistsError, MissingError
 from e2_jax.models.clip import CLIPConfig, param_shapes
 from e2_jax.models.e2 import E2Config, init_e2_params
 
@@ -39,7 +40,7 @@ def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterat
     """
     path = Path(path).absolute()
     if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} already exists; choose another output or pass --overwrite")
+        raise ExistsError(f"{path} already exists; choose another output or pass --overwrite")
     tmp = path.parent / f".{path.name}.partial-{uuid.uuid4().hex[:8]}"
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp.mkdir()
@@ -99,7 +100,7 @@ def save(path: str | os.PathLike, config: CLIPConfig, params: dict, overwrite: b
 def _description(path: str | os.PathLike) -> tuple[CLIPConfig, E2Config | None]:
     found = read_description(path)
     if found is None:
-        raise FileNotFoundError(
+        raise MissingError(
             f"no {storage.path(path) / MODEL_FILE}: {path} is not a converted e2_jax model. Make one with "
             "`python -m e2_jax.convert to-flax CHECKPOINT OUT_DIR` (see docs/convert.md).")
     return found

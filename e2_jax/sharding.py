@@ -29,6 +29,8 @@ from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from e2_jax.errors import ConfigError
+
 DEFAULT_RULES = ((".*", "fsdp"),)
 BATCH_AXES = ("data", "fsdp")
 
@@ -39,16 +41,16 @@ def mesh_shape(axes: Sequence[tuple[str, int]], num_devices: int) -> tuple[int, 
     names = [name for name, _ in axes]
     sizes = [int(size) for _, size in axes]
     if len(set(names)) != len(names):
-        raise ValueError(f"mesh axis names must be unique, got {names}")
+        raise ConfigError(f"mesh axis names must be unique, got {names}")
     if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
-        raise ValueError(f"mesh sizes must be positive, with at most one -1, got {dict(axes)}")
+        raise ConfigError(f"mesh sizes must be positive, with at most one -1, got {dict(axes)}")
     known = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
         if num_devices % known:
-            raise ValueError(f"mesh {dict(axes)}: {num_devices} devices are not a multiple of {known}")
+            raise ConfigError(f"mesh {dict(axes)}: {num_devices} devices are not a multiple of {known}")
         sizes[sizes.index(-1)] = num_devices // known
     if math.prod(sizes) != num_devices:
-        raise ValueError(f"mesh {dict(axes)} has {math.prod(sizes)} devices, but there are {num_devices}")
+        raise ConfigError(f"mesh {dict(axes)} has {math.prod(sizes)} devices, but there are {num_devices}")
     return tuple(sizes)
 
 
@@ -76,7 +78,7 @@ def batch_axes(mesh: Mesh, axes: Sequence[str] = BATCH_AXES) -> tuple[str, ...]:
     """The data-parallel axes of `mesh` that the batch is split over (those of `axes` it has)."""
     present = tuple(a for a in axes if a in mesh.axis_names)
     if not present:
-        raise ValueError(f"none of the batch axes {tuple(axes)} is an axis of the mesh {mesh.axis_names}")
+        raise ConfigError(f"none of the batch axes {tuple(axes)} is an axis of the mesh {mesh.axis_names}")
     return present
 
 
@@ -112,10 +114,10 @@ def _spec(rule: str, shape: tuple[int, ...], mesh: Mesh, min_size: int) -> P:
         return P()
     entries = [None if e.strip() in ("None", "") else e.strip() for e in rule.split(",")]
     if len(entries) != len(shape):
-        raise ValueError(f"sharding rule {rule!r} has {len(entries)} entries for an array of shape {shape}")
+        raise ConfigError(f"sharding rule {rule!r} has {len(entries)} entries for an array of shape {shape}")
     for entry, dim in zip(entries, shape, strict=True):
         if entry is not None and dim % mesh.shape[entry]:
-            raise ValueError(f"sharding rule {rule!r}: dimension {dim} is not divisible by mesh axis {entry}")
+            raise ConfigError(f"sharding rule {rule!r}: dimension {dim} is not divisible by mesh axis {entry}")
     return P(*entries)
 
 

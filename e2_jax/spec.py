@@ -21,6 +21,7 @@ import jax
 from e2_jax import optim, pretrained, sharding, storage
 from e2_jax.data import region_texts
 from e2_jax.data.preprocessing import FASHIONGEN_TEXT, Preprocessing
+from e2_jax.errors import ConfigError, MissingError
 from e2_jax.models.clip import CLIPConfig, get_config
 from e2_jax.models.e2 import E2Config, E2Model, Group
 
@@ -69,9 +70,9 @@ class Protocols:
     def __post_init__(self) -> None:
         unknown = [p for p in self.protocols if p not in PROTOCOLS]
         if unknown:
-            raise ValueError(f"unknown evaluation protocols {unknown}; known: {PROTOCOLS}")
+            raise ConfigError(f"unknown evaluation protocols {unknown}; known: {PROTOCOLS}")
         if not self.texts:
-            raise ValueError("no evaluation texts")
+            raise ConfigError("no evaluation texts")
 
     def describe(self) -> dict[str, str]:
         field = self.sample_field or "any category"
@@ -141,11 +142,11 @@ def groups(config: ml_collections.ConfigDict, context_length: int) -> tuple[tupl
         entry = dict(entry)
         unknown = sorted(set(entry) - set(GROUP_KEYS))
         if unknown or "name" not in entry:
-            raise ValueError(f"e2.groups[{i}] = {entry}: a group has the keys {GROUP_KEYS} (name required; "
+            raise ConfigError(f"e2.groups[{i}] = {entry}: a group has the keys {GROUP_KEYS} (name required; "
                              f"unknown: {unknown}); write it with e2_jax.config.group(name, tokens, tag_length, field)")
         length = int(entry.get("tag_length", 0)) or context_length
         if not 2 <= length <= context_length:
-            raise ValueError(f"e2.groups[{i}] ({entry['name']}): tag_length {length} must be from 2 to the model's "
+            raise ConfigError(f"e2.groups[{i}] ({entry['name']}): tag_length {length} must be from 2 to the model's "
                              f"context length {context_length}")
         out.append((Group(entry["name"], int(entry.get("tokens", 2)), entry.get("field", "")), length))
     return tuple(out)
@@ -171,7 +172,7 @@ def model_configs(config: ml_collections.ConfigDict) -> tuple[CLIPConfig, E2Conf
 def pretrained_path(config: ml_collections.ConfigDict) -> Any:
     path = storage.path(config.model.pretrained)
     if not pretrained.is_model(path):
-        raise FileNotFoundError(
+        raise MissingError(
             f"model.pretrained: no converted CLIP at {path}. Make one from OpenAI's archive with "
             f"`python -m e2_jax.convert to-flax ViT-B-32.pt {path} --trust-pickle` (or from open_clip or Hugging "
             "Face weights, see docs/convert.md), or set --config.model.pretrained='' to start from random weights.")
@@ -186,7 +187,7 @@ def protocols(config: ml_collections.ConfigDict, validation: bool = False) -> Pr
         return Protocols(("full_candidate",), {"tags": formats["tags"]})
     unknown = [t for t in config.eval.texts if t not in formats]
     if unknown:
-        raise ValueError(f"eval.texts: unknown {unknown}; known: {sorted(formats)}")
+        raise ConfigError(f"eval.texts: unknown {unknown}; known: {sorted(formats)}")
     return Protocols(tuple(config.eval.protocols), {t: formats[t] for t in config.eval.texts}, config.eval.sample_field,
                      config.eval.sample_queries, config.eval.sample_negatives, config.eval.seed)
 
@@ -197,20 +198,20 @@ def _stages(config: ml_collections.ConfigDict, steps_per_epoch: float) -> tuple[
     if missing:
         hint = "" if not any("," in s for s in names) else \
             " (a list is a tuple: --config.stages=\"('warmup', 'finetune')\")"
-        raise ValueError(f"stages {missing} are listed in `stages` but not defined in the config{hint}")
+        raise ConfigError(f"stages {missing} are listed in `stages` but not defined in the config{hint}")
     out, start = [], 0
     for name in names:
         s = config[name]
         if s.trainable == "e2_new" and not config.e2.enabled:
-            raise ValueError(f"stage {name} trains only E²'s new parameters, but E² is disabled (e2.enabled=False)")
+            raise ConfigError(f"stage {name} trains only E²'s new parameters, but E² is disabled (e2.enabled=False)")
         if s.steps:
             steps = s.steps
         elif math.isnan(steps_per_epoch):
-            raise ValueError(f"stage {name} is given in epochs; resolving it needs the training split's size")
+            raise ConfigError(f"stage {name} is given in epochs; resolving it needs the training split's size")
         else:
             steps = math.ceil(s.epochs * steps_per_epoch)
         if steps <= 0:
-            raise ValueError(f"stage {name} has no steps: set {name}.epochs or {name}.steps")
+            raise ConfigError(f"stage {name} has no steps: set {name}.epochs or {name}.steps")
         out.append(Stage(name, start, steps, s.lr, s.trainable))
         start += steps
     return tuple(out)
@@ -219,13 +220,13 @@ def _stages(config: ml_collections.ConfigDict, steps_per_epoch: float) -> tuple[
 def check(config: ml_collections.ConfigDict) -> None:
     """The config's own consistency (no devices, no data)."""
     if config.data.region_texts not in region_texts.MODES:
-        raise ValueError(f"data.region_texts must be one of {region_texts.MODES}, got {config.data.region_texts!r}")
+        raise ConfigError(f"data.region_texts must be one of {region_texts.MODES}, got {config.data.region_texts!r}")
     if config.optim.name not in optim.OPTIMIZERS:
-        raise ValueError(f"optim.name must be one of {optim.OPTIMIZERS}, got {config.optim.name!r}")
+        raise ConfigError(f"optim.name must be one of {optim.OPTIMIZERS}, got {config.optim.name!r}")
     for name in ("stages", "e2.groups", "e2.fusion_layers", "eval.protocols", "eval.texts"):
         node, key = (config, name) if "." not in name else (config[name.split(".")[0]], name.split(".")[1])
         if isinstance(node[key], str):
-            raise ValueError(f"{name} is a tuple, not a comma string: got {node[key]!r}")
+            raise ConfigError(f"{name} is a tuple, not a comma string: got {node[key]!r}")
 
 
 def resolve(config: ml_collections.ConfigDict, train_examples: int | None = None,
@@ -237,10 +238,10 @@ def resolve(config: ml_collections.ConfigDict, train_examples: int | None = None
     mesh = sharding.make_mesh(config.mesh)
     shards = sharding.num_batch_shards(mesh)
     if config.batch_size % (shards * config.accum_steps):
-        raise ValueError(f"batch_size {config.batch_size} must be divisible by the {shards} batch shards of the mesh "
+        raise ConfigError(f"batch_size {config.batch_size} must be divisible by the {shards} batch shards of the mesh "
                          f"{dict(mesh.shape)} times accum_steps {config.accum_steps}")
     if config.eval.batch_size % shards:
-        raise ValueError(f"eval.batch_size {config.eval.batch_size} must be divisible by the {shards} batch shards")
+        raise ConfigError(f"eval.batch_size {config.eval.batch_size} must be divisible by the {shards} batch shards")
     clip, e2 = model_configs(config)
     tags = tuple((g.name, g.text_field, length) for g, length in groups(config, clip.context_length)) \
         if _region_loss(config, e2) else ()

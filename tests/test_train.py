@@ -118,12 +118,26 @@ def test_gradient_accumulation_keeps_the_contrastive_batch_whole(synth_tiny):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_a_nan_loss_stops_the_run_naming_the_step_and_the_last_good_checkpoint(synth_tiny, tmp_path):
-    config = tiny_config(synth_tiny, stages=("finetune",), **{"finetune.steps": 8})
-    with pytest.raises(train.TrainingError, match=r"loss is nan at step 4; stopping\. the last good checkpoint is "
-                                                  r".*checkpoints/4 \(step 4\)"):
-        train.run(config, tmp_path, hooks=faults.hooks(nan_at_step=4))
-    assert max(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == 4
+@pytest.mark.parametrize("nan_at", [2, 3, 4])
+def test_a_nan_stops_the_run_at_a_finite_checkpoint_and_the_restart_finishes(synth_tiny, tmp_path, nan_at):
+    """Checkpoints every 4 steps; the step numbered `nan_at` (0-based) makes the state NaN, so
+    the state saved as step 4 is poisoned when nan_at is 3 (just before the save), and not for
+    2 or 4. The loss is read one step late, but a save waits for its own step's check: the run
+    stops naming the newest checkpoint whose steps were all finite, and no NaN is kept."""
+    config = tiny_config(synth_tiny, stages=("finetune",), **{"finetune.steps": 6, "checkpoint.every_steps": 4})
+    good = 4 if nan_at == 4 else None  # done = nan_at + 1 is the first poisoned state
+    where = r"the last good checkpoint is .*checkpoints/4 \(step 4\)" if good else "no checkpoint was saved before it"
+    with pytest.raises(train.TrainingError, match=rf"loss is nan at step {nan_at}; stopping\. {where}"):
+        train.run(config, tmp_path, validate=False, hooks=faults.hooks(nan_at_step=nan_at))
+    kept = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    assert kept == ([good] if good else [])
+    for saved in kept:
+        assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(saved_state(tmp_path, saved)["params"]))
+    if nan_at == 2:
+        return  # its restart starts afresh, as nan_at=3's does
+    result = train.run(config, tmp_path, validate=False)  # the same command without the fault
+    assert result["step"] == 6 and all(np.isfinite(leaf).all()
+                                       for leaf in jax.tree.leaves(saved_state(tmp_path, 6)["params"]))
 
 
 def test_a_preemption_notice_on_a_stage_last_step_saves_there_and_resumes_exactly(synth_tiny, trained_tiny,

@@ -15,11 +15,11 @@ import json
 
 import tensorflow_datasets as tfds
 
-import e2_jax.data.builders  # noqa: F401  (registers the builders)
+from e2_jax.data import builders  # (importing it registers the builders)
 
 
 def build(name: str, data_dir: str | None = None, manual_dir: str | None = None) -> tfds.core.DatasetBuilder:
-    builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
+    builder = builders.builder(name, data_dir=data_dir, file_format="array_record")
     config = tfds.download.DownloadConfig(manual_dir=manual_dir) if manual_dir else None
     builder.download_and_prepare(download_config=config)
     return builder

@@ -42,31 +42,35 @@ import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
 
-import e2_jax.data.builders  # noqa: F401  (registers the project's builders with TFDS)
 from e2_jax import distributed
-from e2_jax.data import region_texts
+from e2_jax.data import (
+    builders,  # (importing it registers the project's builders with TFDS)
+    region_texts,
+)
 
 # Defined without TensorFlow (the trainer's step builds without it: benchmarks/device.py).
 from e2_jax.data.preprocessing import AMAZON_TEXT, FASHIONGEN_TEXT, MEAN, STD, Preprocessing  # noqa: F401
 from e2_jax.data.tensorflow_cpu import tf
 from e2_jax.data.tokenizer import CLIPTokenizer
+from e2_jax.errors import ConfigError, DataError, MissingError, suggest
 
 
 class Source:
     """Random access to the raw records of one split of a built TFDS dataset (array_record)."""
 
     def __init__(self, name: str, split: str, data_dir: str | None = None) -> None:
-        builder = tfds.builder(name, data_dir=data_dir)
+        builder = builders.builder(name, data_dir=data_dir)
         if not builder.is_prepared():
-            raise FileNotFoundError(
+            raise MissingError(
                 f"dataset {name} is not built in {builder.data_dir}. Build it with "
                 f"`python -m e2_jax.data.build {name}" + (f" --data-dir {data_dir}" if data_dir else "")
                 + "` (FashionGen and AmazonFashion also need --manual-dir; see docs/data.md).")
         if builder.info.file_format != tfds.core.FileFormat.ARRAY_RECORD:
-            raise ValueError(f"{builder.data_dir} was built as {builder.info.file_format.value}; the pipeline reads "
+            raise DataError(f"{builder.data_dir} was built as {builder.info.file_format.value}; the pipeline reads "
                              "examples by index and needs array_record: rebuild it with `python -m e2_jax.data.build`")
         if split not in builder.info.splits:
-            raise ValueError(f"dataset {name} has no split {split!r}; it has {list(builder.info.splits)}")
+            raise ConfigError(f"dataset {name} has no split {split!r}{suggest(split, builder.info.splits)}; it has "
+                              f"{list(builder.info.splits)}")
         self.name, self.split = name, split
         self.features = builder.info.features
         self._records = builder.as_data_source(split, deserialize_method=tfds.core.decode.DeserializeMethod.RAW_BYTES)
@@ -83,7 +87,7 @@ class Source:
         spec = {k: v for k, v in self.features.tf_example_spec.items() if k in ("images", *fields)}
         missing = [f for f in fields if f not in spec]
         if missing:
-            raise ValueError(f"{self.name}: no field {missing}; it has {sorted(self.features.keys())}")
+            raise ConfigError(f"{self.name}: no field {missing}; it has {sorted(self.features.keys())}")
 
         @tf.function
         def parse(records):

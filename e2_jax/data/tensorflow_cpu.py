@@ -2,11 +2,47 @@
 import tf`) and it sees no GPU or TPU. A GPU build of TensorFlow, if one is installed, would
 otherwise take most of every GPU's memory at its first operation, and on a TPU VM try to open
 the chips JAX holds. Hiding them works only before TensorFlow has initialised its devices, so
-every module of e2_jax that uses TensorFlow (or TFDS, which imports it) imports this first."""
+every module of e2_jax that uses TensorFlow (or TFDS, which imports it) imports this first.
+
+TensorFlow's C++ start-up writes informational lines straight to the process's stderr (oneDNN
+is on, the CPU instructions it was built for, absl's "before InitializeLog" warning) whatever
+TF_CPP_MIN_LOG_LEVEL says; they are dropped here, and anything else it writes while importing is
+passed on. `TF_CPP_MIN_LOG_LEVEL=0` keeps them all.
+"""
 
 from __future__ import annotations
 
-import tensorflow as tf
+import os
+import re
+import sys
+import tempfile
+
+_NOISE = re.compile(r"^(I\d{4} .*|WARNING: All log messages before absl::InitializeLog\(\) is called are written to "
+                    r"STDERR|To enable the following instructions: .*)$")
+
+
+def _import_quietly():
+    if os.environ.get("TF_CPP_MIN_LOG_LEVEL") == "0" or "tensorflow" in sys.modules:
+        import tensorflow
+
+        return tensorflow
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            import tensorflow
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            kept = [line for line in captured.read().decode(errors="replace").splitlines() if not _NOISE.match(line)]
+            if kept:
+                print("\n".join(kept), file=sys.stderr, flush=True)
+    return tensorflow
+
+
+tf = _import_quietly()
 
 try:
     tf.config.set_visible_devices([], "GPU")

@@ -24,13 +24,12 @@ from typing import TYPE_CHECKING, Any
 
 import jax
 import numpy as np
-import tensorflow_datasets as tfds
 from absl import logging
 from jax.experimental import multihost_utils
 
 from e2_jax import optim, sharding, storage, workdir
 from e2_jax.checkpoints import Checkpoints
-from e2_jax.data import pipeline, region_texts
+from e2_jax.data import builders, pipeline, region_texts
 from e2_jax.data.build import build
 from e2_jax.evaluation import evaluate
 from e2_jax.metrics import Progress, Writer, peak_flops, step_flops
@@ -78,17 +77,21 @@ def open_data(config: ml_collections.ConfigDict, spec: RunSpec, validate: bool) 
 def _build_if_missing(dataset: str, data_dir: str | None) -> None:
     if not dataset.startswith("synth_fashion"):
         return  # the others need files only the user can provide: Source says how
-    if jax.process_index() == 0 and not tfds.builder(dataset, data_dir=data_dir).is_prepared():
+    if jax.process_index() == 0 and not builders.builder(dataset, data_dir=data_dir).is_prepared():
         logging.info("building %s (no download)", dataset)
         build(dataset, data_dir)
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices(f"built {dataset}")
 
 
-def prepare(config: ml_collections.ConfigDict, validate: bool = True) -> tuple[RunSpec, Data]:
+def prepare(config: ml_collections.ConfigDict, validate: bool = True,
+            directory: str | os.PathLike | None = None) -> tuple[RunSpec, Data]:
     """The run `config` describes, with its data: every error a user can make is raised here,
-    before anything is compiled."""
-    spec = resolve(config, stages=False)  # the config's errors first, then the data's
+    before anything is compiled or written (with `directory`: also a workdir that is not
+    writable, or holds a run this config does not continue)."""
+    spec = resolve(config, stages=False)  # the config's errors first, then the workdir's, then the data's
+    if directory is not None:
+        workdir.check_start(directory, config, spec.clip, spec.e2)
     data = open_data(config, spec, validate)
     return spec.with_train_examples(len(data.train)), data
 
@@ -101,7 +104,7 @@ def run(config: ml_collections.ConfigDict, directory: str | os.PathLike, validat
     finished (nothing trained)."""
     preemption = _Preemption()  # first: a SIGTERM from now on ends the run with a checkpoint
     try:
-        spec, data = prepare(config, validate)
+        spec, data = prepare(config, validate, directory)
         workdir.write_start(directory, config, spec.clip, spec.e2)
         checkpoints = Checkpoints(storage.path(directory), config.checkpoint.keep)
         try:
@@ -199,12 +202,15 @@ class _Reporter:
             return
         (step, metrics, flops), self.pending = self.pending, None
         values = _host_metrics(metrics, self.spec.e2.groups)  # waits for that step only
-        if not math.isfinite(values["loss"]):
+        bad = [name for name in ("loss", "grad_norm") if name in values and not math.isfinite(values[name])]
+        if bad:  # every saved step was checked before its save began (_Loop.run): the latest is good
             self.checkpoints.wait()
             good = self.checkpoints.latest_step()
-            where = (f"the last good checkpoint is {self.checkpoints.path(good)} (step {good})" if good is not None
-                     else "no checkpoint was saved before it")
-            raise TrainingError(f"loss is {values['loss']} at step {step}; stopping. {where}.")
+            where = (f"the last good checkpoint is {self.checkpoints.path(good)} (step {good}); run the same command "
+                     "again to resume from it (lower the learning rate or clip the gradients if it diverges again)"
+                     if good is not None else "no checkpoint was saved before it")
+            found = "; ".join(f"{name} is {values[name]}" for name in bad)
+            raise TrainingError(f"{found} at step {step}; stopping. {where}.")
         self._steps += 1
         self._flops += flops or 0.0
         seconds = (time.perf_counter() - self._since) / self._steps
@@ -278,6 +284,10 @@ class _Loop:
                 if self.hooks.after_step is not None:
                     self.hooks.after_step(done, state, checkpoints)
                 if done % config.checkpoint.every_steps == 0 or done == stage.end:
+                    # The steps a checkpoint covers are checked before it is written: a saved state
+                    # with a NaN would be resumed from, and stop the run again, forever. (Saving
+                    # copies the state to the host, so waiting for this step here costs nothing.)
+                    reporter.flush()
                     checkpoints.save(done, state)
                     saved = done
                 if self.embed is not None and (done % self.eval_every == 0 or done == stage.end):

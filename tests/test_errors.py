@@ -1,0 +1,93 @@
+"""User mistakes at the command line (`python -m e2_jax.main`): each one `error:` paragraph with
+its suggestion, exit 2, at most 5 lines of output, no traceback, and nothing written; a resume
+with another model leaves the workdir's files byte for byte as they were."""
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from e2_jax import workdir
+from tests.test_train import tiny_config
+
+ROOT = Path(__file__).resolve().parents[1]
+SYNTH = "configs/e2_synth.py:runlocal"
+
+
+def _start(args: list[str], env: dict | None = None) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {"JAX_PLATFORMS": "cpu", **(env or {})}
+    return subprocess.Popen([sys.executable, "-m", "e2_jax.main", *args], cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def _files(directory: Path) -> dict[str, str]:
+    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def test_each_mistake_is_one_error_paragraph_with_its_way_out(synth_tiny, trained_tiny, tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    resumed = tmp_path / "resumed"
+    shutil.copytree(trained_tiny[0], resumed)
+    data = f"--config.data.data_dir={synth_tiny}"
+    cases = {  # name: (arguments, what the error must say)
+        "unknown field": ([data, "--config.batch_sise=32"],
+                          "no config field 'batch_sise' (did you mean 'batch_size'?)"),
+        "wrong type": ([data, "--config.batch_size=abc"], "--config.batch_size=abc: invalid literal for int()"),
+        "missing config file": (["--config", "configs/e2_synht.py"], "--config: no config file configs/e2_synht.py"),
+        "config argument typo": (["--config", "configs/e2_synth.py:runlocal,methd=clip_ft"],
+                                 "unknown config argument 'methd' (did you mean 'method'?)"),
+        "unknown dataset": (["--config.data.dataset=fashon_gen"],
+                            "no dataset 'fashon_gen' (did you mean 'fashion_gen'?)"),
+        "unknown variant": (["--config.data.dataset=synth_fashion/huge"],
+                            "dataset synth_fashion has no variant 'huge'; its variants are default, medium, small"),
+        "bad mesh": ([data, "--config.mesh=(('data', 3),)"], "mesh {'data': 3} has 3 devices, but there are 1"),
+        "unwritable workdir": ([data, "--workdir", str(afile / "run")],
+                               f"cannot write to the workdir {afile / 'run'}: {afile} is not a folder"),
+        "another model on resume": (
+            ["--config", f"configs/workdir.py:{resumed}", "--config.model.preset=ViT-B-32",
+             "--config.e2.gumbel_tau=0.5", "--workdir", str(resumed)],
+            f"{resumed} holds a run started with another config (its config.json), and resuming it would change "
+            "e2.gumbel_tau: 1.0 -> 0.5; model.preset: \"tiny\" -> \"ViT-B-32\"; model (model.json)"),
+    }
+    before = _files(resumed)
+    processes = {}
+    for name, (args, _) in cases.items():
+        if "--config" not in args:
+            args = ["--config", SYNTH, *args]
+        if "--workdir" not in args:
+            args = [*args, "--workdir", str(tmp_path / name.replace(" ", "_"))]
+        processes[name] = _start(args)
+    for name, process in processes.items():
+        output = process.communicate(timeout=300)[0]
+        lines = output.strip().splitlines()
+        assert process.returncode == 2 and len(lines) <= 5 and "Traceback" not in output, (name, output[-3000:])
+        assert lines[-1].startswith("error: ") and cases[name][1] in lines[-1], (name, output[-3000:])
+        assert not (tmp_path / name.replace(" ", "_")).exists(), name  # nothing written
+    assert "Run with that workdir's config (--config configs/workdir.py:" in output
+    assert _files(resumed) == before
+
+
+def test_the_traceback_is_there_when_asked_for(synth_tiny, tmp_path):
+    process = _start(["--config", SYNTH, "--config.data.dataset=fashon_gen", "--workdir", str(tmp_path / "w")],
+                     env={"E2_TRACEBACK": "1"})
+    output = process.communicate(timeout=300)[0]
+    assert process.returncode == 2 and "Traceback (most recent call last)" in output and "error: no dataset" in output
+
+
+def test_a_resume_may_change_only_where_and_how_often(synth_tiny, trained_tiny):
+    directory = trained_tiny[0]
+    same = tiny_config(synth_tiny, **{"optim.grad_clip": 1.0})
+    assert workdir.config_changes(directory, same) == {}
+    longer = tiny_config(synth_tiny, **{"optim.grad_clip": 1.0, "finetune.steps": 9, "eval.every_steps": 2,
+                                        "checkpoint.keep": 5, "mesh": (("data", 1),), "accum_steps": 2})
+    assert workdir.config_changes(directory, longer) == {}
+    other = tiny_config(synth_tiny, **{"optim.grad_clip": 1.0, "warmup.steps": 4, "finetune.lr": 1e-3})
+    assert workdir.config_changes(directory, other) == {"finetune.lr": (5e-5, 1e-3), "warmup.steps": (3, 4)}
+    with pytest.raises(ValueError, match=r"resuming it would change finetune.lr: 5e-05 -> 0.001; warmup.steps: 3 -> 4"):
+        workdir.check_start(directory, other, *workdir.model_configs(directory))
