@@ -43,14 +43,14 @@ from absl import app, flags
 from etils import epath
 from ml_collections import config_flags
 
-from e2_jax import caption_metrics, checkpoints, distributed, inference, optim, sharding, storage
+from e2_jax import caption_metrics, checkpoints, distributed, errors, images, inference, optim, sharding, storage
 from e2_jax.data import pipeline
 from e2_jax.data.tokenizer import CLIPTokenizer
+from e2_jax.errors import DataError
 from e2_jax.metrics import Writer
 from e2_jax.models.caption_decoder import CaptionDecoder, DecoderConfig, init_cache, init_params
 from e2_jax.numerics import l2_normalize
 from e2_jax.pretrained import atomic_directory
-from e2_jax.search import find_images
 
 MODES = ("train", "evaluate", "caption")
 DECODER_DIR = "decoder"  # config.json + params (Orbax), written atomically at the end of training
@@ -407,11 +407,12 @@ def evaluate(settings, workdir: str | os.PathLike, log=print) -> dict:
 def caption_folder(settings, workdir: str | os.PathLike, folder: str, out: str | None, log=print) -> list[dict]:
     """Mode `caption`: every image of a folder, captioned; JSON lines to `out` (or stdout)."""
     captioner = load_captioner(settings, workdir)
-    paths = find_images(folder)
-    if not paths:
-        raise FileNotFoundError(f"no images ({', '.join(('.jpg', '.png', '.webp'))}) under {folder}")
-    captions = captioner.caption_images([str(p) for p in paths], beam_size=settings.beam_size)
-    rows = [{"image": str(p), "caption": c} for p, c in zip(paths, captions, strict=True)]
+    loaded = images.read(images.find(folder))
+    if not loaded.images:
+        raise DataError(f"no readable image under {folder}: " + "; ".join(loaded.skipped[:3]))
+    captions = captioner.caption_images(loaded.images, beam_size=settings.beam_size)
+    rows = [{"image": str(p), "caption": c} for p, c in zip(loaded.paths, captions, strict=True)]
+    images.report(f"captioned {len(rows)} images", loaded.skipped)
     text = "".join(json.dumps(r) + "\n" for r in rows)
     if out:
         Path(out).write_text(text)
@@ -444,7 +445,7 @@ def main(argv: list[str] | None = None) -> None:
                 raise app.UsageError("--mode caption needs --images FOLDER")
             caption_folder(settings, workdir, images_flag.value, out_flag.value, log)
 
-    app.run(run, argv=argv or sys.argv)
+    errors.run(run, argv=argv or sys.argv)
 
 
 if __name__ == "__main__":

@@ -115,13 +115,13 @@ def parse_flags(argv: list[str]) -> list[str]:
     return rest
 
 
-def run(main: Callable[[list[str]], Any]) -> None:
+def run(main: Callable[[list[str]], Any], argv: list[str] | None = None) -> None:
     """absl's `app.run(main)` with the error path above: flag mistakes and `UserError`s print
     one `error:` paragraph and exit 2."""
     from absl import app  # deferred: argparse mains do not need absl
 
     try:
-        app.run(main, flags_parser=parse_flags)
+        app.run(main, argv=argv, flags_parser=parse_flags)
     except UserError as error:
         fail(str(error), error)
 

@@ -18,22 +18,20 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
 from e2_jax import pretrained, sharding, workdir
 from e2_jax.data import pipeline
 from e2_jax.data.tensorflow_cpu import tf
 from e2_jax.data.tokenizer import CLIPTokenizer
 from e2_jax.evaluation import evaluate
+from e2_jax.images import ImageInput, load_image
 from e2_jax.models.clip import CLIPConfig
 from e2_jax.models.e2 import E2Config, E2Model
 from e2_jax.numerics import l2_normalize
-
-ImageInput = str | os.PathLike | np.ndarray | Any  # Any: a PIL image
 
 
 class ImageOutputs(NamedTuple):
@@ -44,30 +42,6 @@ class ImageOutputs(NamedTuple):
     global_embedding: np.ndarray
     region_embeddings: np.ndarray | None
     picks: np.ndarray | None
-
-
-def load_image(image: ImageInput) -> np.ndarray:
-    """uint8 [H, W, 3] from a path, a PIL image or an array; a missing or unreadable file is
-    an error naming it."""
-    if isinstance(image, np.ndarray):
-        array = image
-    else:
-        if isinstance(image, (str, os.PathLike)):
-            path = Path(image)
-            if not path.is_file():
-                raise FileNotFoundError(f"no image file {path}")
-            try:
-                with Image.open(path) as opened:
-                    array = np.asarray(opened.convert("RGB"))
-            except (UnidentifiedImageError, OSError) as error:
-                raise ValueError(f"{path} is not a readable image: {error}") from error
-        else:
-            array = np.asarray(image.convert("RGB"))
-    if array.ndim == 2:
-        array = np.repeat(array[..., None], 3, axis=2)
-    if array.ndim != 3 or array.shape[2] not in (3, 4) or array.dtype != np.uint8:
-        raise ValueError(f"an image must be uint8 [H, W, 3], got {array.dtype} {array.shape}")
-    return np.ascontiguousarray(array[..., :3])
 
 
 def preprocess(image: np.ndarray, size: int) -> np.ndarray:

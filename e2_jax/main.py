@@ -12,6 +12,11 @@ in a per-user cache (`--compilation_cache`, see e2_jax/training/compilation.py).
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # first: a preemption notice during the imports below exits cleanly
+    from e2_jax.training import preemption
+
+    preemption.install()
+
 import logging as logging_std
 import os
 import sys
@@ -24,7 +29,7 @@ from ml_collections import config_flags
 
 from e2_jax import distributed, errors, visualize
 from e2_jax.evaluation import evaluate
-from e2_jax.training import compilation, train
+from e2_jax.training import compilation, preemption, train
 
 MODES = ("train", "evaluate", "train_and_evaluate")
 
@@ -50,9 +55,10 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, mode: str
         if mode == "train" or not result.get("complete"):
             return result
         logging.info("training in %s is complete; evaluating its best parameters", workdir)
-    evaluated = evaluate.evaluate_run(config, workdir)
-    visualize.run_selection_maps(workdir, evaluated.source, evaluated.spec.clip, evaluated.spec.e2, evaluated.params,
-                                 evaluated.where, config.eval.selection_maps)
+    with preemption.nothing_to_save("evaluation"):  # run again, it writes the same reports
+        evaluated = evaluate.evaluate_run(config, workdir)
+        visualize.run_selection_maps(workdir, evaluated.source, evaluated.spec.clip, evaluated.spec.e2,
+                                     evaluated.params, evaluated.where, config.eval.selection_maps)
     return evaluated.result
 
 
@@ -69,6 +75,8 @@ def main(argv: list[str], hooks: train.Hooks | None = None) -> None:
     logging.get_absl_handler().addFilter(_QuietOrbax())
     config = _CONFIG.value
     distributed.initialize(config.distributed)  # multi-host start-up before anything touches a device
+    if jax.process_count() > 1:
+        preemption.uninstall()  # the processes agree on a step through JAX's preemption sync point
     cache = compilation.setup(compilation.default_cache_dir() if _CACHE.value is None else _CACHE.value)
     logging.info("XLA compilation cache: %s", cache or "off")
     try:

@@ -48,11 +48,20 @@ def step_flops(compiled: jax.stages.Compiled) -> float | None:
     return float(flops) if flops and flops > 0 else None
 
 
+def _step_of(line: str) -> int | None:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None  # a line cut short by a kill
+
+
 class Writer:
     """Scalars to `workdir/metrics.jsonl` and `workdir/tensorboard/` (process 0 only; in a
     bucket workdir both are written locally and uploaded after each write, see storage.Mirror)."""
 
-    def __init__(self, workdir: str | os.PathLike) -> None:
+    def __init__(self, workdir: str | os.PathLike, resume_step: int | None = None) -> None:
+        """`resume_step`: the run goes on from this step, so the lines written after it by the
+        run that stopped (and that this one writes again) are dropped from metrics.jsonl."""
         self.enabled = jax.process_index() == 0
         if not self.enabled:
             return
@@ -65,7 +74,15 @@ class Writer:
         plugin = summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars")
         self._scalar = summary_pb2.SummaryMetadata(plugin_data=plugin).SerializeToString()
         self._files = storage.Mirror(workdir, resume=("metrics.jsonl",))
-        self._jsonl = (self._files.local / "metrics.jsonl").open("a")
+        jsonl = self._files.local / "metrics.jsonl"
+        if resume_step is not None and jsonl.is_file():
+            lines = jsonl.read_text().splitlines(keepends=True)
+            kept = [line for line in lines if _step_of(line) is not None and _step_of(line) <= resume_step]
+            if len(kept) != len(lines):
+                partial = jsonl.with_name("metrics.jsonl.tmp")
+                partial.write_text("".join(kept))
+                partial.replace(jsonl)
+        self._jsonl = jsonl.open("a")
         self._tb = tf.summary.create_file_writer(str(self._files.local / "tensorboard"))
 
     def write(self, step: int, scalars: dict[str, float]) -> None:

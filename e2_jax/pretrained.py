@@ -65,7 +65,7 @@ def describe(clip: CLIPConfig, e2: E2Config | None) -> str:
 
 
 def write_description(directory: str | os.PathLike, clip: CLIPConfig, e2: E2Config | None) -> None:
-    (storage.path(directory) / MODEL_FILE).write_text(describe(clip, e2))
+    storage.write_text(storage.path(directory) / MODEL_FILE, describe(clip, e2))
 
 
 def read_description(directory: str | os.PathLike) -> tuple[CLIPConfig, E2Config | None] | None:

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from e2_jax import distributed
+from e2_jax import distributed, errors
 from e2_jax.data import pipeline
 from e2_jax.inference import Encoder
 
@@ -172,4 +172,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    errors.main(main)

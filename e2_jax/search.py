@@ -15,14 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 
-from e2_jax import distributed
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+from e2_jax import distributed, errors, images
+from e2_jax.errors import DataError
 
 
 def _encoder(workdir: str | None, pretrained: str | None, batch_size: int):
@@ -33,32 +31,19 @@ def _encoder(workdir: str | None, pretrained: str | None, batch_size: int):
     return load_encoder(workdir, pretrained, batch_size=batch_size)
 
 
-def find_images(folder: str | Path) -> list[Path]:
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"no image folder {folder}")
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-
-
 def build_index(encoder, folder: str | Path, out: str | Path, chunk: int = 1024) -> dict:
     """Embeds the folder's readable images into `out` (.npz), `chunk` images in memory at a
-    time; returns a summary."""
-    from e2_jax.inference import load_image  # deferred: as in _encoder
-
-    found = find_images(folder)
+    time; returns a summary (the unreadable files skipped, each named)."""
+    found = images.find(folder)
     paths, parts, skipped = [], [], []
     for start in range(0, len(found), chunk):
-        images = []
-        for path in found[start : start + chunk]:
-            try:
-                images.append(load_image(path))
-                paths.append(path)
-            except ValueError as error:
-                skipped.append(f"{path}: {error}")
-        if images:
-            parts.append(encoder.encode_images(images))
+        loaded = images.read(found[start : start + chunk])
+        paths += loaded.paths
+        skipped += loaded.skipped
+        if loaded.images:
+            parts.append(encoder.encode_images(loaded.images))
     if not paths:
-        raise ValueError(f"no readable image ({', '.join(IMAGE_SUFFIXES)}) under {folder}")
+        raise DataError(f"no readable image under {folder}: " + "; ".join(skipped[:3]))
     meta = {"model": encoder.source, "origin": encoder.origin, "folder": str(Path(folder).absolute()),
             "skipped": skipped}
     out = Path(out)
@@ -96,9 +81,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.command == "index":
         summary = build_index(_encoder(args.workdir, args.pretrained, args.batch_size), args.images, args.out)
-        print(f"indexed {summary['indexed']} images into {summary['out']}; skipped {len(summary['skipped'])}")
-        for line in summary["skipped"]:
-            print(f"  skipped {line}", file=sys.stderr)
+        images.report(f"indexed {summary['indexed']} images into {summary['out']}", summary["skipped"])
         return
     if not (args.workdir or args.pretrained):  # the model the index was built with
         with np.load(args.index) as data:
@@ -112,4 +95,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    errors.main(main)

@@ -71,3 +71,14 @@ class Mirror:
         self.upload()
         if self._staging is not None:
             shutil.rmtree(self._staging, ignore_errors=True)
+
+
+def write_text(file: epath.Path, text: str) -> None:
+    """`file` holds `text` whole or keeps what it held: on a local disk written beside it and
+    renamed over it; a bucket object appears whole when its upload completes."""
+    if is_remote(str(file)):
+        file.write_text(text)
+        return
+    partial = file.with_name(f".{file.name}.{os.getpid()}.tmp")
+    partial.write_text(text)
+    os.replace(partial, file)

@@ -25,11 +25,10 @@ from pathlib import Path
 
 import numpy as np
 
-from e2_jax import distributed, storage, workdir
+from e2_jax import distributed, errors, images, storage, workdir
 from e2_jax.data import pipeline
 from e2_jax.inference import Encoder, ImageOutputs
 from e2_jax.numerics import l2_normalize
-from e2_jax.search import find_images
 
 KS = (1, 5)
 TEMPLATES = {
@@ -146,20 +145,30 @@ def main(argv: list[str] | None = None) -> None:
         for f, r in report.items():
             print(f"| {f} | {r['by']} | {r['candidates']} | {r['top1']:.1f} | {r['top5']:.1f} | {r['scored']} | "
                   f"{r['left_out']} |")
-        out = storage.path(args.workdir) / "eval" / "tagging.json"
+        # One file per way of scoring: the global embedding's result does not replace the regions'.
+        out = storage.path(args.workdir) / "eval" / ("tagging_global.json" if args.use_global else "tagging.json")
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"written to {out}")
         return
 
     candidates = json.loads(Path(args.values).read_text()) if args.values else {
         f: list(v) for f, v in _training_values(config, fields).items()}
-    paths = find_images(args.images)
-    for path, tags in zip(paths, tag_images(encoder, paths, candidates, top=args.top, use_global=args.use_global,
-                                            template=args.template), strict=True):
-        print(path)
-        for field, values in tags.items():
-            print(f"  {field}: " + ", ".join(f"{v} ({s:.2f})" for v, s in values))
+    paths, skipped, tagged = images.find(args.images), [], 0
+    for start in range(0, len(paths), 1024):  # a chunk of images in memory at a time
+        loaded = images.read(paths[start : start + 1024])
+        skipped += loaded.skipped
+        if not loaded.images:
+            continue
+        for path, tags in zip(loaded.paths, tag_images(encoder, loaded.images, candidates, top=args.top,
+                                                       use_global=args.use_global, template=args.template),
+                              strict=True):
+            print(path)
+            for field, values in tags.items():
+                print(f"  {field}: " + ", ".join(f"{v} ({s:.2f})" for v, s in values))
+        tagged += len(loaded.images)
+    images.report(f"tagged {tagged} images", skipped)
 
 
 if __name__ == "__main__":
-    main()
+    errors.main(main)

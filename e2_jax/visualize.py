@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import io
 import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -25,10 +26,12 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from e2_jax import distributed, storage, workdir
+from e2_jax import distributed, errors, storage, workdir
+from e2_jax import images as images_lib
 from e2_jax.data import pipeline
 from e2_jax.data.tensorflow_cpu import tf
-from e2_jax.inference import Encoder, load_image
+from e2_jax.errors import DataError
+from e2_jax.inference import Encoder
 from e2_jax.models.clip import CLIPConfig
 from e2_jax.models.e2 import E2Config
 
@@ -100,7 +103,7 @@ def write_selection_maps(encoder, images: Sequence, names: Sequence[str], out: s
         raise ValueError(f"{encoder.source} has no selection tokens or no fusion blocks: nothing picks a patch")
     out = storage.path(out)
     out.mkdir(parents=True, exist_ok=True)
-    arrays = [load_image(im) for im in images]
+    arrays = [images_lib.load_image(im) for im in images]
     picks = encoder.image_outputs(arrays).picks
     groups = [(g.name, g.tokens) for g in encoder.e2.groups]
     written = []
@@ -147,7 +150,7 @@ def main(argv: list[str] | None = None) -> None:
     distributed.single_host_only("python -m e2_jax.visualize")
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", required=True, help="a training run (its best parameters)")
-    parser.add_argument("--images", nargs="*", default=[], help="image files")
+    parser.add_argument("--images", nargs="*", default=[], help="image files or folders")
     parser.add_argument("--split", help="draw products of this split of the run's dataset instead")
     parser.add_argument("--count", type=int, default=16)
     parser.add_argument("--out", help="output folder (default: WORKDIR/selection_maps)")
@@ -159,11 +162,16 @@ def main(argv: list[str] | None = None) -> None:
         config = workdir.read_config(args.workdir)
         images, names = source_images(pipeline.Source(config.data.dataset, args.split, config.data.data_dir or None),
                                       args.count)
+        skipped = []
     else:
-        images, names = args.images, [str(p) for p in args.images]
+        loaded = images_lib.read(images_lib.find(args.images))
+        if not loaded.images:
+            raise DataError("no readable image in " + " ".join(args.images) + ": " + "; ".join(loaded.skipped[:3]))
+        images, names, skipped = loaded.images, [str(p) for p in loaded.paths], loaded.skipped
     written = write_selection_maps(encoder, images, names, args.out or storage.path(args.workdir) / "selection_maps")
-    print(f"{len(written)} selection maps of {encoder.source} in {written[0].parent}")
+    images_lib.report(f"{len(written)} selection maps of {encoder.source} in {written[0].parent}", skipped,
+                      file=sys.stdout)
 
 
 if __name__ == "__main__":
-    main()
+    errors.main(main)

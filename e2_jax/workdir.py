@@ -100,8 +100,8 @@ def write_start(workdir: str | os.PathLike, config: ml_collections.ConfigDict, c
     the workdir is usable without the weights the run started from. Call `check_start` first."""
     directory = storage.path(workdir)
     directory.mkdir(parents=True, exist_ok=True)
-    if jax.process_index() == 0:
-        (directory / CONFIG_FILE).write_text(config.to_json_best_effort(indent=2) + "\n")
+    if jax.process_index() == 0:  # whole or not at all: a run may be stopped at any moment of its start-up
+        storage.write_text(directory / CONFIG_FILE, config.to_json_best_effort(indent=2) + "\n")
         pretrained.write_description(directory, clip, e2)
 
 

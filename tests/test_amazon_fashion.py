@@ -66,6 +66,10 @@ def test_builder_reads_the_authors_layout(tmp_path):
     assert skipped["train"]["by_reason"] == {"undecodable image": 2, "no usable image": 1, "empty brand": 1,
                                              "missing image": 1}
     assert skipped["test"]["examples"] == [{"product": "A9", "reason": "not in meta-fashion.json"}]
+    # Products left out and views dropped from kept products are counted apart; each product named.
+    assert (skipped["train"]["products"], skipped["train"]["views"]) == (2, 3)
+    assert sorted(skipped["train"]["product_ids"]) == ["A3", "A4"]
+    assert {e.get("view") for e in skipped["train"]["examples"] if e["product"] == "A5"} == {"A5_1.png", "A5_2.png"}
 
 
 def test_missing_layout_file_is_named(tmp_path):
@@ -161,6 +165,8 @@ def test_prepare_downloads_skips_and_resumes(tmp_path, server, capsys):
     report = _prepare(meta, out)
     assert report["skipped"] == {"duplicate asin": 1, "no brand": 1, "no image url": 1,
                                  "unreadable metadata lines": 1, "no image downloaded": 1}
+    assert set(report["skipped_products"]["no image downloaded"]) == {"B003"}  # every skipped product named
+    assert all(len(ids) == report["skipped"][reason] for reason, ids in report["skipped_products"].items())
     assert report["images"] == {"kept": 5, "dead": 2, "undecodable": 1}  # dead: 404, and the timeout
     assert server.hits["/flaky.jpg"] == 2 and server.hits["/dead.jpg"] == 1  # retried 503, not 404
     assert server.hits["/slow.jpg"] == 3  # timed out on every try

@@ -68,12 +68,12 @@ def test_export_back_to_their_format_is_exact(converted):
         if key not in ("visual.ln_selection.weight", "visual.ln_selection.bias", "visual.proj_cls_mid"):
             assert torch.equal(back[key], value.float()), key
     # An E² model is not exported as a plain CLIP by mistake.
-    assert convert.main(["from-flax", str(tmp / "flax"), str(tmp / "clip.pt"), "--format", "open_clip"]) == 1
+    assert convert.main(["from-flax", str(tmp / "flax"), str(tmp / "clip.pt"), "--format", "open_clip"]) == 2
 
 
 def test_wrong_token_count_is_named(tmp_path, capsys):
     _, state = authors_e2_state_dict()
     del state["visual.token_10_embedding"]
     torch.save(state, tmp_path / "e2.pt")
-    assert convert.main(["to-flax", str(tmp_path / "e2.pt"), str(tmp_path / "out")]) == 1
+    assert convert.main(["to-flax", str(tmp_path / "e2.pt"), str(tmp_path / "out")]) == 2
     assert "has 9 selection tokens" in capsys.readouterr().err and not (tmp_path / "out").exists()

@@ -73,7 +73,7 @@ def test_openai_torchscript_archive_needs_trust_and_converts(tmp_path, inputs, c
     assert torch.jit.load(str(tmp_path / "ViT-tiny.pt")).state_dict()["visual.proj"].dtype == torch.float16
 
     out = tmp_path / "converted"
-    assert convert.main(["to-flax", str(tmp_path / "ViT-tiny.pt"), str(out)]) == 1
+    assert convert.main(["to-flax", str(tmp_path / "ViT-tiny.pt"), str(out)]) == 2
     assert "--trust-pickle" in capsys.readouterr().err and not out.exists()
 
     assert convert.main(["to-flax", str(tmp_path / "ViT-tiny.pt"), str(out), "--trust-pickle"]) == 0
@@ -161,7 +161,7 @@ def test_cli_writes_model_directory_and_refuses_to_overwrite(tmp_path, capsys):
     argv = ["to-flax", str(tmp_path / "m.pt"), str(out), "--activation", "quick_gelu"]
     assert convert.main(argv) == 0
     assert (out / "model.json").is_file() and (out / "params").is_dir()
-    assert convert.main(argv) == 1
+    assert convert.main(argv) == 2
     assert "already exists" in capsys.readouterr().err
     assert convert.main([*argv, "--overwrite"]) == 0
     _, params = pretrained.load(out)
@@ -174,7 +174,7 @@ def test_cli_writes_model_directory_and_refuses_to_overwrite(tmp_path, capsys):
 
 def _convert_fails(tmp_path, capsys, *args) -> str:
     out = tmp_path / "out"
-    assert convert.main(["to-flax", *map(str, args), str(out)]) == 1
+    assert convert.main(["to-flax", *map(str, args), str(out)]) == 2
     assert not out.exists() and _no_leftovers(tmp_path) == []
     return capsys.readouterr().err
 

@@ -1,5 +1,6 @@
 """The fashion_gen builder on small h5 files in FashionGen's exact schema, and SynthFashion's export."""
 
+import shutil
 import tracemalloc
 
 import h5py
@@ -69,12 +70,14 @@ def test_builder_groups_rows_by_product_and_skips_bad_data(manual_dir, tmp_path)
     assert products[105]["description"].decode() == "Laine mÃ©rinos."  # latin-1, as the authors decode
     assert products[102]["msrp"] == pytest.approx(120.0)
     skipped = builder.info.metadata["skipped"]["train"]
-    assert skipped["count"] == 2 and skipped["by_reason"] == {"empty description": 1, "blank image": 1}
-    assert {e["product"] for e in skipped["examples"]} == {"103", "104"}
+    # Product 104 left out; one view (row 4) of product 103 dropped, the product kept.
+    assert skipped["products"] == 1 and skipped["views"] == 1 and skipped["product_ids"] == ["104"]
+    assert skipped["by_reason"] == {"empty description": 1, "blank image": 1}
+    assert {(e["product"], e.get("view")) for e in skipped["examples"]} == {("103", "row 4"), ("104", None)}
     # The metadata is saved with the dataset.
     import tensorflow_datasets as tfds
     reloaded = tfds.builder("fashion_gen", data_dir=str(tmp_path))
-    assert reloaded.info.metadata["skipped"]["validation"]["count"] == 2
+    assert reloaded.info.metadata["skipped"]["validation"]["product_ids"] == ["104"]
 
 
 def test_corrected_decoding(manual_dir, tmp_path):
@@ -159,3 +162,24 @@ def test_synth_fashion_exports_itself_as_fashiongen(tmp_path):
             np.testing.assert_array_equal(image, views[int(pose.decode()[-1]) - 1])
     assert any("é" in p["brand"].decode() or "ö" in p["brand"].decode() or "è" in p["brand"].decode()
                for p in _products(builder, "train").values())  # accented brands went through latin-1
+
+
+@pytest.mark.parametrize("fault", ["truncated", "not h5", "missing"])
+def test_a_bad_validation_file_is_named_before_any_split_is_written(manual_dir, tmp_path, fault):
+    """The validation file is checked with the training file, before the (on the real data,
+    40-minute) training split is built."""
+    manual = tmp_path / "manual"
+    manual.mkdir()
+    shutil.copy(manual_dir / fashion_gen_h5.file_name("train"), manual)
+    bad = manual / fashion_gen_h5.file_name("validation")
+    if fault == "truncated":
+        data = (manual_dir / bad.name).read_bytes()
+        bad.write_bytes(data[: len(data) // 2])
+    elif fault == "not h5":
+        bad.write_text("<html>Access denied</html>")
+    with pytest.raises(FileNotFoundError if fault == "missing" else ValueError) as error:
+        build("fashion_gen", str(tmp_path / "data"), str(manual))
+    assert str(bad) in str(error.value)
+    if fault != "missing":
+        assert "cannot be read as an h5 file" in str(error.value) and "Download it again" in str(error.value)
+    assert not list((tmp_path / "data").rglob("*array_record*"))

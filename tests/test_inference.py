@@ -5,7 +5,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from e2_jax import search, visualize
+from e2_jax import errors, search, tagging, visualize
 from e2_jax.data import pipeline
 from e2_jax.evaluation import evaluate
 from e2_jax.inference import Encoder
@@ -69,7 +69,7 @@ def test_index_a_folder_and_query_it(synth_tiny, trained_tiny, encoder, tmp_path
     (folder / "corrupt.jpg").write_bytes(b"\xff\xd8 truncated")
     search.main(["index", "--workdir", str(workdir), "--images", str(tmp_path / "catalog"),
                  "--out", str(tmp_path / "index.npz"), "--batch-size", "4"])
-    assert "indexed 6 images" in capsys.readouterr().out
+    assert "indexed 6 images" in capsys.readouterr().err
     search.main(["query", "--index", str(tmp_path / "index.npz"), "red", "blue dress", "--top", "3"])
     printed = capsys.readouterr().out.splitlines()
     assert printed[0] == "red" and len(printed) == 8
@@ -78,6 +78,54 @@ def test_index_a_folder_and_query_it(synth_tiny, trained_tiny, encoder, tmp_path
     with np.load(tmp_path / "index.npz") as data:
         scores = encoder.encode_texts(["blue dress"])[0] @ data["embeddings"].T
     assert [s for _, s in got] == pytest.approx(sorted(scores, reverse=True), abs=1e-6)
+
+
+def _mixed_folder(root, synth_tiny):
+    """3 good images, a truncated JPEG, a text file named .jpg, an empty sub-folder and a
+    folder named like an image."""
+    (root / "sub").mkdir(parents=True)
+    for i, image in enumerate(_raw_first_views(synth_tiny, 3)):
+        Image.fromarray(image).save(root / ("sub" if i else ".") / f"item_{i}.png")
+    Image.fromarray(_raw_first_views(synth_tiny, 1)[0]).save(root / "whole.jpg")
+    (root / "cut.jpg").write_bytes((root / "whole.jpg").read_bytes()[:200])
+    (root / "whole.jpg").unlink()
+    (root / "notes.jpg").write_text("not an image")
+    (root / "empty").mkdir()
+    (root / "folder.png").mkdir()
+    return ["cut.jpg", "notes.jpg"]
+
+
+def test_every_folder_tool_skips_and_names_unreadable_files(synth_tiny, trained_tiny, tmp_path, capsys):
+    workdir, _ = trained_tiny
+    root = tmp_path / "images"
+    bad = _mixed_folder(root, synth_tiny)
+
+    def skipped(err: str) -> list[str]:
+        lines = [line for line in err.splitlines() if line.startswith("  skipped ")]
+        assert all(line.count(str(root)) == 1 for line in lines), lines  # each path named once
+        return sorted(line.split(str(root) + "/")[1].split(" ")[0] for line in lines)
+
+    search.main(["index", "--workdir", str(workdir), "--images", str(root), "--out", str(tmp_path / "i.npz")])
+    err = capsys.readouterr().err
+    assert "indexed 3 images" in err and "skipped 2 unreadable" in err and skipped(err) == bad
+    tagging.main(["tag", "--workdir", str(workdir), "--images", str(root), "--fields", "brand"])
+    captured = capsys.readouterr()
+    assert sum(line.endswith(".png") for line in captured.out.splitlines()) == 3
+    assert "tagged 3 images; skipped 2 unreadable" in captured.err and skipped(captured.err) == bad
+    visualize.main(["--workdir", str(workdir), "--images", str(root), "--out", str(tmp_path / "maps")])
+    captured = capsys.readouterr()
+    assert "3 selection maps" in captured.out and skipped(captured.out) == bad
+    assert len(list((tmp_path / "maps").glob("*_selection.png"))) == 3
+    # An input without any image is one error line.
+    (tmp_path / "nothing").mkdir()
+    for main in (lambda: search.main(["index", "--workdir", str(workdir), "--images", str(tmp_path / "nothing"),
+                                      "--out", str(tmp_path / "n.npz")]),
+                 lambda: tagging.main(["tag", "--workdir", str(workdir), "--images", str(tmp_path / "nothing")])):
+        with pytest.raises(SystemExit) as exit_:
+            errors.main(main)
+        assert exit_.value.code == 2
+        nothing = tmp_path / "nothing"
+        assert capsys.readouterr().err.strip() == f"error: no image (.jpg, .jpeg, .png, .webp) in {nothing}"
 
 
 def test_selection_maps_box_the_picked_patches(synth_tiny, encoder, tmp_path):
@@ -112,7 +160,7 @@ def test_workdir_exported_as_a_model_directory_encodes_the_same(trained_tiny, en
     images = [np.full((40, 32, 3), v, np.uint8) for v in (0, 90, 200)]
     np.testing.assert_array_equal(exported.encode_images(images), encoder.encode_images(images))
     np.testing.assert_array_equal(exported.encode_texts(["a red coat", "x"]), encoder.encode_texts(["a red coat", "x"]))
-    assert convert.main(["from-workdir", str(workdir), str(out)]) == 1
+    assert convert.main(["from-workdir", str(workdir), str(out)]) == 2
     assert "already exists" in capsys.readouterr().err
-    assert convert.main(["from-workdir", str(tmp_path / "nothing"), str(tmp_path / "m")]) == 1
+    assert convert.main(["from-workdir", str(tmp_path / "nothing"), str(tmp_path / "m")]) == 2
     assert "not a training workdir" in capsys.readouterr().err

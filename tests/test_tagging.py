@@ -1,6 +1,8 @@
 """Zero-shot tagging: accuracy against a brute-force reference, the region and global paths on
 a trained tiny E², and the folder command."""
 
+import json
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -53,4 +55,10 @@ def test_region_and_global_tagging_of_a_trained_model(synth_tiny, trained_tiny, 
     tagging.main(["tag", "--workdir", str(workdir), "--images", str(tmp_path), "--fields", "brand,season",
                   "--top", "2"])
     printed = capsys.readouterr().out.splitlines()
+    # Region and global results go to their own files.
+    for flags in ([], ["--global"]):
+        tagging.main(["evaluate", "--workdir", str(workdir), "--fields", "brand", *flags])
+    region = json.loads((workdir / "eval" / "tagging.json").read_text())["brand"]
+    overall = json.loads((workdir / "eval" / "tagging_global.json").read_text())["brand"]
+    assert (region["by"], overall["by"]) == ("region", "global")
     assert printed[0].endswith("p0.png") and printed[1].startswith("  brand: ") and printed[1].count("(") == 2

@@ -100,6 +100,9 @@ def test_runs_killed_during_a_save_and_mid_run_resume_bitwise_exact(reference, s
     output = _run(tmp_path, synth_tiny)
     assert "resumed from" in output
     _assert_bitwise_equal(_state(tmp_path), _state(reference))
+    # Each step's metrics once, although steps after each checkpoint were run twice.
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines if "loss" in line] == list(range(1, STEPS + 1))
     assert not [p for p in (tmp_path / "checkpoints").iterdir() if "tmp" in p.name]  # leftovers cleaned up
 
 
@@ -117,6 +120,33 @@ def test_sigterm_saves_and_exits_cleanly(reference, synth_tiny, tmp_path):
     assert saved, output[-4000:]
     step = int(saved[0].split("saved step ")[1].split()[0])
     assert 0 < step < STEPS * 50 and step in _complete_steps(tmp_path)
+
+
+def _output_until(process: subprocess.Popen, text: str, lines: list[str]) -> None:
+    """Reads the process's output into `lines` until a line holds `text` (or it ends)."""
+    for line in process.stdout:
+        lines.append(line)
+        if text in line:
+            return
+
+
+@pytest.mark.parametrize("when", ["imports", "compiling"])
+def test_sigterm_where_nothing_is_unsaved_exits_at_once(synth_tiny, tmp_path, when):
+    """A notice during the imports, or while the first step compiles (cold: no cache), exits 0
+    saying so, without waiting for the compile and without writing a checkpoint."""
+    process = subprocess.Popen(_command(tmp_path, synth_tiny, "--compilation_cache="), cwd=ROOT, env=_env(),
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    if when == "imports":
+        time.sleep(1.0)
+    else:
+        _output_until(process, "stage train: steps 0-", lines)  # written just before the step compiles
+    process.send_signal(signal.SIGTERM)
+    lines += process.communicate(timeout=300)[0].splitlines(keepends=True)
+    output = "".join(lines)
+    where = "start-up" if when == "imports" else "the start of stage train (compiling its step)"
+    assert process.returncode == 0 and f"preempted (SIGTERM) during {where}: nothing new to save" in output, output
+    assert "step variant" not in output and not _complete_steps(tmp_path), output
 
 
 def test_eight_devices_give_the_one_device_losses(reference, synth_tiny, tmp_path):

@@ -26,9 +26,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from e2_jax import pretrained, workdir
+from e2_jax import errors, pretrained, workdir
 from e2_jax.convert.files import ConversionError, export_authors_e2, export_hf, export_open_clip, to_flax
 from e2_jax.convert.layout import describe
+from e2_jax.errors import UserError
 from e2_jax.models.e2 import E2Config
 
 
@@ -89,9 +90,9 @@ def main(argv: list[str] | None = None) -> int:
                 export = export_open_clip if args.format == "open_clip" else export_hf
                 export(config, params, args.out, overwrite=args.overwrite)
             print(f"wrote {args.out} ({args.format})")
-    except (ConversionError, FileNotFoundError, FileExistsError) as e:
+    except (UserError, FileNotFoundError, FileExistsError) as e:  # ConversionError is a UserError
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return errors.EXIT_USAGE
     return 0
 
 

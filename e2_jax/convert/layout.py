@@ -13,13 +13,14 @@ from typing import Any
 import jax
 import numpy as np
 
+from e2_jax.errors import UserError
 from e2_jax.models.clip import CLIPConfig, param_shapes
 from e2_jax.models.e2 import E2Config, init_e2_params
 
 Shape = tuple[int, ...]
 
 
-class ConversionError(ValueError):
+class ConversionError(UserError, ValueError):
     """A checkpoint that cannot be converted; the message names the keys and shapes involved."""
 
 

@@ -10,7 +10,7 @@ are read too). The output is what `amazon_fashion`'s builder reads:
     meta-fashion.json   {asin: {"images": [file, ...], "title": ..., "brand": ...}}
     split.json          {"train": [...], "test": [...]}
     Fashion/<asin>/<asin>_<k>.<jpg|png|...>
-    prepare_report.json what was kept, skipped and why
+    prepare_report.json what was kept, skipped and why (every skipped product named)
 
 Downloads run in a thread pool with a timeout per request and retries with exponential
 backoff on timeouts, connection errors, 429 and 5xx (a 4xx is a dead link at once). Every file
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import collections
 import concurrent.futures
 import dataclasses
 import gzip
@@ -44,6 +45,7 @@ from typing import Any
 from PIL import Image
 from tqdm import tqdm
 
+from e2_jax import errors
 from e2_jax.data.builders.amazon_fashion import IMAGES, META, SPLIT
 from e2_jax.data.builders.images import checked_image
 
@@ -72,22 +74,23 @@ def _parse_line(line: str) -> dict | None:
         return None
 
 
-def read_metadata(path: str | Path, max_images: int, counts: Counter) -> Iterator[Product]:
+def read_metadata(path: str | Path, max_images: int, skipped: dict[str, list[str]]) -> Iterator[Product]:
     """Products of the metadata file (gzip or plain), first occurrence of each ASIN, with a title,
-    a brand and at least one image URL; what is left out is counted in `counts`."""
+    a brand and at least one image URL; what is left out is listed in `skipped` (reason -> the
+    ASINs, or "line N" for a line without one)."""
     opener = gzip.open if str(path).endswith(".gz") else open
     seen: set[str] = set()
     with opener(path, "rt", encoding="utf-8", errors="replace") as f:
-        for line in f:
+        for number, line in enumerate(f, 1):
             if not line.strip():
                 continue
             record = _parse_line(line)
             if record is None or not record.get("asin"):
-                counts["unreadable metadata lines"] += 1
+                skipped["unreadable metadata lines"].append(f"line {number}")
                 continue
             asin = str(record["asin"]).strip()
             if asin in seen:
-                counts["duplicate asin"] += 1
+                skipped["duplicate asin"].append(f"{asin} (line {number})")
                 continue
             seen.add(asin)
             urls = record.get("imageURLHighRes") or record.get("imageURL") or record.get("image") or []
@@ -97,7 +100,7 @@ def read_metadata(path: str | Path, max_images: int, counts: Counter) -> Iterato
                 urls = [record["imUrl"]]
             title, brand = str(record.get("title") or "").strip(), str(record.get("brand") or "").strip()
             if not title or not brand or not urls:
-                counts["no " + ("title" if not title else "brand" if not brand else "image url")] += 1
+                skipped["no " + ("title" if not title else "brand" if not brand else "image url")].append(asin)
                 continue
             yield Product(asin, title, brand, tuple(dict.fromkeys(urls))[:max_images])
 
@@ -168,8 +171,8 @@ def _write_json(path: Path, value: Any) -> None:
 def prepare(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.out)
     (out / IMAGES).mkdir(parents=True, exist_ok=True)
-    counts: Counter = Counter()
-    products = list(read_metadata(args.meta, args.max_images, counts))
+    skipped: dict[str, list[str]] = collections.defaultdict(list)
+    products = list(read_metadata(args.meta, args.max_images, skipped))
     if args.limit:
         products = products[: args.limit]
     dead_file = out / DEAD_LINKS
@@ -202,15 +205,16 @@ def prepare(args: argparse.Namespace) -> dict[str, Any]:
     meta, split = {}, {"train": [], "test": []}
     for p in sorted(products, key=lambda p: p.asin):
         if not files[p.asin]:
-            counts["no image downloaded"] += 1
+            skipped["no image downloaded"].append(p.asin)
             continue
         meta[p.asin] = {"images": [name for _, name in sorted(files[p.asin])], "title": p.title, "brand": p.brand}
         split["test" if is_test(p.asin, args.test_fraction) else "train"].append(p.asin)
     _write_json(out / META, meta)
     _write_json(out / SPLIT, split)
     report = {"products with title, brand and image urls": len(products), "products kept": len(meta),
-              "train": len(split["train"]), "test": len(split["test"]), "skipped": dict(counts),
-              "images": dict(outcomes)}
+              "train": len(split["train"]), "test": len(split["test"]),
+              "skipped": {reason: len(ids) for reason, ids in skipped.items()}, "images": dict(outcomes),
+              "skipped_products": dict(skipped)}  # every product left out, by reason
     _write_json(out / REPORT, report)
     return report
 
@@ -237,4 +241,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    errors.main(main)

@@ -11,11 +11,12 @@ dataset went, its split sizes and what was skipped (also kept in the dataset's m
 from __future__ import annotations
 
 import argparse
-import json
 
 import tensorflow_datasets as tfds
 
+from e2_jax import errors
 from e2_jax.data import builders  # (importing it registers the builders)
+from e2_jax.data.builders.skipped import describe
 
 
 def build(name: str, data_dir: str | None = None, manual_dir: str | None = None) -> tfds.core.DatasetBuilder:
@@ -39,9 +40,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"  {split}: {split_info.num_examples} examples")
     skipped = (info.metadata or {}).get("skipped", {})
     for split, summary in skipped.items():
-        if summary["count"]:
-            print(f"  {split}: skipped {summary['count']}: {json.dumps(summary['by_reason'])}")
+        if summary["products"] or summary["views"]:
+            print(f"  {split}: {describe(summary)} (product ids in {builder.data_dir}/metadata.json)")
 
 
 if __name__ == "__main__":
-    main()
+    errors.main(main)

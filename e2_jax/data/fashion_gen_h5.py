@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Any
 import h5py
 import numpy as np
 
+from e2_jax.errors import DataError
+
 if TYPE_CHECKING:
     from e2_jax.data.builders.skipped import SkippedLog
 
@@ -49,24 +51,34 @@ def decode_text(raw: bytes, encoding: str = "latin-1") -> str:
     raise ValueError(f"text encoding must be one of {TEXT_ENCODINGS}, got {encoding!r}")
 
 
+def open_file(path: str | os.PathLike) -> h5py.File:
+    """`path` opened for reading, or a DataError naming it (a truncated download, another format)."""
+    try:
+        return h5py.File(path, "r")
+    except OSError as error:
+        reason = str(error).split("(", 1)[-1].rstrip(")") if "(" in str(error) else str(error)
+        raise DataError(f"{path} cannot be read as an h5 file ({reason}): a truncated download, or not a "
+                        "FashionGen file. Download it again (docs/data.md).") from None
+
+
 def check_file(f: h5py.File) -> int:
     """Raises if `f` is not a FashionGen file (naming the missing keys, the keys of mismatched
     length, or a wrongly shaped image array); returns the number of rows."""
     missing = [k for k in KEYS if k not in f]
     if missing:
-        raise ValueError(f"{f.filename}: not a FashionGen h5 file: missing keys {missing} "
+        raise DataError(f"{f.filename}: not a FashionGen h5 file: missing keys {missing} "
                          f"(it has {sorted(f.keys())})")
     lengths = {k: f[k].shape[0] for k in KEYS}
     if len(set(lengths.values())) > 1:
         common = max(set(lengths.values()), key=list(lengths.values()).count)
         odd = {k: n for k, n in lengths.items() if n != common}
-        raise ValueError(f"{f.filename}: fields of mismatched length: {odd} (the other fields have {common} rows)")
+        raise DataError(f"{f.filename}: fields of mismatched length: {odd} (the other fields have {common} rows)")
     image = f[IMAGE_KEY]
     if image.ndim != 4 or image.shape[-1] != 3 or image.dtype != np.uint8:
-        raise ValueError(f"{f.filename}: {IMAGE_KEY} must be uint8 [N, H, W, 3], got {image.dtype} {image.shape}")
+        raise DataError(f"{f.filename}: {IMAGE_KEY} must be uint8 [N, H, W, 3], got {image.dtype} {image.shape}")
     for key in (*(f"input_{t}" for t in TEXT_FIELDS), *NUMBER_KEYS):
         if f[key].ndim not in (1, 2) or f[key].size != lengths[key]:
-            raise ValueError(f"{f.filename}: {key} must have shape [N, 1] or [N], got {f[key].shape}")
+            raise DataError(f"{f.filename}: {key} must have shape [N, 1] or [N], got {f[key].shape}")
     return lengths[IMAGE_KEY]
 
 
@@ -98,7 +110,7 @@ def read_products(path: str | os.PathLike, *, encoding: str = "latin-1", chunk_r
     unknown = [r for r in required if r not in TEXT_FIELDS]
     if unknown:
         raise ValueError(f"required fields {unknown} are not FashionGen text fields {TEXT_FIELDS}")
-    with h5py.File(path, "r") as f:
+    with open_file(path) as f:
         n = check_file(f)
         ids = _column(f["input_productID"][:]).astype(np.int64)
         groups = _product_groups(ids)
@@ -124,9 +136,9 @@ def _product(columns: dict[str, np.ndarray], rows: np.ndarray, encoding: str, re
              skipped: SkippedLog | None, split: str) -> dict[str, Any] | None:
     product_id = int(columns["input_productID"][0])
 
-    def skip(reason: str) -> None:
+    def skip(reason: str, view: str | None = None) -> None:
         if skipped is not None:
-            skipped.add(split, product_id, reason)
+            skipped.add(split, product_id, reason, view)
 
     texts = {t: decode_text(bytes(columns[f"input_{t}"][0]), encoding) for t in TEXT_FIELDS}
     empty = [r for r in required if not texts[r].strip()]
@@ -137,7 +149,7 @@ def _product(columns: dict[str, np.ndarray], rows: np.ndarray, encoding: str, re
     for i, row in enumerate(rows):
         image = columns[IMAGE_KEY][i]
         if image.min() == image.max():
-            skip(f"blank image (row {row})")
+            skip(f"blank image (row {row})", view=f"row {row}")
             continue
         images.append(image)
         poses.append(decode_text(bytes(columns["input_pose"][i]), encoding))

@@ -199,7 +199,7 @@ def _format_text(text_format: str, fields: dict[str, tf.Tensor]) -> tf.Tensor:
     parts = []
     for literal, name, spec, conversion in string.Formatter().parse(text_format):
         if spec or conversion:
-            raise ValueError(f"text format {text_format!r}: only plain {{field}} names are supported")
+            raise ConfigError(f"text format {text_format!r}: only plain {{field}} names are supported")
         if literal:
             parts.append(tf.constant(literal))
         if name:
@@ -236,7 +236,7 @@ def _dataset(source: Source, pre: Preprocessing, batches: Iterator[tuple[np.ndar
     known = [k for k, f in source.features.items() if isinstance(f, tfds.features.Text)]
     unknown = [f for f in fields if f not in known]
     if unknown:
-        raise ValueError(f"{source.name}: no text field {unknown} for the text format / tags; it has {known}")
+        raise ConfigError(f"{source.name}: no text field {unknown} for the text format / tags; it has {known}")
     spec = {k: v for k, v in source.features.tf_example_spec.items() if k in ("images", *fields)}
 
     def generate():

@@ -16,8 +16,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import signal
-import threading
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -35,7 +33,7 @@ from e2_jax.evaluation import evaluate
 from e2_jax.metrics import Progress, Writer, peak_flops, step_flops
 from e2_jax.models.e2 import Group
 from e2_jax.spec import RunSpec, Stage, resolve
-from e2_jax.training import step
+from e2_jax.training import preemption, step
 
 if TYPE_CHECKING:
     import ml_collections
@@ -102,42 +100,44 @@ def run(config: ml_collections.ConfigDict, directory: str | os.PathLike, validat
     retrieval on the evaluation split every `eval.every_steps`, keeping each stage's best).
     Returns where things are, the last validation and `complete=True` if the run had already
     finished (nothing trained)."""
-    preemption = _Preemption()  # first: a SIGTERM from now on ends the run with a checkpoint
+    notices = _Preemption()  # first: a SIGTERM from now on ends the run with a checkpoint
     try:
-        spec, data = prepare(config, validate, directory)
-        workdir.write_start(directory, config, spec.clip, spec.e2)
-        checkpoints = Checkpoints(storage.path(directory), config.checkpoint.keep)
+        with preemption.nothing_to_save("start-up"):
+            spec, data = prepare(config, validate, directory)
+            workdir.write_start(directory, config, spec.clip, spec.e2)
+            checkpoints = Checkpoints(storage.path(directory), config.checkpoint.keep)
         try:
             if checkpoints.latest_step() == spec.stages[-1].end:
                 logging.info("training in %s is complete", directory)
                 return {"workdir": str(directory), "complete": True}
-            return _train(spec, data, checkpoints, preemption, hooks or Hooks())
+            return _train(spec, data, checkpoints, notices, hooks or Hooks())
         finally:
             checkpoints.wait()
             checkpoints.close()
     finally:
-        preemption.close()
+        notices.close()
 
 
-def _train(spec: RunSpec, data: Data, checkpoints: Checkpoints, preemption: _Preemption,
+def _train(spec: RunSpec, data: Data, checkpoints: Checkpoints, notices: _Preemption,
            hooks: Hooks) -> dict[str, Any]:
     stages = spec.stages
     latest = checkpoints.latest_step()
     start = latest or 0
-    writer, progress = Writer(checkpoints.workdir), Progress(stages[-1].end, start)
+    writer, progress = Writer(checkpoints.workdir, resume_step=start), Progress(stages[-1].end, start)
     result: dict[str, Any] = {"workdir": str(checkpoints.workdir)}
     params = None
     embed = evaluate.make_embed(spec) if data.eval is not None else None  # compiled once for every stage
     try:
         for index in range(spec.stage_at(start), len(stages)):
-            program = step.build_stage(spec, stages[index], wrap=hooks.wrap_step)
-            if latest is not None and program.stage.start < latest:
-                state = checkpoints.restore(latest, program.abstract_state)
-                logging.info("resumed from %s (step %d, stage %s)", checkpoints.path(latest), latest,
-                             program.stage.name)
-            else:
-                state = program.new_state(_stage_start_params(spec, checkpoints, index, params, latest))
-            outcome = _Loop(spec, data, program, checkpoints, writer, progress, preemption, hooks, embed).run(
+            with preemption.nothing_to_save(f"the start of stage {stages[index].name}"):
+                program = step.build_stage(spec, stages[index], wrap=hooks.wrap_step)
+                if latest is not None and program.stage.start < latest:
+                    state = checkpoints.restore(latest, program.abstract_state)
+                    logging.info("resumed from %s (step %d, stage %s)", checkpoints.path(latest), latest,
+                                 program.stage.name)
+                else:
+                    state = program.new_state(_stage_start_params(spec, checkpoints, index, params, latest))
+            outcome = _Loop(spec, data, program, checkpoints, writer, progress, notices, hooks, embed).run(
                 state, final=index == len(stages) - 1)
             result.update(outcome)
             if outcome.get("preempted"):
@@ -252,9 +252,9 @@ class _Loop:
     """One stage's steps: batches in, the compiled step, metrics, checkpoints, validation."""
 
     def __init__(self, spec: RunSpec, data: Data, program: step.StageProgram, checkpoints: Checkpoints,
-                 writer: Writer, progress: Progress, preemption: _Preemption, hooks: Hooks, embed) -> None:
+                 writer: Writer, progress: Progress, notices: _Preemption, hooks: Hooks, embed) -> None:
         self.spec, self.data, self.program, self.checkpoints = spec, data, program, checkpoints
-        self.writer, self.progress, self.preemption, self.hooks = writer, progress, preemption, hooks
+        self.writer, self.progress, self.notices, self.hooks = writer, progress, notices, hooks
         self.embed = embed  # evaluate.make_embed's jitted functions, or None: no validation
         self.eval_every = spec.config.eval.every_steps or max(1, round(spec.steps_per_epoch))
 
@@ -269,8 +269,9 @@ class _Loop:
             progress.write(f"stage {stage.name}: steps {stage.start}-{stage.end}, {trainable:,} trainable parameters, "
                            f"{jax.device_count()} devices, mesh {dict(self.spec.mesh.shape)}")
             steps = _StepVariants(self.program.step, stage, progress)
-            batch = next(batches)
-            compiled, flops = steps.get(state, batch)
+            with preemption.nothing_to_save(f"the start of stage {stage.name} (compiling its step)"):
+                batch = next(batches)
+                compiled, flops = steps.get(state, batch)
             reporter, outcome, saved = _Reporter(self.spec, self.writer, progress, checkpoints), {}, None
             for index in range(first, stage.end):
                 if index > first:
@@ -295,7 +296,7 @@ class _Loop:
                     outcome["eval"] = self.validate(done, state)
                 # Asked at every step by every process (a collective); after the run's last step
                 # there is nothing left to save for.
-                if self.preemption.reached(done) and not (final and done == stage.end):
+                if self.notices.reached(done) and not (final and done == stage.end):
                     reporter.flush()
                     if saved != done:
                         checkpoints.save(done, state)
@@ -320,25 +321,21 @@ class _Loop:
 
 
 class _Preemption:
-    """SIGTERM sets a flag (one process); several processes agree on the step through JAX's
-    preemption sync point (jax.distributed's own SIGTERM notifier). `reached` must be asked
-    after every step, by every process, stage ends included: the sync point is a collective
-    decision, and a notice that lands on a step where it is not asked is acted on late."""
+    """Whether a preemption notice asks the run to stop after `step`. One process: a SIGTERM
+    (e2_jax.training.preemption; where nothing would be lost it exits at once). Several
+    processes agree on the step through JAX's preemption sync point (jax.distributed's own
+    SIGTERM notifier). `reached` must be asked after every step, by every process, stage ends
+    included: the sync point is a collective decision, and a notice that lands on a step where
+    it is not asked is acted on late."""
 
     def __init__(self) -> None:
-        self.requested = False
-        self._previous = None
-        if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        self.requested = True
+        self._installed = jax.process_count() == 1 and preemption.install()
 
     def reached(self, step: int) -> bool:
         if jax.process_count() > 1:
             return multihost_utils.reached_preemption_sync_point(step)
-        return self.requested
+        return preemption.requested()
 
     def close(self) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        if self._installed:
+            preemption.uninstall()

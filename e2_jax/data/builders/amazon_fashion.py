@@ -25,12 +25,24 @@ import tensorflow_datasets as tfds
 
 from e2_jax.data.builders.images import checked_image
 from e2_jax.data.builders.skipped import SkippedLog
+from e2_jax.errors import DataError, MissingError
 
 META, SPLIT, IMAGES = "meta-fashion.json", "split.json", "Fashion"
 SPLITS = ("train", "test")
 HOW_TO_GET = ("Make it with `python -m e2_jax.data.amazon_prepare --meta meta_AMAZON_FASHION.json.gz --out DIR` "
               "from the AMAZON_FASHION metadata of the Amazon Review Data (2018), "
               "https://nijianmo.github.io/amazon/ (or use the E² authors' copy of the layout)")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as error:
+        raise DataError(f"{path} is not readable JSON ({error}); write it again (python -m "
+                        "e2_jax.data.amazon_prepare, docs/data.md)") from None
+    if not isinstance(value, dict):
+        raise DataError(f"{path} holds a JSON {type(value).__name__}, not an object")
+    return value
 
 
 class AmazonFashion(tfds.core.GeneratorBasedBuilder):
@@ -56,14 +68,13 @@ class AmazonFashion(tfds.core.GeneratorBasedBuilder):
         root = Path(dl_manager.manual_dir)
         for name in (META, SPLIT, IMAGES):
             if not (root / name).exists():
-                raise FileNotFoundError(f"AmazonFashion: {root / name} not found. It belongs in the manual directory "
+                raise MissingError(f"AmazonFashion: {root / name} not found. It belongs in the manual directory "
                                         f"({root}; set it with --manual-dir) next to {META}, {SPLIT} and "
                                         f"{IMAGES}/. {HOW_TO_GET}.")
-        meta = json.loads((root / META).read_text())
-        split = json.loads((root / SPLIT).read_text())
+        meta, split = _read_json(root / META), _read_json(root / SPLIT)
         missing = [s for s in SPLITS if s not in split]
         if missing:
-            raise ValueError(f"{root / SPLIT} has no {missing} list (it has {sorted(split)})")
+            raise DataError(f"{root / SPLIT} has no {missing} list (it has {sorted(split)})")
         self._skipped = SkippedLog("amazon_fashion")
         return {s: self._generate_examples(root, meta, split[s], s) for s in SPLITS}
 
@@ -77,7 +88,7 @@ class AmazonFashion(tfds.core.GeneratorBasedBuilder):
 
     def _example(self, root: Path, meta: dict, asin: str, split: str) -> dict[str, Any] | None:
         """The product's example, or None (reported to the skipped log) if it has to be left out."""
-        skip = lambda reason: self._skipped.add(split, asin, reason)
+        skip = lambda reason, view=None: self._skipped.add(split, asin, reason, view)
         item = meta.get(asin)
         if item is None:
             skip(f"not in {META}")
@@ -90,12 +101,12 @@ class AmazonFashion(tfds.core.GeneratorBasedBuilder):
         for name in item.get("images", []):
             path = root / IMAGES / asin / name
             if not path.is_file():
-                skip(f"missing image ({path.name})")
+                skip(f"missing image ({path.name})", view=path.name)
                 continue
             try:
                 images.append(checked_image(path.read_bytes()))
             except ValueError as error:
-                skip(f"undecodable image ({path.name}: {error})")
+                skip(f"undecodable image ({path.name}: {error})", view=path.name)
         if not images:
             skip("no usable image")
             return None

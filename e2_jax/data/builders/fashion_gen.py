@@ -28,6 +28,7 @@ import tensorflow_datasets as tfds
 from e2_jax.data import fashion_gen_h5
 from e2_jax.data.builders.images import png
 from e2_jax.data.builders.skipped import SkippedLog
+from e2_jax.errors import MissingError
 
 SOURCE = ("FashionGen (Rostamzadeh et al., 2018): request access at https://fashion-gen.com/ (the files "
           "are also distributed through the FashionBERT / Kaleido-BERT dataset pages)")
@@ -78,7 +79,10 @@ class FashionGen(tfds.core.GeneratorBasedBuilder):
         paths = {split: manual / fashion_gen_h5.file_name(split) for split in SPLITS}
         for split, path in paths.items():
             if not path.is_file():
-                raise FileNotFoundError(missing_file_message(path, split))
+                raise MissingError(missing_file_message(path, split))
+        for path in paths.values():  # every file whole and FashionGen's before any split is written
+            with fashion_gen_h5.open_file(path) as f:
+                fashion_gen_h5.check_file(f)
         self._skipped = SkippedLog("fashion_gen")
         return {split: self._generate_examples(path, split) for split, path in paths.items()}
 

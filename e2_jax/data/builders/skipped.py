@@ -4,13 +4,19 @@ Every builder records each skipped product or view here (split, product id, reas
 counts are logged when a split is done and stored in the dataset's `metadata.json`
 (`builder.info.metadata["skipped"]`), so they stay with the data:
 
-    {"train": {"count": 2, "by_reason": {"blank image": 1, ...},
-               "examples": [{"product": "12345", "reason": "blank image (row 17)"}, ...]}}
+    {"train": {"products": 1, "views": 1, "by_reason": {"blank image": 1, "empty description": 1},
+               "product_ids": ["12346"],   (every product left out)
+               "examples": [{"product": "12345", "reason": "blank image (row 17)", "view": "row 17"},
+                            {"product": "12346", "reason": "empty description (row 18)"}, ...]}}
+
+A product is left out (counted in `products`, named in `product_ids`), or one of its views is
+dropped and the product kept (counted in `views`, the view named).
 """
 
 from __future__ import annotations
 
 import collections
+import json
 from typing import Any
 
 from absl import logging
@@ -21,28 +27,44 @@ MAX_LISTED = 1000  # entries listed per split in metadata.json; the counts are a
 class SkippedLog:
     def __init__(self, dataset: str) -> None:
         self.dataset = dataset
-        self._entries: dict[str, list[tuple[str, str]]] = collections.defaultdict(list)
+        self._entries: dict[str, list[tuple[str, str, str | None]]] = collections.defaultdict(list)
 
-    def add(self, split: str, product: Any, reason: str) -> None:
+    def add(self, split: str, product: Any, reason: str, view: str | None = None) -> None:
+        """A product left out, or (`view` names it) one view of a product that is kept."""
         entries = self._entries[split]
         if len(entries) < 20:  # the first few in the log as they happen; all in the summary
-            logging.warning("%s/%s: skipped product %s: %s", self.dataset, split, product, reason)
-        entries.append((str(product), reason))
+            if view is None:
+                logging.warning("%s/%s: skipped product %s: %s", self.dataset, split, product, reason)
+            else:
+                logging.warning("%s/%s: dropped view %s of product %s: %s", self.dataset, split, view, product,
+                                reason)
+        entries.append((str(product), reason, view))
 
     def count(self, split: str) -> int:
-        return len(self._entries[split])
+        """Products left out of `split`."""
+        return sum(view is None for _, _, view in self._entries[split])
 
     def summary(self, split: str) -> dict[str, Any]:
         entries = self._entries[split]
         # "blank image (row 17)" and "blank image (row 90)" are one reason.
-        by_reason = collections.Counter(reason.split(" (")[0] for _, reason in entries)
-        return {"count": len(entries), "by_reason": dict(by_reason),
-                "examples": [{"product": p, "reason": r} for p, r in entries[:MAX_LISTED]]}
+        by_reason = collections.Counter(reason.split(" (")[0] for _, reason, _ in entries)
+        return {"products": self.count(split), "views": sum(view is not None for _, _, view in entries),
+                "by_reason": dict(by_reason),
+                "product_ids": [p for p, _, view in entries if view is None],  # every one
+                "examples": [{"product": p, "reason": r, **({"view": v} if v is not None else {})}
+                             for p, r, v in entries[:MAX_LISTED]]}
 
     def finish(self, split: str, metadata: dict) -> None:
-        """Logs the split's count and stores its summary in the builder's metadata."""
+        """Logs the split's counts and stores its summary in the builder's metadata."""
         summary = self.summary(split)
-        if summary["count"]:
-            logging.warning("%s/%s: skipped %d: %s (listed in metadata.json)", self.dataset, split,
-                            summary["count"], summary["by_reason"])
+        if summary["products"] or summary["views"]:
+            logging.warning("%s/%s: skipped %d products and %d views of kept products: %s (listed in "
+                            "metadata.json)", self.dataset, split, summary["products"], summary["views"],
+                            summary["by_reason"])
         metadata.setdefault("skipped", {})[split] = summary
+
+
+def describe(summary: dict[str, Any]) -> str:
+    """'2 products and 3 views of kept products skipped: {...}' for a split's summary."""
+    return (f"{summary['products']} products and {summary['views']} views of kept products skipped: "
+            f"{json.dumps(summary['by_reason'])}")
