@@ -121,6 +121,7 @@ def base() -> ml_collections.ConfigDict:
         "sample_field": "subcategory",  # sample-100's negatives share it; "" = any product
         "sample_queries": 1000,
         "sample_negatives": 100,
+        "sample_draw": "ours",  # "authors": every product a query, no top-up (their code; docs/evaluation.md)
         "seed": 0,
         "selection_maps": 16,  # --mode=evaluate draws this many validation products' selection maps (E²)
     })

@@ -51,9 +51,13 @@ PROTOCOL_TEXT = {
     "full_candidate": "one image (the first view) and one text per product, all against all (the authors')",
     "full_gallery": "every image of every product against one text per product; for text->image any view of the "
                     "product counts (FashionSAP's)",
-    "sample_100": "{queries} query products, each against {negatives} negatives of the same {field} (topped up "
-                  "from others when too few), a random view as each product's image (FashionBERT/FashionSAP's)",
+    "sample_100/ours": "{queries} query products, each against {negatives} negatives of the same {field} (topped "
+                       "up from others when too few), a random view as each product's image "
+                       "(FashionBERT/FashionSAP's)",
+    "sample_100/authors": "every product a query, each against at most {negatives} negatives of the same {field} "
+                          "(no top-up), a random view as each product's image (the E² authors' code)",
 }
+SAMPLE_DRAWS = ("ours", "authors")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +70,7 @@ class Protocols:
     sample_queries: int = 1000
     sample_negatives: int = 100
     seed: int = 0
+    sample_draw: str = "ours"  # "authors": the E² authors' draw (retrieval.sample_100_candidates_authors)
 
     def __post_init__(self) -> None:
         unknown = [p for p in self.protocols if p not in PROTOCOLS]
@@ -73,10 +78,14 @@ class Protocols:
             raise ConfigError(f"unknown evaluation protocols {unknown}; known: {PROTOCOLS}")
         if not self.texts:
             raise ConfigError("no evaluation texts")
+        if self.sample_draw not in SAMPLE_DRAWS:
+            raise ConfigError(f"eval.sample_draw must be one of {SAMPLE_DRAWS}, got {self.sample_draw!r}")
 
     def describe(self) -> dict[str, str]:
+        """What each protocol does, as configured (the report says what ran: evaluate.retrieval_report)."""
         field = self.sample_field or "any category"
-        return {p: PROTOCOL_TEXT[p].format(queries=self.sample_queries, negatives=self.sample_negatives, field=field)
+        text = dict(PROTOCOL_TEXT, sample_100=PROTOCOL_TEXT[f"sample_100/{self.sample_draw}"])
+        return {p: text[p].format(queries=self.sample_queries, negatives=self.sample_negatives, field=field)
                 for p in self.protocols}
 
     def fields(self) -> list[str]:
@@ -189,7 +198,8 @@ def protocols(config: ml_collections.ConfigDict, validation: bool = False) -> Pr
     if unknown:
         raise ConfigError(f"eval.texts: unknown {unknown}; known: {sorted(formats)}")
     return Protocols(tuple(config.eval.protocols), {t: formats[t] for t in config.eval.texts}, config.eval.sample_field,
-                     config.eval.sample_queries, config.eval.sample_negatives, config.eval.seed)
+                     config.eval.sample_queries, config.eval.sample_negatives, config.eval.seed,
+                     config.eval.sample_draw)
 
 
 def _stages(config: ml_collections.ConfigDict, steps_per_epoch: float) -> tuple[Stage, ...]:

@@ -228,7 +228,9 @@ def test_captioning_command_end_to_end(synth_tiny, trained_tiny, tmp_path):
     images.mkdir()
     for i in range(3):
         Image.fromarray(np.full((40, 40, 3), 60 * i, np.uint8)).save(images / f"{i}.png")
-    _command(*flags, "--mode=caption", f"--images={images}", f"--out={tmp_path / 'caps.jsonl'}")
+    (images / "notes.jpg").write_text("not an image")  # skipped and named; the others captioned
+    output = _command(*flags, "--mode=caption", f"--images={images}", f"--out={tmp_path / 'caps.jsonl'}")
+    assert "captioned 3 images; skipped 1 unreadable" in output and f"skipped {images / 'notes.jpg'}" in output
     caps = [json.loads(line) for line in (tmp_path / "caps.jsonl").read_text().splitlines()]
     assert [Path(c["image"]).name for c in caps] == ["0.png", "1.png", "2.png"]
     assert all(isinstance(c["caption"], str) for c in caps)

@@ -87,7 +87,9 @@ def test_a_resume_may_change_only_where_and_how_often(synth_tiny, trained_tiny):
     longer = tiny_config(synth_tiny, **{"optim.grad_clip": 1.0, "finetune.steps": 9, "eval.every_steps": 2,
                                         "checkpoint.keep": 5, "mesh": (("data", 1),), "accum_steps": 2})
     assert workdir.config_changes(directory, longer) == {}
-    other = tiny_config(synth_tiny, **{"optim.grad_clip": 1.0, "warmup.steps": 4, "finetune.lr": 1e-3})
-    assert workdir.config_changes(directory, other) == {"finetune.lr": (5e-5, 1e-3), "warmup.steps": (3, 4)}
-    with pytest.raises(ValueError, match=r"resuming it would change finetune.lr: 5e-05 -> 0.001; warmup.steps: 3 -> 4"):
+    assert workdir.config_changes(directory, tiny_config(synth_tiny, **{"finetune.lr": 1e-6, "optim.grad_clip": 1.0}
+                                                         )) == {}  # after a divergence
+    other = tiny_config(synth_tiny, **{"optim.grad_clip": 0.5, "warmup.steps": 4})
+    assert workdir.config_changes(directory, other) == {"optim.grad_clip": (1.0, 0.5), "warmup.steps": (3, 4)}
+    with pytest.raises(ValueError, match=r"resuming it would change optim.grad_clip: 1.0 -> 0.5; warmup.steps: 3 -> 4"):
         workdir.check_start(directory, other, *workdir.model_configs(directory))

@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 
 from e2_jax import config as recipes
+from e2_jax.data import pipeline
 from e2_jax.evaluation import evaluate, retrieval
 from tests.processes import run_workers
 
@@ -27,7 +28,17 @@ def test_every_protocol_on_one_and_two_processes(synth_tiny, tmp_path):
     first, second = run_workers(WORKER, 2, synth_tiny, tmp_path)
     assert alone["devices"] == 1 and first["devices"] == second["devices"] == 2
     report = alone["report"]
-    assert report["counts"] == {"products": 16, "images": 48, "sample_100_queries": 16}
+    # The report says what ran: 16 queries (of 1,000 asked), and how many had to be topped up
+    # (those whose sub-category has fewer than 8 other products).
+    subcategory = pipeline.Source("synth_fashion/tiny", "validation", synth_tiny).scan(["subcategory"])["subcategory"]
+    sizes = {c: int(np.sum(subcategory == c)) for c in subcategory}
+    short = sum(sizes[c] - 1 < 8 for c in subcategory)
+    assert short > 0  # SynthFashion/tiny: every sub-category is small
+    assert report["counts"] == {"products": 16, "images": 48, "sample_100_queries": 16,
+                                "sample_100_topped_up": short, "sample_100_short": 0}
+    assert report["protocols"]["sample_100"].startswith(
+        f"16 query products (of 1,000 asked: the split has 16 products), each against 8 negatives of the same "
+        f"subcategory; {short} of them topped up")
     keys = {f"{p}/{t}/{m}" for p in evaluate.PROTOCOLS for t in ("tags", "description")
             for m in ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "sumr")}
     assert set(report["metrics"]) == keys

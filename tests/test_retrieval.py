@@ -114,3 +114,34 @@ def test_sample_100_equals_brute_force():
     got = retrieval.sample_100(image, text, c)
     assert got == retrieval.recall_at({"i2t": np.array(i2t), "t2i": np.array(t2i)})
     assert 0 < got["i2t_r1"] < 100
+
+
+def _authors_draw(category: np.ndarray, negatives: int, seed: int) -> list[list[int]]:
+    """The E² authors' sample-100 draw as their code describes it, written out plainly: every
+    product in turn is a query; its negatives are at most `negatives` other products of its
+    category, without replacement, never topped up."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for q in range(len(category)):
+        same = [j for j in range(len(category)) if category[j] == category[q] and j != q]
+        take = min(negatives, len(same))
+        rows.append([q, *(int(j) for j in rng.choice(np.array(same, np.int64), size=take, replace=False))])
+    return rows
+
+
+def test_the_authors_draw_and_its_metrics():
+    category = _categories(400)
+    image, text = _embeddings(400, noise=1.5)
+    c = retrieval.sample_100_candidates_authors(category, negatives=100, seed=3)
+    want = _authors_draw(category, 100, 3)
+    assert c.shape == (400, 101) and [[int(x) for x in row if x >= 0] for row in c] == want
+    assert retrieval.topped_up(category, c) == 0  # never topped up
+    small = [row for row in want if len(row) < 101]
+    assert small and int((c[:, -1] < 0).sum()) == len(small)  # rows of small categories are shorter
+    i, t = l2_normalize(image).astype(np.float64), l2_normalize(text).astype(np.float64)
+    i2t = [sum(i[r[0]] @ t[j] > i[r[0]] @ t[r[0]] for j in r[1:]) for r in want]
+    t2i = [sum(t[r[0]] @ i[j] > t[r[0]] @ i[r[0]] for j in r[1:]) for r in want]
+    assert retrieval.sample_100(image, text, c) == retrieval.recall_at({"i2t": np.array(i2t), "t2i": np.array(t2i)})
+    # Ours tops those rows up from other categories: harder, and the count says how many.
+    ours = retrieval.sample_100_candidates(category, queries=400, seed=3)
+    assert retrieval.topped_up(category, ours) == sum(np.sum(category == category[q]) - 1 < 100 for q in ours[:, 0])

@@ -2,6 +2,7 @@
 GradCache accumulation, NaN stop, and the errors raised before anything compiles."""
 
 import json
+import re
 from pathlib import Path
 
 import jax
@@ -69,7 +70,8 @@ def test_two_stage_run_writes_everything(synth_tiny, trained_tiny):
     evaluated = main.run(tiny_config(synth_tiny, **{"eval.sample_negatives": 8}), workdir, mode="evaluate")
     report = json.loads((workdir / "eval" / "report.json").read_text())
     assert report["metrics"] == evaluated["report"]["metrics"] and len(report["metrics"]) == 3 * 2 * 7
-    assert "best finetune parameters" in report["checkpoint"]
+    assert re.fullmatch(r"the best finetune parameters \(step [456], validation SumR [\d.]+\) in .*",
+                        report["checkpoint"])
     table = (workdir / "eval" / "report.md").read_text()
     assert table.count("| full_gallery | ") == 2 and "| sample_100 | description |" in table
     assert len(list((workdir / "eval" / "selection_maps").glob("validation_*_selection.png"))) == 16

@@ -106,15 +106,39 @@ def retrieval_report(source: pipeline.Source, pre: Preprocessing, protocols: Pro
                 result = retrieval.full_gallery(image, image_product, text)
             else:
                 category = scan[protocols.sample_field] if protocols.sample_field else np.zeros(n, np.int64)
-                candidates = retrieval.sample_100_candidates(category, queries=protocols.sample_queries,
-                                                             negatives=protocols.sample_negatives, seed=protocols.seed)
+                if protocols.sample_draw == "authors":
+                    candidates = retrieval.sample_100_candidates_authors(category, negatives=protocols.sample_negatives,
+                                                                         seed=protocols.seed)
+                else:
+                    candidates = retrieval.sample_100_candidates(category, queries=protocols.sample_queries,
+                                                                 negatives=protocols.sample_negatives,
+                                                                 seed=protocols.seed)
                 chosen = sampled_views(views, protocols.seed)
                 sampled = image[[row[(i, int(v))] for i, v in enumerate(chosen)]]
                 result = retrieval.sample_100(sampled, text, candidates)
                 counts["sample_100_queries"] = len(candidates)
+                counts["sample_100_topped_up"] = retrieval.topped_up(category, candidates)
+                counts["sample_100_short"] = int((candidates[:, -1] < 0).sum())  # fewer negatives (authors' draw)
             metrics.update({f"{protocol}/{name}/{k}": v for k, v in result.items()})
-    return {"metrics": metrics, "counts": counts, "protocols": protocols.describe(),
-            "texts": dict(protocols.texts)}
+    described = protocols.describe()
+    if "sample_100" in protocols.protocols:
+        described["sample_100"] = _sample_100_ran(protocols, counts)
+    return {"metrics": metrics, "counts": counts, "protocols": described, "texts": dict(protocols.texts)}
+
+
+def _sample_100_ran(protocols: Protocols, counts: dict[str, int]) -> str:
+    """What sample-100 did on this split, from what ran (not what was asked)."""
+    field = protocols.sample_field or "any category"
+    queries, products = counts["sample_100_queries"], counts["products"]
+    if protocols.sample_draw == "authors":
+        return (f"every product ({queries:,}) a query, each against at most {protocols.sample_negatives} negatives "
+                f"of the same {field}, no top-up ({counts['sample_100_short']:,} queries had fewer); a random view "
+                "as each product's image (the E² authors' draw)")
+    asked = "" if queries == protocols.sample_queries else f" (of {protocols.sample_queries:,} asked: the split " \
+                                                           f"has {products:,} products)"
+    return (f"{queries:,} query products{asked}, each against {protocols.sample_negatives} negatives of the same "
+            f"{field}; {counts['sample_100_topped_up']:,} of them topped up from other values of {field} (too few "
+            "products of their own); a random view as each product's image (FashionBERT/FashionSAP's)")
 
 
 def markdown_table(metrics: dict[str, float]) -> str:

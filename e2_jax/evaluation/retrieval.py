@@ -12,7 +12,8 @@ higher than its correct one: ties count in the query's favour.
   candidates against it).
 - `sample_100(...)`: 1,000 query products, each against 100 negative products of the same
   sub-category (topped up from other sub-categories when too few); `sample_100_candidates`
-  draws the candidate lists from a seed.
+  draws the candidate lists from a seed, `sample_100_candidates_authors` as the E² authors'
+  code does (every product a query, no top-up; docs/evaluation.md says what differs).
 
 Full protocols never hold the [queries, candidates] matrix: similarities are computed in
 [tile, tile] blocks on the local devices (rows split over them), and only counts are kept. The
@@ -201,13 +202,40 @@ def sample_100_candidates(category: np.ndarray, *, queries: int = 1000, negative
     return out
 
 
+def sample_100_candidates_authors(category: np.ndarray, *, negatives: int = 100, seed: int = 0) -> np.ndarray:
+    """The E² authors' draw (their released evaluation code), for comparing with numbers it
+    produced: every product is a query, in order; its negatives are at most `negatives` other
+    products of its category, drawn at random without replacement and never topped up from
+    other categories. [N, 1 + negatives], -1 after the last negative of a row that has fewer
+    (a small category: fewer candidates, so higher recall than our draw)."""
+    category = np.asarray(category)
+    rng = np.random.default_rng(seed)
+    members = {c: np.flatnonzero(category == c) for c in np.unique(category)}
+    out = np.full((len(category), negatives + 1), -1, np.int64)
+    for q in range(len(category)):
+        same = members[category[q]]
+        same = same[same != q]
+        chosen = rng.choice(same, size=min(negatives, len(same)), replace=False)
+        out[q, 0], out[q, 1 : 1 + len(chosen)] = q, chosen
+    return out
+
+
+def topped_up(category: np.ndarray, candidates: np.ndarray) -> int:
+    """How many rows of `candidates` hold a negative of another category than their query's."""
+    category = np.asarray(category)
+    negatives = candidates[:, 1:]
+    other = (category[np.maximum(negatives, 0)] != category[candidates[:, :1]]) & (negatives >= 0)
+    return int(other.any(axis=1).sum())
+
+
 def sample_100(image: np.ndarray, text: np.ndarray, candidates: np.ndarray) -> dict[str, float]:
     """`image`, `text`: one per product (image = the product's sampled view). Each row of
-    `candidates` ([Q, 101], query product first) is one image query against those products'
-    texts, and one text query against their images."""
+    `candidates` ([Q, 101], query product first; -1: no candidate) is one image query against
+    those products' texts, and one text query against their images."""
     image = l2_normalize(np.asarray(image, np.float32)).astype(np.float64)
     text = l2_normalize(np.asarray(text, np.float32)).astype(np.float64)
-    query = candidates[:, 0]
-    i2t = np.einsum("qd,qcd->qc", image[query], text[candidates])
-    t2i = np.einsum("qd,qcd->qc", text[query], image[candidates])
-    return recall_at({d: (s[:, 1:] > s[:, :1]).sum(1) for d, s in (("i2t", i2t), ("t2i", t2i))})
+    query, present = candidates[:, 0], candidates[:, 1:] >= 0
+    held = np.maximum(candidates, 0)
+    i2t = np.einsum("qd,qcd->qc", image[query], text[held])
+    t2i = np.einsum("qd,qcd->qc", text[query], image[held])
+    return recall_at({d: ((s[:, 1:] > s[:, :1]) & present).sum(1) for d, s in (("i2t", i2t), ("t2i", t2i))})

@@ -207,7 +207,7 @@ class _Reporter:
             self.checkpoints.wait()
             good = self.checkpoints.latest_step()
             where = (f"the last good checkpoint is {self.checkpoints.path(good)} (step {good}); run the same command "
-                     "again to resume from it (lower the learning rate or clip the gradients if it diverges again)"
+                     "again to resume from it (if it diverges again, lower the stage's --config.<stage>.lr)"
                      if good is not None else "no checkpoint was saved before it")
             found = "; ".join(f"{name} is {values[name]}" for name in bad)
             raise TrainingError(f"{found} at step {step}; stopping. {where}.")
