@@ -45,18 +45,15 @@ def _handle(signum, frame) -> None:
 
 def _watch(read_fd: int) -> None:
     global _requested
-    while True:
-        try:
-            data = os.read(read_fd, 64)
-        except OSError:
-            return  # uninstalled: the pipe is closed
-        if not data:
-            return
-        if signal.SIGTERM in data:
-            with _lock:
-                _requested = True
-                if _safe_where is not None:
-                    _exit_now(_safe_where)
+    try:
+        while data := os.read(read_fd, 64):  # b"": uninstalled (the write end is closed)
+            if signal.SIGTERM in data:
+                with _lock:
+                    _requested = True
+                    if _safe_where is not None:
+                        _exit_now(_safe_where)
+    finally:
+        os.close(read_fd)  # here, not in uninstall: the number is never read after it is reused
 
 
 def install() -> bool:
@@ -81,8 +78,8 @@ def uninstall() -> None:
         return
     signal.set_wakeup_fd(-1)
     signal.signal(signal.SIGTERM, _previous)
-    for fd in _pipe or ():
-        os.close(fd)
+    if _pipe is not None:
+        os.close(_pipe[1])  # the watcher reads the end of the pipe and closes its read end
     _pipe, _installed, _requested = None, False, False
 
 
