@@ -103,11 +103,12 @@ def parse_flags(argv: list[str]) -> list[str]:
         override = next((arg.split("=")[0] for arg in argv[1:] if arg.startswith("--config.")
                          and arg.split("=")[0].rsplit(".", 1)[-1] in str(error)), None)
         fail(f"{override + ': ' if override else ''}{_message(error)}", error)
+    config_flag = getattr(config_flags.config_flags, "_ConfigFlag", ())  # ml_collections' own class
     for name in flags.FLAGS:
         holder = flags.FLAGS[name]
-        if isinstance(holder, config_flags.config_flags._ConfigFlag) and holder.present:
+        if isinstance(holder, config_flag) and holder.present:
             try:
-                holder.value.keys()  # a config file that could not be loaded raises on any access
+                getattr(holder.value, "_loaded", None)  # a config file that failed to load raises OSError here
             except OSError as error:
                 path = config_flags.get_config_filename(holder)
                 missing = not os.path.exists(path)

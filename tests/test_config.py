@@ -61,7 +61,8 @@ def test_group_entries_are_checked():
 def test_config_arguments_are_typed():
     got = recipes.parse_arg("variant=e2,seed=3,runlocal", variant="none", seed=0, runlocal=False, init="")
     assert got.to_dict() == {"variant": "e2", "seed": 3, "runlocal": True, "init": ""}
-    with pytest.raises(ValueError, match="unknown config argument 'sed'; known: init, runlocal, seed, variant"):
+    with pytest.raises(ValueError, match=r"unknown config argument 'sed' \(did you mean 'seed'\?\); known: init, "
+                                         "runlocal, seed, variant"):
         recipes.parse_arg("sed=3", variant="none", seed=0, runlocal=False, init="")
     with pytest.raises(ValueError, match="seed='x' is not a int"):
         recipes.parse_arg("seed=x", seed=0)
