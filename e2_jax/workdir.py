@@ -37,8 +37,9 @@ EVAL_DIR = "eval"
 
 # What a resumed run may change (docs/training.md, "What happens when..."): where and on what it
 # runs, how often it reports and saves, how long its last stage is (the learning-rate schedule
-# follows the new length) and each stage's learning rate (to go on from the last good checkpoint
-# after a divergence). Anything else would continue one run's state as another's.
+# follows the new length), new stages after its last, and each stage's learning rate (to go on
+# from the last good checkpoint after a divergence). Anything else would continue one run's
+# state as another's.
 RESUMABLE = ("eval", "checkpoint", "log_every_steps", "peak_flops", "distributed", "mesh", "sharding_rules",
              "accum_steps", "model.remat", "model.attention", "model.pretrained", "data.data_dir",
              "data.build_if_missing", "data.region_texts")
@@ -58,9 +59,13 @@ def config_changes(workdir: str | os.PathLike, config: ml_collections.ConfigDict
     before = _flat(json.loads(read_config(workdir).to_json_best_effort()))
     now = _flat(json.loads(config.to_json_best_effort()))
     last = f"{config.stages[-1]}." if config.stages else None
+    stages_before = tuple(before.get("stages") or ())
+    appended = tuple(config.stages[: len(stages_before)]) == stages_before  # new stages at the end
+    added = set(config.stages[len(stages_before):])
     may_change = lambda field: (any(field == r or field.startswith(r + ".") for r in RESUMABLE)
                                 or (last and field in (last + "steps", last + "epochs"))
-                                or field in {f"{stage}.lr" for stage in config.stages})
+                                or field in {f"{stage}.lr" for stage in config.stages}
+                                or (appended and (field == "stages" or field.split(".")[0] in added)))
     return {field: (before.get(field), now.get(field)) for field in sorted(set(before) | set(now))
             if before.get(field) != now.get(field) and not may_change(field)}
 
@@ -85,8 +90,8 @@ def check_start(workdir: str | os.PathLike, config: ml_collections.ConfigDict, c
         raise ConfigError(f"{workdir} holds a run started with another config (its {CONFIG_FILE}), and resuming "
                           f"it would change {fields}. Run with that workdir's config (--config "
                           f"configs/workdir.py:{workdir}), or give a new --workdir. "
-                          f"(A resume may change only: {', '.join(RESUMABLE)}, the stages' lr and the last stage's "
-                          "steps.)")
+                          f"(A resume may change only: {', '.join(RESUMABLE)}, the stages' lr, the last stage's steps, "
+                          "and add stages after the last.)")
     if not storage.is_remote(workdir):  # a bucket's permissions show at the first write
         existing = Path(os.path.abspath(workdir))
         while not existing.exists():

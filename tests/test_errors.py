@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from e2_jax import config as recipes
 from e2_jax import workdir
 from tests.test_train import tiny_config
 
@@ -89,6 +90,11 @@ def test_a_resume_may_change_only_where_and_how_often(synth_tiny, trained_tiny):
     assert workdir.config_changes(directory, longer) == {}
     assert workdir.config_changes(directory, tiny_config(synth_tiny, **{"finetune.lr": 1e-6, "optim.grad_clip": 1.0}
                                                          )) == {}  # after a divergence
+    one_more = tiny_config(synth_tiny, **{"optim.grad_clip": 1.0}, stages=("warmup", "finetune", "polish"))
+    with one_more.unlocked():
+        one_more.polish = recipes.stage(steps=2, lr=1e-6)
+    assert workdir.config_changes(directory, one_more) == {}  # a stage after the last
+    assert "stages" in workdir.config_changes(directory, tiny_config(synth_tiny, stages=("finetune",)))
     other = tiny_config(synth_tiny, **{"optim.grad_clip": 0.5, "warmup.steps": 4})
     assert workdir.config_changes(directory, other) == {"optim.grad_clip": (1.0, 0.5), "warmup.steps": (3, 4)}
     with pytest.raises(ValueError, match=r"resuming it would change optim.grad_clip: 1.0 -> 0.5; warmup.steps: 3 -> 4"):
