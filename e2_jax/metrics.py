@@ -77,11 +77,9 @@ class Writer:
         jsonl = self._files.local / "metrics.jsonl"
         if resume_step is not None and jsonl.is_file():
             lines = jsonl.read_text().splitlines(keepends=True)
-            kept = [line for line in lines if _step_of(line) is not None and _step_of(line) <= resume_step]
+            kept = [line for line in lines if (step := _step_of(line)) is not None and step <= resume_step]
             if len(kept) != len(lines):
-                partial = jsonl.with_name("metrics.jsonl.tmp")
-                partial.write_text("".join(kept))
-                partial.replace(jsonl)
+                storage.write_text(jsonl, "".join(kept))
         self._jsonl = jsonl.open("a")
         self._tb = tf.summary.create_file_writer(str(self._files.local / "tensorboard"))
 

@@ -73,7 +73,7 @@ class Mirror:
             shutil.rmtree(self._staging, ignore_errors=True)
 
 
-def write_text(file: epath.Path, text: str) -> None:
+def write_text(file: epath.Path | Path, text: str) -> None:
     """`file` holds `text` whole or keeps what it held: on a local disk written beside it and
     renamed over it; a bucket object appears whole when its upload completes."""
     if is_remote(str(file)):

@@ -45,7 +45,7 @@ from typing import Any
 from PIL import Image
 from tqdm import tqdm
 
-from e2_jax import errors
+from e2_jax import errors, storage
 from e2_jax.data.builders.amazon_fashion import IMAGES, META, SPLIT
 from e2_jax.data.builders.images import checked_image
 
@@ -163,9 +163,7 @@ def _download_one(out: Path, asin: str, k: int, url: str, args: argparse.Namespa
 
 
 def _write_json(path: Path, value: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(value, indent=1, ensure_ascii=False))
-    os.replace(tmp, path)
+    storage.write_text(path, json.dumps(value, indent=1, ensure_ascii=False))
 
 
 def prepare(args: argparse.Namespace) -> dict[str, Any]:
