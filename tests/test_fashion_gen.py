@@ -10,7 +10,7 @@ import pytest
 from e2_jax.data import fashion_gen_h5
 from e2_jax.data.build import build
 from e2_jax.data.builders.fashion_gen import FashionGen
-from e2_jax.data.synth_fashion import SynthConfig, product_record, render_views, write_fashiongen_h5
+from e2_jax.data.synth_fashion import SynthConfig, product_record, render, write_fashiongen_h5
 
 # Rows of the hand-written file: product id per row. 101's rows are not contiguous, row 4 is
 # blank (a corrupt capture), 104 has an empty description, 105's description is UTF-8 bytes.
@@ -157,7 +157,7 @@ def test_synth_fashion_exports_itself_as_fashiongen(tmp_path):
         got = products[record["product_id"]]
         for field in ("brand", "description", "subcategory", "composition", "season", "name"):
             assert got[field].decode() == record[field]
-        views = render_views(config.replace(image_size=256), record)
+        views = render(config.replace(image_size=256), record)[0]
         for image, pose in zip(got["images"], got["poses"], strict=True):
             np.testing.assert_array_equal(image, views[int(pose.decode()[-1]) - 1])
     assert any("é" in p["brand"].decode() or "ö" in p["brand"].decode() or "è" in p["brand"].decode()

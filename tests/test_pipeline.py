@@ -164,7 +164,7 @@ def test_synth_records_reach_the_pipeline_unchanged(synth_tiny):
     """The built dataset holds what the generator made (the builder's own contract)."""
     source = pl.Source("synth_fashion/tiny", "validation", synth_tiny)
     record = next(r for r in _records(source) if int(r["product_id"]) == 64)
-    want = synth_fashion.product(synth_fashion.SynthConfig(image_size=32, num_train=64, num_validation=16),
-                                 "validation", 0)
+    want = synth_fashion.product(synth_fashion.VARIANTS["tiny"][1], "validation", 0)
     np.testing.assert_array_equal(record["images"], want["images"])
+    np.testing.assert_array_equal(record["detail_boxes"], want["detail_boxes"])
     assert record["brand"].decode() == want["brand"]

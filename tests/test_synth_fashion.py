@@ -29,8 +29,8 @@ def test_families_are_hard_negatives_that_differ_in_the_details():
     assert len({(r["brand"], r["composition"], r["season"]) for r in records}) > 1  # other details
     # Two products of a family with different brands differ at the logo, not at large.
     a, b = next((x, y) for x in records for y in records if x["brand_id"] != y["brand_id"])
-    front_a = synth_fashion.render_views(CONFIG, a)[0].astype(float)
-    front_b = synth_fashion.render_views(CONFIG, b)[0].astype(float)
+    front_a = synth_fashion.render(CONFIG, a)[0][0].astype(float)
+    front_b = synth_fashion.render(CONFIG, b)[0][0].astype(float)
     differs = np.abs(front_a - front_b).max(-1) > 60
     assert 0 < differs.mean() < 0.2
 
@@ -67,3 +67,44 @@ def test_tfds_builder_writes_every_product(tmp_path, monkeypatch):
     want = product(builder.builder_config.synth, "validation", 0)
     np.testing.assert_array_equal(first["images"], want["images"])  # PNG: lossless
     assert first["brand"].decode() == want["brand"]
+
+
+# Which views show which detail: front (logo, tag), back (care label, tag), detail crop (logo, label).
+DESIGN = (("logo", ("front", "detail")), ("label", ("back", "detail")), ("tag", ("front", "back")))
+
+
+@pytest.mark.parametrize("field, detail", [("brand_id", "logo"), ("composition_id", "label"), ("season_id", "tag")])
+def test_each_detail_is_inside_its_box_in_every_view_that_shows_it(field, detail):
+    d = synth_fashion.DETAILS.index(detail)
+    for index in range(4):
+        record = product_record(CONFIG, "train", index)
+        images, boxes = synth_fashion.render(CONFIG, record)
+        other = {**record, field: (record[field] + 1) % {"brand_id": 24, "composition_id": 10, "season_id": 6}[field]}
+        changed = np.abs(images.astype(int) - synth_fashion.render(CONFIG, other)[0].astype(int)).max(-1) > 0
+        for view, name in enumerate(synth_fashion.VIEWS):
+            box = boxes[view, d]
+            assert (box[0] >= 0) == (name in dict(DESIGN)[detail]), (detail, name)
+            if box[0] < 0:
+                assert not changed[view].any()  # a view without the detail does not change with it
+                continue
+            assert changed[view].any()
+            y, x = np.nonzero(changed[view])
+            side = CONFIG.image_size  # every changed pixel overlaps the box
+            assert (y + 1 > box[0] * side).all() and (y < box[2] * side).all(), (detail, name)
+            assert (x + 1 > box[1] * side).all() and (x < box[3] * side).all(), (detail, name)
+
+
+
+@pytest.mark.parametrize("variant", ["default", "medium", "tiny"])
+def test_every_detail_reads_from_every_view_that_shows_it(variant):
+    """docs/data.md's table: a linear classifier on the detail's pixels reads its value from
+    each view that shows it (`python -m e2_jax.data.synth_fashion --readability`)."""
+    config = synth_fashion.VARIANTS[variant][1]
+    accuracy = synth_fashion.readability(config)
+    assert set(accuracy) == {(detail, view) for detail, views in DESIGN for view in views}
+    assert min(accuracy.values()) >= 0.95, accuracy
+
+
+def test_small_renders_as_medium():  # so medium's readability is small's
+    medium, small = synth_fashion.VARIANTS["medium"][1], synth_fashion.VARIANTS["small"][1]
+    assert small.replace(num_train=1, num_validation=1) == medium.replace(num_train=1, num_validation=1)

@@ -82,8 +82,8 @@ class Source:
         return self._records.__getitems__([int(i) for i in indices])
 
     def scan(self, fields: Sequence[str] = (), chunk: int = 1024) -> dict[str, np.ndarray]:
-        """Every example's number of views (`views`, int64) and the text `fields` (str), read
-        from the records without decoding any image."""
+        """Every example's number of views (`views`, int64) and the `fields` (text as str,
+        integers as int64, floats as they are), read from the records without decoding any image."""
         spec = {k: v for k, v in self.features.tf_example_spec.items() if k in ("images", *fields)}
         missing = [f for f in fields if f not in spec]
         if missing:
@@ -103,7 +103,7 @@ class Source:
             for key, value in got.items():
                 value = value.numpy()
                 out[key].append(np.array([v.decode("utf-8") for v in value], dtype=str) if value.dtype == object
-                                else value.astype(np.int64))
+                                else value if value.dtype.kind == "f" else value.astype(np.int64))
         return {k: np.concatenate(v) if v else np.zeros(0, np.int64 if k == "views" else str) for k, v in out.items()}
 
 

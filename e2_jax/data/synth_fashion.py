@@ -17,6 +17,7 @@ gives the same dataset, byte for byte, and train and validation products are dis
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +72,18 @@ class SynthConfig:
             raise ValueError(f"views must be 1 (front), 2 (+back) or 3 (+detail), got {self.views}")
         if self.image_size < 32:
             raise ValueError(f"image_size must be at least 32 pixels, got {self.image_size}")
+
+
+# The TFDS builder's configs (`synth_fashion/<name>`): what each renders and for what.
+VARIANTS = {
+    "default": ("128 px, 10,000 + 1,000 products", SynthConfig()),
+    "medium": ("64 px, 4,096 + 1,024 products (the seed study)",
+               SynthConfig(image_size=64, num_train=4096, num_validation=1024)),
+    "small": ("64 px, 1,024 + 256 products", SynthConfig(image_size=64, num_train=1024, num_validation=256)),
+    # At 32 px a detail of 0.14 of the side (4.5 px) cannot be read (test_synth_fashion's readability).
+    "tiny": ("32 px, 64 + 16 products, details 0.25 of the side (tests)",
+             SynthConfig(image_size=32, num_train=64, num_validation=16, detail_size=0.25)),
+}
 
 
 def brand_names(n: int) -> list[str]:
@@ -149,16 +162,34 @@ def _glyph(shape: str, y: np.ndarray, x: np.ndarray) -> np.ndarray:
 
 
 class _Canvas:
+    SAMPLES = 4  # a detail's pixel takes its colour in proportion to cover, from 4 x 4 samples
+
     def __init__(self, size: int) -> None:
         self.size = size
         self.y, self.x = (np.mgrid[0:size, 0:size] + 0.5) / size
         self.pixels = np.zeros((size, size, 3), np.float32)
 
-    def paint(self, mask: np.ndarray, colour) -> None:
-        self.pixels[mask] = colour
+    def paint(self, shape: Callable[[np.ndarray, np.ndarray], np.ndarray], colour, extent) -> None:
+        """Paints `shape` (unit y, x -> bool) in `colour`, anti-aliased: each pixel of `extent`
+        (y0, x0, y1, x1, in unit coordinates) is blended by the part of it the shape covers, so a
+        detail's value survives any sub-pixel position (a 0.7 px stripe is a fainter stripe, not
+        a stripe that vanishes or doubles with the jitter)."""
+        size, n = self.size, self.SAMPLES
+        r0, c0 = max(int(np.floor(extent[0] * size)), 0), max(int(np.floor(extent[1] * size)), 0)
+        r1, c1 = min(int(np.ceil(extent[2] * size)), size), min(int(np.ceil(extent[3] * size)), size)
+        if r1 <= r0 or c1 <= c0:
+            return
+        sub = (np.arange(n) + 0.5) / n
+        ys = ((np.arange(r0, r1)[:, None] + sub).ravel() / size)[:, None]
+        xs = ((np.arange(c0, c1)[:, None] + sub).ravel() / size)[None, :]
+        cover = shape(ys, xs).reshape(r1 - r0, n, c1 - c0, n).mean(axis=(1, 3), dtype=np.float32)[..., None]
+        region = self.pixels[r0:r1, c0:c1]
+        region += cover * (np.asarray(colour, np.float32) - region)
 
-    def box(self, cy: float, cx: float, h: float, w: float) -> np.ndarray:
-        return (np.abs(self.y - cy) < h / 2) & (np.abs(self.x - cx) < w / 2)
+    def paint_box(self, cy: float, cx: float, h: float, w: float, colour) -> tuple[float, float, float, float]:
+        box = _box((cy, cx), h, w)
+        self.paint(lambda y, x: (np.abs(y - cy) < h / 2) & (np.abs(x - cx) < w / 2), colour, box)
+        return box
 
 
 def _background(canvas: _Canvas, rng: np.random.Generator, clutter: float) -> None:
@@ -193,69 +224,163 @@ def _place(anchor, scale: float, shift: float) -> tuple[float, float]:
     return (anchor[0] - 0.5) * scale + 0.5, (anchor[1] - 0.5) * scale + 0.5 + shift
 
 
-def _logo(canvas: _Canvas, record: dict, at, size: float) -> None:
+def _logo(canvas: _Canvas, record: dict, at, size: float) -> tuple[float, float, float, float]:
+    """Logo: a glyph (6 shapes) in an accent colour (4) on a white patch (24 brands)."""
     glyph = _GLYPHS[record["brand_id"] % len(_GLYPHS)]
     accent = _ACCENTS[record["brand_id"] // len(_GLYPHS)]
     radius = size / 2
-    canvas.paint(canvas.box(at[0], at[1], size * 1.15, size * 1.15), (0.97, 0.97, 0.97))
-    canvas.paint(_glyph(glyph, (canvas.y - at[0]) / radius, (canvas.x - at[1]) / radius), accent)
+    box = canvas.paint_box(at[0], at[1], size * 1.15, size * 1.15, (0.97, 0.97, 0.97))
+    canvas.paint(lambda y, x: _glyph(glyph, (y - at[0]) / radius, (x - at[1]) / radius), accent, box)
+    return box
 
 
-def _label(canvas: _Canvas, record: dict, at, size: float) -> None:
-    """Care label: white, with 1-5 stripes in one of two colours (10 compositions)."""
+def _label(canvas: _Canvas, record: dict, at, size: float) -> tuple[float, float, float, float]:
+    """Care label: white, with 1-5 stripes in one of two colours (10 compositions). Each stripe
+    is an eighth of the label's height, a sixteenth apart, filled from the top: as thick at any
+    count, so the striped area grows with the count."""
     h, w = size * 1.1, size * 0.9
-    canvas.paint(canvas.box(at[0], at[1], h, w), (0.98, 0.98, 0.95))
+    box = canvas.paint_box(at[0], at[1], h, w, (0.98, 0.98, 0.95))
     stripes = record["composition_id"] % 5 + 1
     colour = (0.1, 0.1, 0.1) if record["composition_id"] < 5 else (0.85, 0.15, 0.15)
     for i in range(stripes):
-        cy = at[0] - h / 2 + h * (i + 1) / (stripes + 1)
-        canvas.paint(canvas.box(cy, at[1], h / (2.5 * (stripes + 1)), w * 0.7), colour)
+        canvas.paint_box(box[0] + h * (2 + 3 * i) / 16, at[1], h / 8, w * 0.7, colour)
+    return box
 
 
-def _tag(canvas: _Canvas, record: dict, at, size: float) -> None:
+def _tag(canvas: _Canvas, record: dict, at, size: float) -> tuple[float, float, float, float]:
     """Hang tag: one of three colours with one or two dots (6 seasons)."""
     colour = ((0.95, 0.55, 0.1), (0.3, 0.5, 0.95), (0.55, 0.85, 0.3))[record["season_id"] % 3]
-    canvas.paint(canvas.box(at[0], at[1], size, size * 0.8), colour)
+    box = canvas.paint_box(at[0], at[1], size, size * 0.8, colour)
     dots = record["season_id"] // 3 + 1
     for i in range(dots):
         cx = at[1] - size * 0.2 + size * 0.4 * i if dots == 2 else at[1]
-        canvas.paint(np.hypot(canvas.y - at[0], canvas.x - cx) < size * 0.14, (0.05, 0.05, 0.05))
+        canvas.paint(lambda y, x, cx=cx: np.hypot(y - at[0], x - cx) < size * 0.14, (0.05, 0.05, 0.05), box)
+    return box
 
 
-def render_views(config: SynthConfig, record: dict) -> np.ndarray:
-    """uint8 [views, size, size, 3]: front (logo, tag), back (care label, tag), detail crop."""
+DETAILS = ("logo", "label", "tag")  # the small details, in the order of `render`'s boxes
+DETAIL_FIELDS = ("brand", "composition", "season")  # the tag each detail shows
+VIEWS = ("front", "back", "detail")
+_ABSENT = (-1.0, -1.0, -1.0, -1.0)
+
+
+def _box(at, h: float, w: float) -> tuple[float, float, float, float]:
+    """(y0, x0, y1, x1) in unit coordinates of a detail of size (h, w) centred at `at`."""
+    return at[0] - h / 2, at[1] - w / 2, at[0] + h / 2, at[1] + w / 2
+
+
+def render(config: SynthConfig, record: dict) -> tuple[np.ndarray, np.ndarray]:
+    """(images, boxes): uint8 [views, size, size, 3], front (logo, tag), back (care label,
+    tag), detail crop (logo, label); float32 [views, 3, 4], each detail's box (`DETAILS`
+    order; y0, x0, y1, x1 in unit coordinates of the view), -1 where a view does not show it."""
     rng = np.random.default_rng([config.seed, record["product_id"], 2])
     subcategory = SUBCATEGORIES[record["subcategory_id"]]
     size = config.detail_size
-    views = []
+    views, boxes = [], []
     for view in range(min(config.views, 2)):
         canvas = _Canvas(config.image_size)
         _background(canvas, rng, config.clutter)
         scale, shift = _garment(canvas, record, rng, back=view == 1)
+        box = dict.fromkeys(DETAILS, _ABSENT)
         if view == 0:
-            _logo(canvas, record, _place(_anchor(subcategory, "logo"), scale, shift), size * scale)
+            box["logo"] = _logo(canvas, record, _place(_anchor(subcategory, "logo"), scale, shift), size * scale)
         else:
-            _label(canvas, record, _place(_anchor(subcategory, "label"), scale, shift), size * scale)
-        _tag(canvas, record, _place(_anchor(subcategory, "tag"), scale, shift), size * 0.8 * scale)
+            box["label"] = _label(canvas, record, _place(_anchor(subcategory, "label"), scale, shift), size * scale)
+        box["tag"] = _tag(canvas, record, _place(_anchor(subcategory, "tag"), scale, shift), size * 0.8 * scale)
         views.append(canvas.pixels)
+        boxes.append([box[d] for d in DETAILS])
     if config.views == 3:
         # Detail: the upper garment of the front view, twice as large, with the care label
         # folded out beside the logo.
         canvas = _Canvas(config.image_size)
         canvas.pixels[:] = views[0]
-        _label(canvas, record, _place(_anchor(subcategory, "logo"), 1.0, -0.2), size)
+        box = dict(zip(DETAILS, boxes[0], strict=True))
+        box["label"] = _label(canvas, record, _place(_anchor(subcategory, "logo"), 1.0, -0.2), size)
         half = config.image_size // 2
         top = int(np.clip((_anchor(subcategory, "logo")[0] - 0.25) * config.image_size, 0, half))
-        crop = canvas.pixels[top : top + half, half // 2 : half // 2 + half]
+        left = half // 2
+        crop = canvas.pixels[top : top + half, left : left + half]
         views.append(np.repeat(np.repeat(crop, 2, axis=0), 2, axis=1))
+        side = config.image_size
+        boxes.append([_zoom(box[d], top / side, left / side, half / side) for d in DETAILS])
     noise = rng.normal(0, 0.01, (len(views), config.image_size, config.image_size, 3))
-    return (np.clip(np.stack(views) + noise, 0, 1) * 255 + 0.5).astype(np.uint8)
+    images = (np.clip(np.stack(views) + noise, 0, 1) * 255 + 0.5).astype(np.uint8)
+    return images, np.asarray(boxes, np.float32)
+
+
+def _zoom(box, top: float, left: float, side: float) -> tuple[float, float, float, float]:
+    """A box of the full view in the coordinates of its crop [top, top + side) x [left, left +
+    side), clipped to it; absent unless its centre lies in the crop."""
+    if box[0] < 0:
+        return _ABSENT
+    y0, x0, y1, x1 = (box[0] - top) / side, (box[1] - left) / side, (box[2] - top) / side, (box[3] - left) / side
+    if not (0 <= (y0 + y1) / 2 < 1 and 0 <= (x0 + x1) / 2 < 1):
+        return _ABSENT
+    return max(y0, 0.0), max(x0, 0.0), min(y1, 1.0), min(x1, 1.0)
+
+
+def readability(config: SynthConfig, fit: int = 600, test: int = 300, grid: int = 12,
+                ridge: float = 1.0) -> dict[tuple[str, str], float]:
+    """{(detail, view): accuracy} of reading each detail's value (brand, composition, season)
+    from each view that shows it, with a linear classifier on pixels: the detail's box (a pixel
+    wider each side) cropped from the rendered view, resized to `grid` x `grid`, ridge
+    regression onto the one-hot value, fitted on `fit` training products and scored on `test`
+    validation products. It is told where the detail is (its box): it measures whether the
+    value survives the jitter and the rendering, not whether a model finds it."""
+    labels = dict(zip(DETAILS, ("brand_id", "composition_id", "season_id"), strict=True))
+    config = config.replace(num_train=fit, num_validation=test)  # disjoint products, any counts
+    side = config.image_size
+
+    def crops(split: str, count: int) -> dict[tuple[str, str], tuple[list, list]]:
+        out: dict[tuple[str, str], tuple[list, list]] = {}
+        for i in range(count):
+            example = product(config, split, i)
+            for v, (image, boxes) in enumerate(zip(example["images"], example["detail_boxes"], strict=True)):
+                for detail, box in zip(DETAILS, boxes, strict=True):
+                    if box[0] < 0:
+                        continue
+                    y0, x0 = (max(round(c * side) - 1, 0) for c in box[:2])
+                    y1, x1 = (min(round(c * side) + 1, side) for c in box[2:])
+                    crop = Image.fromarray(image[y0:y1, x0:x1]).resize((grid, grid), Image.BILINEAR)
+                    features, values = out.setdefault((detail, VIEWS[v]), ([], []))
+                    features.append(np.asarray(crop, np.float64).ravel() / 255)
+                    values.append(example[labels[detail]])
+        return out
+
+    train, held_out = crops("train", fit), crops("validation", test)
+    accuracy = {}
+    for key, (features, values) in train.items():
+        x = np.asarray(features)
+        mean = x.mean(axis=0)
+        x = x - mean
+        targets = np.eye(max(values) + 1)[values]
+        weights = np.linalg.solve(x.T @ x + ridge * np.eye(x.shape[1]), x.T @ targets)
+        test_x, test_values = np.asarray(held_out[key][0]) - mean, np.asarray(held_out[key][1])
+        accuracy[key] = float(((test_x @ weights).argmax(axis=1) == test_values).mean())
+    return accuracy
+
+
+def readability_table() -> str:
+    """`readability` of every variant, as docs/data.md's Markdown table (percent)."""
+    lines = ["| variant | px | detail | " + " | ".join(f"{d} ({v})" for d, views in SHOWN for v in views) + " |",
+             "|---|---|---|" + "---|" * sum(len(views) for _, views in SHOWN)]
+    for name, (_, config) in VARIANTS.items():
+        accuracy = readability(config)
+        lines.append(f"| {name} | {config.image_size} | {config.detail_size} | "
+                     + " | ".join(f"{100 * accuracy[(d, v)]:.1f}" for d, views in SHOWN for v in views) + " |")
+    return "\n".join(lines)
+
+
+# Which views show which detail, by design.
+SHOWN = (("logo", ("front", "detail")), ("label", ("back", "detail")), ("tag", ("front", "back")))
 
 
 def product(config: SynthConfig, split: str, index: int) -> dict[str, Any]:
-    """One product: its record plus `images` (uint8 [views, size, size, 3])."""
+    """One product: its record plus `render`'s `images` (uint8 [views, size, size, 3]) and
+    `detail_boxes` (float32 [views, 3, 4])."""
     record = product_record(config, split, index)
-    return {**record, "images": render_views(config, record)}
+    images, boxes = render(config, record)
+    return {**record, "images": images, "detail_boxes": boxes}
 
 
 def num_products(config: SynthConfig, split: str) -> int:
@@ -294,7 +419,7 @@ def write_fashiongen_h5(config: SynthConfig, directory: str | Path, split: str, 
     with fashion_gen_h5.Writer(path, lengths) as writer:
         for start in range(0, len(rows), chunk_products * config.views):
             batch = rows[start : start + chunk_products * config.views]
-            images = {i: render_views(config, records[i]) for i in sorted({i for i, _ in batch})}
+            images = {i: render(config, records[i])[0] for i in sorted({i for i, _ in batch})}
             writer.append([{**_fashiongen_row(records[i], view), "image": images[i][view],
                             "index": start + k, "index_2": records[i]["product_id"]}
                            for k, (i, view) in enumerate(batch)])
@@ -323,7 +448,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--fashiongen-h5", metavar="DIR", help="write fashiongen_256_256_{train,validation}.h5 here")
     parser.add_argument("--num-train", type=int, default=SynthConfig.num_train)
     parser.add_argument("--num-validation", type=int, default=SynthConfig.num_validation)
+    parser.add_argument("--readability", action="store_true",
+                        help="print how well each detail reads from each view, per variant (`readability`)")
     args = parser.parse_args(argv)
+    if args.readability:
+        print(readability_table())
+        return
     if args.fashiongen_h5:
         config = SynthConfig(num_train=args.num_train, num_validation=args.num_validation)
         for split in ("train", "validation"):

@@ -2,8 +2,9 @@
 
     python -m e2_jax.data.build synth_fashion/small --data-dir DIR   # as the pipeline reads it
 
-Configs: `default` (128 px, 10,000 training and 1,000 validation products), `small` (64 px,
-1,024 + 256, for CPU smoke runs) and `tiny` (32 px, 64 + 16, for tests). A custom one:
+Configs (`synth_fashion.VARIANTS`): `default` (128 px, 10,000 training and 1,000 validation
+products), `medium` (64 px, 4,096 + 1,024, the study's), `small` (64 px, 1,024 + 256, for CPU
+runs) and `tiny` (32 px, 64 + 16, for tests). A custom one:
 `SynthFashion(config=SynthFashionConfig(name="mine", synth=SynthConfig(...)))`.
 Rendering runs in a process pool (`E2_SYNTH_WORKERS`, default: all cores).
 """
@@ -43,16 +44,15 @@ def _render(args: tuple[SynthConfig, str, int]) -> tuple[int, dict[str, Any]]:
 class SynthFashion(tfds.core.GeneratorBasedBuilder):
     """Procedural fashion products: silhouettes and colours shared, details that differ."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "First version."}  # noqa: RUF012 (TFDS reads class attributes)
+    VERSION = tfds.core.Version("2.0.0")
+    RELEASE_NOTES = {  # noqa: RUF012 (TFDS reads class attributes)
+        "1.0.0": "First version.",
+        "2.0.0": "Details readable by construction (anti-aliased, the care label's stripes of one thickness, "
+                 "`tiny`'s details 0.25 of the side) and `detail_boxes`, where each view shows each detail.",
+    }
     BUILDER_CONFIGS = [  # noqa: RUF012
-        SynthFashionConfig(name="default", description="128 px, 10,000 + 1,000 products", synth=SynthConfig()),
-        SynthFashionConfig(name="medium", description="64 px, 4,096 + 1,024 products (the seed study)",
-                           synth=SynthConfig(image_size=64, num_train=4096, num_validation=1024)),
-        SynthFashionConfig(name="small", description="64 px, 1,024 + 256 products",
-                           synth=SynthConfig(image_size=64, num_train=1024, num_validation=256)),
-        SynthFashionConfig(name="tiny", description="32 px, 64 + 16 products (tests)",
-                           synth=SynthConfig(image_size=32, num_train=64, num_validation=16)),
+        SynthFashionConfig(name=name, description=description, synth=synth)
+        for name, (description, synth) in synth_fashion.VARIANTS.items()
     ]
 
     def _info(self) -> tfds.core.DatasetInfo:
@@ -62,6 +62,8 @@ class SynthFashion(tfds.core.GeneratorBasedBuilder):
             "images": tfds.features.Sequence(tfds.features.Image(shape=(size, size, 3), encoding_format="png")),
             **{field: tfds.features.Text() for field in TEXT_FIELDS},
             **{field: tfds.features.Scalar(dtype=np.int64) for field in LABEL_FIELDS},
+            # [views, details, 4]: synth_fashion.render's boxes (DETAIL_FIELDS order), -1 where absent
+            "detail_boxes": tfds.features.Tensor(shape=(self.builder_config.synth.views, 3, 4), dtype=np.float32),
         }
         return self.dataset_info_from_configs(features=tfds.features.FeaturesDict(features),
                                               supervised_keys=None)
