@@ -3,11 +3,15 @@ processes (tests/multiprocess/eval_worker.py), and the report it writes."""
 
 from pathlib import Path
 
+import jax
 import numpy as np
+import pytest
 
 from e2_jax import config as recipes
+from e2_jax import spec
 from e2_jax.data import pipeline
-from e2_jax.evaluation import evaluate, retrieval
+from e2_jax.evaluation import evaluate, retrieval, selection
+from e2_jax.training import step
 from tests.processes import run_workers
 
 WORKER = Path(__file__).parent / "multiprocess" / "eval_worker.py"
@@ -60,3 +64,90 @@ def test_every_protocol_on_one_and_two_processes(synth_tiny, tmp_path):
         want = retrieval.full_gallery(image, product, t)
         assert {k: report["metrics"][f"full_gallery/{name}/{k}"] for k in want} == want
     assert not np.allclose(tags, description)  # two texts really were encoded
+
+
+def test_picks_on_details_counts_by_hand():
+    # A 2 x 2 grid; two images; details: brand (the logo) and season (the tag).
+    boxes = np.array([[[0.1, 0.1, 0.4, 0.4], [0.6, 0.6, 0.9, 0.9]],   # logo in patch 0, tag in patch 3
+                      [[0.4, 0.4, 0.6, 0.6], [-1, -1, -1, -1]]],       # logo on all four patches, no tag
+                     np.float32)
+    groups = [("brand", "brand", 2), ("description", "description", 1)]
+    # picks [blocks, images, tokens]: brand's two tokens, then description's one
+    picks = np.array([[[0, 1, 3], [2, 0, 1]],
+                      [[3, 3, 0], [1, 1, 1]]])
+    report = selection.picks_on_details(picks, boxes, 2, groups, ("brand", "season"))
+    first, second = report["brand"]["blocks"]
+    assert report["brand"]["detail"] == "brand" and report["description"]["detail"] is None
+    # block 1: image 0 picks 0 (on) and 1 (off), image 1 picks 2 and 0 (both on): 3 of 4
+    assert first["on_own"] == 75.0 and first["images"] == 2
+    assert first["chance"] == 100 * (1 + 4) / 8  # 1 of 4 patches, then 4 of 4
+    # any detail: image 0's patches 0 and 3, image 1's all four; brand's picks 0, 1, 2, 0
+    assert first["on_any"] == 75.0 and first["chance_any"] == 100 * 6 / 8
+    # block 2: image 0 picks 3 twice (the tag, not the logo), image 1 picks 1 twice (the logo)
+    assert second["on_own"] == 50.0 and second["on_any"] == 100.0
+    description = report["description"]["blocks"]
+    assert description[0]["on_own"] is None and description[0]["on_any"] == 100.0  # picks 3 (tag), 1 (logo)
+    assert description[1]["on_any"] == 100.0  # picks 0 (logo), 1 (logo)
+    table = selection.markdown_table(report)
+    assert "| description | 1 | no visual detail |" in table and "| brand | 2 | 50.0 | 62.5 | 2 |" in table
+    with pytest.raises(ValueError, match="3 tokens"):
+        selection.picks_on_details(picks[..., :2], boxes, 2, groups, ("brand", "season"))
+
+
+def _forced_to_pick(params: dict, patches: list[int]) -> dict:
+    """`params` changed so that selection token t picks patch `patches[t]` in both fusion
+    blocks, whatever the image: every layer's residual branch is zero (the transformer is the
+    identity), the patch embedding is zero, patch `patches[t]`'s position embedding is the
+    one-hot e_t, which is also token t's value, and the fusion projections are the identity; so
+    after ln_pre token t is e_t normalised, and its score is largest at that patch."""
+    visual = jax.tree.map(np.array, params["visual"])
+    width = visual["class_embedding"].shape[0]
+    for block in visual["transformer"].values():
+        for layer in (block["attn"]["out_proj"], block["mlp"]["c_proj"]):
+            layer["kernel"][:], layer["bias"][:] = 0, 0
+    for name in ("conv1", "class_embedding", "positional_embedding", "ln_pre/bias"):
+        *path, last = name.split("/")
+        target = visual
+        for key in path:
+            target = target[key]
+        target[last][:] = 0
+    visual["ln_pre"]["scale"][:] = 1
+    one_hot = np.eye(width, dtype=np.float32)[: len(patches)]
+    visual["selection_tokens"][:] = one_hot
+    visual["positional_embedding"][1 + np.array(patches)] = one_hot
+    for block in ("fusion_1", "fusion_2"):
+        for projection in ("proj_q", "proj_k", "proj_v"):
+            visual[block][projection][:] = np.eye(width)
+    return {**params, "visual": visual}
+
+
+def test_picks_on_details_of_a_model_forced_to_pick_known_patches(synth_tiny):
+    run = spec.resolve(eval_config(synth_tiny), stages=False)
+    source = evaluate.open_source(run.config, run.protocols)
+    grid = run.clip.image_size // run.clip.patch_size  # 4 x 4 patches
+    # Token order: subcategory, brand, description, season, composition (two each). On tiny's
+    # front view the logo is about patch 6, the tag 13; the back's label about 1, 2, 5, 6.
+    patches = [1, 2, 6, 7, 3, 4, 13, 15, 5, 0]
+    report = evaluate.picks_report(run, source, _forced_to_pick(step.initial_params(run), patches))
+    # What the forced picks must score, counted here from the dataset's boxes.
+    boxes = source.scan([evaluate.DETAIL_BOXES])[evaluate.DETAIL_BOXES].reshape(-1, 3, 4)  # every view
+
+    def overlaps(box, patch):
+        r, c = divmod(patch, grid)
+        return box[0] >= 0 and box[0] < (r + 1) / grid and box[2] > r / grid and box[1] < (c + 1) / grid \
+            and box[3] > c / grid
+
+    for g, (name, detail) in enumerate((("subcategory", None), ("brand", 0), ("description", None),
+                                        ("season", 2), ("composition", 1))):
+        mine = patches[2 * g : 2 * g + 2]
+        on_any = 100 * np.mean([any(overlaps(b, p) for b in view) for view in boxes for p in mine])
+        for block in report[name]["blocks"]:
+            assert block["on_any"] == pytest.approx(on_any)
+            if detail is None:
+                assert block["on_own"] is None
+                continue
+            shown = [view[detail] for view in boxes if view[detail][0] >= 0]
+            assert block["images"] == len(shown) == 32  # two of the three views show each detail
+            assert block["on_own"] == pytest.approx(100 * np.mean([overlaps(b, p) for b in shown for p in mine]))
+    assert 0 < report["brand"]["blocks"][0]["on_own"] < 100  # patch 6 is on the logo in some views, 7 in fewer
+    assert report["brand"]["blocks"][0]["on_own"] > report["brand"]["blocks"][0]["chance"]

@@ -12,7 +12,9 @@ process. `retrieval_report` computes what the config asks for:
 
 each with every text in `eval.texts`: `tags` (the global text the model trains on, tags and
 description) and `description` (the description alone). Results are keyed
-`<protocol>/<text>/<metric>`; `write_report` writes them as JSON and a Markdown table.
+`<protocol>/<text>/<metric>`; `write_report` writes them as JSON and a Markdown table. On a
+split that records where its details are (SynthFashion), `--mode evaluate` also counts where
+E²'s selection tokens look (`picks_report`, `selection`).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from etils import epath
@@ -31,9 +34,9 @@ from jax.experimental import multihost_utils
 
 from e2_jax import sharding, storage, workdir
 from e2_jax.checkpoints import Checkpoints
-from e2_jax.data import pipeline
+from e2_jax.data import pipeline, synth_fashion
 from e2_jax.data.preprocessing import Preprocessing
-from e2_jax.evaluation import retrieval
+from e2_jax.evaluation import retrieval, selection
 from e2_jax.models.e2 import E2Model
 from e2_jax.spec import PROTOCOLS, Protocols, RunSpec, resolve
 
@@ -166,6 +169,9 @@ def write_report(report: dict, directory: str | os.PathLike) -> tuple[epath.Path
                  markdown_table(report["metrics"]), "Protocols:", ""]
         lines += [f"- `{p}`: {text}" for p, text in report["protocols"].items()]
         lines += ["", "Texts:", ""] + [f"- `{name}`: `{fmt}`" for name, fmt in report["texts"].items()]
+        if "picks_on_details" in report:
+            lines += ["", "Where the selection tokens look (every view; percent of each group's picks; "
+                      "`e2_jax/evaluation/selection.py`):", "", selection.markdown_table(report["picks_on_details"])]
         md_path.write_text("\n".join(lines) + "\n")
     return json_path, md_path
 
@@ -210,6 +216,34 @@ def evaluation_report(spec: RunSpec, source: pipeline.Source, params: dict, prot
                             sharding=sharding.batch_sharding(spec.mesh))
 
 
+DETAIL_BOXES = "detail_boxes"  # a split's record of where its details are (SynthFashion's)
+
+
+def picks_report(spec: RunSpec, source: pipeline.Source, params: dict) -> dict | None:
+    """Where the selection tokens look (`selection.picks_on_details`), over every view of
+    `source`: for E² with fusion blocks on a split that records its details' boxes, else None."""
+    e2, clip = spec.e2, spec.clip
+    if not (e2.selection_tokens and e2.fusion) or DETAIL_BOXES not in source.features.keys():
+        return None
+    scan = source.scan([DETAIL_BOXES])
+    items = np.concatenate([np.stack([np.full(v, i), np.arange(v)], axis=1) for i, v in enumerate(scan["views"])])
+    model, seed = spec.model, spec.config.seed
+
+    @jax.jit
+    def picks(params: dict, batch: dict) -> jax.Array:
+        out = model.apply({"params": params}, batch["images"], False, method=E2Model.encode_image,
+                          rngs={"gumbel": jax.random.key(seed)})
+        return jnp.moveaxis(out.picks, 0, 1)  # [B, blocks, K]
+
+    batches = pipeline.eval_batches(source, spec.pre, global_batch=spec.config.eval.batch_size,
+                                    sharding=sharding.batch_sharding(spec.mesh), items=items)
+    got = embed_split(lambda b: {"picks": picks(params, b)}, batches)
+    boxes = scan[DETAIL_BOXES][got["index"], got["view"]]
+    groups = [(g.name, g.text_field, g.tokens) for g in e2.groups]
+    return selection.picks_on_details(np.moveaxis(got["picks"], 1, 0), boxes, clip.image_size // clip.patch_size,
+                                      groups, synth_fashion.DETAIL_FIELDS)
+
+
 def validate(spec: RunSpec, source: pipeline.Source, params: dict, embed=None) -> dict[str, float]:
     """Validation during training: full-candidate retrieval (first views, the global text),
     as `i2t_r1` ... `sumr`."""
@@ -246,8 +280,13 @@ def evaluate_run(config: ml_collections.ConfigDict, directory: str | os.PathLike
         checkpoints.close()
     report = evaluation_report(spec, source, params, spec.protocols)
     report.update(checkpoint=where, dataset=config.data.dataset, split=config.data.eval_split)
+    on_details = picks_report(spec, source, params)
+    if on_details is not None:
+        report["picks_on_details"] = on_details
     json_path, md_path = write_report(report, storage.path(directory) / workdir.EVAL_DIR)
     table = markdown_table(report["metrics"])
+    if on_details is not None:
+        table += "\nwhere the selection tokens look (percent of picks):\n" + selection.markdown_table(on_details)
     logging.info("evaluation of %s:\n%s", where, table)
     print(f"evaluation of {where} ({report['counts']}):\n{table}report: {json_path}, {md_path}", flush=True)
     first = next(iter(report["texts"]))
