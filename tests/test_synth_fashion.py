@@ -95,6 +95,18 @@ def test_each_detail_is_inside_its_box_in_every_view_that_shows_it(field, detail
 
 
 
+def test_every_product_shows_each_detail_in_the_views_designed_to():
+    config = synth_fashion.VARIANTS["medium"][1]  # the study's validation split (labels past the top edge)
+    for index in range(config.num_validation):
+        boxes = synth_fashion.render(config, product_record(config, "validation", index))[1]
+        shown = boxes[..., 0] >= 0  # [views, details]
+        for d, detail in enumerate(synth_fashion.DETAILS):
+            assert [synth_fashion.VIEWS[v] for v in np.flatnonzero(shown[:, d])] == list(dict(DESIGN)[detail]), index
+        present = boxes[shown]
+        assert (present >= 0).all() and (present <= 1).all() and (present[:, :2] < present[:, 2:]).all()
+        assert (boxes[~shown] == -1).all()
+
+
 @pytest.mark.parametrize("variant", ["default", "medium", "tiny"])
 def test_every_detail_reads_from_every_view_that_shows_it(variant):
     """docs/data.md's table: a linear classifier on the detail's pixels reads its value from

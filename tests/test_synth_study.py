@@ -91,3 +91,25 @@ def test_summary_is_mean_and_spread_over_seeds():
     table, data = runner.summary([old, result("no_fusion", 1, 80.0)])
     assert data["no_fusion"]["probe composition (back view)"] == [None, 31.0]
     assert "| 31.0 (1 of 2) |" in table
+
+
+def test_summary_has_where_the_selection_tokens_look():
+    from benchmarks import synth_study as runner
+
+    def result(variant, seed, picks):
+        retrieval = {f"{p}/{t}/{m}": 1.0 for p in ("full_candidate", "sample_100") for t in ("tags", "description")
+                     for m in ("sumr", "i2t_r1", "t2i_r1")}
+        return {"variant": variant, "seed": seed, "retrieval": retrieval, "seconds": {"train": 1.0},
+                "probe": dict.fromkeys(runner.PROBE_FIELDS, 1.0) | {"composition_back": 1.0}, "picks": picks}
+
+    def picks(on_own):
+        block = {"on_own": on_own, "chance": 5.0, "images": 10, "on_any": 20.0, "chance_any": 12.0}
+        return {"subcategory": {"detail": None, "blocks": [{"on_own": None, "on_any": 1.0}] * 2},
+                "brand": {"detail": "brand", "blocks": [block, block | {"on_own": on_own / 2}]}}
+
+    table, data = runner.summary([result("e2", 0, picks(40.0)), result("e2", 1, picks(60.0)),
+                                  result("no_fusion", 0, None), result("clip_ft", 0, None)])
+    assert "| e2 | 2 | brand | 1 | 50.0 ± 14.1 | 5.0 ± 0.0 | 20.0 ± 0.0 | 12.0 ± 0.0 |" in table
+    assert "| e2 | 2 | brand | 2 | 25.0 ± 7.1 |" in table
+    assert "| e2 | 2 | subcategory |" not in table and "| no_fusion | 1 | brand" not in table  # no detail; no picks
+    assert data["e2"]["picks"]["brand block 1"]["on_own"] == [40.0, 60.0] and "picks" not in data["no_fusion"]

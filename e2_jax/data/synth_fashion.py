@@ -281,20 +281,20 @@ def render(config: SynthConfig, record: dict) -> tuple[np.ndarray, np.ndarray]:
         canvas = _Canvas(config.image_size)
         _background(canvas, rng, config.clutter)
         scale, shift = _garment(canvas, record, rng, back=view == 1)
-        box = dict.fromkeys(DETAILS, _ABSENT)
+        box = dict.fromkeys(DETAILS)  # None: not in this view
         if view == 0:
             box["logo"] = _logo(canvas, record, _place(_anchor(subcategory, "logo"), scale, shift), size * scale)
         else:
             box["label"] = _label(canvas, record, _place(_anchor(subcategory, "label"), scale, shift), size * scale)
         box["tag"] = _tag(canvas, record, _place(_anchor(subcategory, "tag"), scale, shift), size * 0.8 * scale)
         views.append(canvas.pixels)
-        boxes.append([box[d] for d in DETAILS])
+        boxes.append([_zoom(box[d], 0.0, 0.0, 1.0) for d in DETAILS])  # clipped to the view
     if config.views == 3:
         # Detail: the upper garment of the front view, twice as large, with the care label
         # folded out beside the logo.
         canvas = _Canvas(config.image_size)
         canvas.pixels[:] = views[0]
-        box = dict(zip(DETAILS, boxes[0], strict=True))
+        box = dict(zip(DETAILS, boxes[0], strict=True))  # the front view's (the crop is of it)
         box["label"] = _label(canvas, record, _place(_anchor(subcategory, "logo"), 1.0, -0.2), size)
         half = config.image_size // 2
         top = int(np.clip((_anchor(subcategory, "logo")[0] - 0.25) * config.image_size, 0, half))
@@ -305,17 +305,17 @@ def render(config: SynthConfig, record: dict) -> tuple[np.ndarray, np.ndarray]:
         boxes.append([_zoom(box[d], top / side, left / side, half / side) for d in DETAILS])
     noise = rng.normal(0, 0.01, (len(views), config.image_size, config.image_size, 3))
     images = (np.clip(np.stack(views) + noise, 0, 1) * 255 + 0.5).astype(np.uint8)
-    return images, np.asarray(boxes, np.float32)
+    return images, np.asarray([[_ABSENT if b is None else b for b in view] for view in boxes], np.float32)
 
 
-def _zoom(box, top: float, left: float, side: float) -> tuple[float, float, float, float]:
+def _zoom(box, top: float, left: float, side: float) -> tuple[float, float, float, float] | None:
     """A box of the full view in the coordinates of its crop [top, top + side) x [left, left +
-    side), clipped to it; absent unless its centre lies in the crop."""
-    if box[0] < 0:
-        return _ABSENT
+    side), clipped to it; None (absent) unless its centre lies in the crop."""
+    if box is None:
+        return None
     y0, x0, y1, x1 = (box[0] - top) / side, (box[1] - left) / side, (box[2] - top) / side, (box[3] - left) / side
     if not (0 <= (y0 + y1) / 2 < 1 and 0 <= (x0 + x1) / 2 < 1):
-        return _ABSENT
+        return None
     return max(y0, 0.0), max(x0, 0.0), min(y1, 1.0), min(x1, 1.0)
 
 
