@@ -3,6 +3,11 @@
     python -m benchmarks.synth_study --out /tmp/synth_study                 # the whole study
     python -m benchmarks.synth_study --out /tmp/synth_study --seeds 0       # one seed of it
     python -m benchmarks.synth_study --out /tmp/synth_study --report-only   # tables of what ran
+    python -m benchmarks.synth_study --study details --out /tmp/synth_details  # issue 22's study
+
+`--study budget` (the default, issue 7's): every variant at the study's 160 steps; `--study
+details`: CLIP-FT, E², E² without the region loss and without fusion blocks at 3,000 steps, the
+budget where the details are learnt (`configs/synth_study.py`: DETAILS_*).
 
 Every run is an ordinary command of this project (printed as it starts), with the config
 `configs/synth_study.py`, which fixes the data, model, budget and hyper-parameters:
@@ -17,7 +22,9 @@ Every run is an ordinary command of this project (printed as it starts), with th
    tag-augmented and the description-only text, selection maps) and linear probes of the frozen
    image embedding (as `python -m e2_jax.probe`: brand, season, sub-category, composition,
    fitted on 2,048 training products, scored on the 1,024 validation products; on the front
-   view, and composition again on the back view, the only one with the care label).
+   view, and composition again on the back view, the only one with the care label); with
+   fusion blocks, the evaluation also counts where the selection tokens look
+   (`e2_jax.evaluation.selection`: each group's picks on its own detail, against chance).
 
 The study resumes: a run whose `result.json` exists is not run again (a result from before the
 back-view probe only gets that probe), a run that was
@@ -35,6 +42,7 @@ except ImportError:
     pass
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -44,9 +52,13 @@ import sys
 import time
 from pathlib import Path
 
+import jax
+import numpy as np
+
 from e2_jax import config as recipes
 from e2_jax import main as trainer_main
-from e2_jax import probe
+from e2_jax import pretrained, probe
+from e2_jax.data.builders.synth_fashion import SynthFashion
 from e2_jax.inference import Encoder
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -94,8 +106,21 @@ def pretrain(out: Path, steps: int | None) -> Path:
         seconds = _run(_main(arg, workdir, "train"), out / "pretrain.log")
         seconds += _run([sys.executable, "-m", "e2_jax.convert", "from-workdir", str(workdir), str(init)],
                         out / "pretrain.log")
-        timing.write_text(json.dumps({"seconds": seconds}) + "\n")
+        timing.write_text(json.dumps({"seconds": seconds, "params_sha256": params_digest(init)}) + "\n")
     return init
+
+
+def params_digest(model: Path) -> str:
+    """sha256 of a model's parameters (every array's path, dtype, shape and bytes, in path
+    order): a study continued on another machine re-runs the pre-training, which is
+    deterministic, and checks it got the same initial weights."""
+    _, params = pretrained.load(model)
+    digest = hashlib.sha256()
+    for path, leaf in sorted(jax.tree_util.tree_flatten_with_path(params)[0], key=lambda x: jax.tree_util.keystr(x[0])):
+        array = np.asarray(leaf)
+        digest.update(f"{jax.tree_util.keystr(path)} {array.dtype} {array.shape}".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
 
 
 def run_variant(out: Path, init: Path, variant: str, seed: int, steps: int | None) -> dict:
@@ -151,8 +176,9 @@ def one(arg: str, workdir: Path, probes_only: bool = False) -> None:
     times["probe"] = time.perf_counter() - start
     options = dict(item.split("=", 1) for item in arg.split(","))
     result = {"variant": options["variant"], "seed": int(options["seed"]), "config": arg, "seconds": times,
-              "checkpoint": report["checkpoint"], "retrieval": report["metrics"],
-              "probe": {f: probes[f]["accuracy"] for f in PROBE_FIELDS} | back}
+              "data": f"{DATASET} {SynthFashion.VERSION}", "checkpoint": report["checkpoint"],
+              "retrieval": report["metrics"], "probe": {f: probes[f]["accuracy"] for f in PROBE_FIELDS} | back,
+              "picks": report.get("picks_on_details")}
     (workdir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
 
 
@@ -184,8 +210,31 @@ def _mean_std(values: list[float | None]) -> str:
     return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
 
 
+def picks_table(by_variant: dict[str, list[dict]]) -> tuple[str, dict]:
+    """Where the selection tokens look (`selection.picks_on_details`), mean ± std over seeds:
+    one row per variant with fusion blocks, group with a detail, and fusion block."""
+    lines = ["| variant | seeds | group (its detail) | block | picks on own detail | chance | picks on any detail "
+             "| chance |", "|---|---|---|---|---|---|---|---|"]
+    data: dict[str, dict] = {}
+    for variant in (v for v in synth_study.VARIANTS if v in by_variant):
+        runs = [r["picks"] for r in by_variant[variant] if r.get("picks")]
+        if not runs:
+            continue
+        for group, entry in runs[0].items():
+            if entry["detail"] is None:
+                continue
+            for b in range(len(entry["blocks"])):
+                cells = {key: [run[group]["blocks"][b][key] for run in runs]
+                         for key in ("on_own", "chance", "on_any", "chance_any")}
+                data.setdefault(variant, {})[f"{group} block {b + 1}"] = cells
+                lines.append(f"| {variant} | {len(runs)} | {group} | {b + 1} | " + " | ".join(
+                    _mean_std(cells[k]) for k in ("on_own", "chance", "on_any", "chance_any")) + " |")
+    return ("\n".join(lines) if data else ""), data
+
+
 def summary(results: list[dict]) -> tuple[str, dict]:
-    """Markdown tables (retrieval; probes and time) and the numbers behind them."""
+    """Markdown tables (retrieval; probes and time; where the selection tokens look) and the
+    numbers behind them."""
     by_variant: dict[str, list[dict]] = {}
     for r in results:
         by_variant.setdefault(r["variant"], []).append(r)
@@ -199,6 +248,10 @@ def summary(results: list[dict]) -> tuple[str, dict]:
             lines.append(f"| {v} | {len(data[v]['seeds'])} | "
                          + " | ".join(_mean_std(data[v][h]) for h in heads) + " |")
         tables.append("\n".join(lines))
+    picks, picks_data = picks_table(by_variant)
+    if picks:
+        tables.append(picks)
+        data = {v: d | ({"picks": picks_data[v]} if v in picks_data else {}) for v, d in data.items()}
     return "\n\n".join(tables) + "\n", data
 
 
@@ -206,10 +259,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.synth_study", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="where the runs and the summary go (resumable)")
+    parser.add_argument("--study", choices=("budget", "details"), default="budget",
+                        help="budget: every variant at 160 steps (issue 7); details: CLIP-FT, E² and its "
+                             "mechanism's ablations at 3,000 steps (issue 22)")
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--variants", default=",".join(synth_study.VARIANTS))
-    parser.add_argument("--steps", type=int, help=f"fine-tuning steps (default {synth_study.STEPS}; "
-                        "smaller for a smoke run)")
+    parser.add_argument("--variants", help="default: the study's")
+    parser.add_argument("--steps", type=int, help=f"fine-tuning steps (default: the study's, {synth_study.STEPS} "
+                        f"or {synth_study.DETAILS_STEPS}; smaller for a smoke run)")
     parser.add_argument("--pretrain-steps", type=int, help=f"default {synth_study.PRETRAIN_STEPS}")
     parser.add_argument("--report-only", action="store_true", help="tables of the runs in --out, run nothing")
     parser.add_argument("--one", metavar="CONFIG_ARG", help=argparse.SUPPRESS)  # one run, into --out
@@ -219,7 +275,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.one:
         return one(args.one, out, args.probes_only)
     out.mkdir(parents=True, exist_ok=True)
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    if args.study == "details":
+        args.variants = args.variants or ",".join(synth_study.DETAILS_VARIANTS)
+        args.steps = args.steps or synth_study.DETAILS_STEPS
+    variants = [v.strip() for v in (args.variants or ",".join(synth_study.VARIANTS)).split(",") if v.strip()]
     unknown = set(variants) - set(synth_study.VARIANTS)
     if unknown:
         parser.error(f"unknown variants {sorted(unknown)}; known: {', '.join(synth_study.VARIANTS)}")
@@ -238,10 +297,14 @@ def main(argv: list[str] | None = None) -> None:
     table, data = summary(results)
     pretrain_file = out / "pretrain_time.json"
     total = sum(sum(r["seconds"].values()) for r in results)
-    total += json.loads(pretrain_file.read_text())["seconds"] if pretrain_file.is_file() else 0.0
-    header = (f"SynthFashion study, {len(results)} runs, {total / 3600:.2f} h of run time in all (pre-training "
+    pretraining = json.loads(pretrain_file.read_text()) if pretrain_file.is_file() else {}
+    total += pretraining.get("seconds", 0.0)
+    data_versions = sorted({r.get("data", f"{DATASET} 1.0.0") for r in results})
+    header = (f"SynthFashion study ({', '.join(data_versions)}), {len(results)} runs, "
+              f"{total / 3600:.2f} h of run time in all (pre-training "
               f"included); this invocation {time.perf_counter() - start:.0f} s. Machine: {platform.machine()}"
-              f", {os.cpu_count()} CPUs, Python {platform.python_version()}.\n\n")
+              f", {os.cpu_count()} CPUs, Python {platform.python_version()}. Initial weights: sha256 "
+              f"{pretraining.get('params_sha256', 'not recorded')}.\n\n")
     (out / "summary.md").write_text(header + table)
     (out / "summary.json").write_text(json.dumps(data, indent=2) + "\n")
     print(header + table)
