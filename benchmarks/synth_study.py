@@ -178,8 +178,20 @@ def one(arg: str, workdir: Path, probes_only: bool = False) -> None:
     result = {"variant": options["variant"], "seed": int(options["seed"]), "config": arg, "seconds": times,
               "data": f"{DATASET} {SynthFashion.VERSION}", "checkpoint": report["checkpoint"],
               "retrieval": report["metrics"], "probe": {f: probes[f]["accuracy"] for f in PROBE_FIELDS} | back,
-              "picks": report.get("picks_on_details")}
+              "picks": report.get("picks_on_details"), "curves": loss_curves(workdir / "metrics.jsonl")}
     (workdir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+
+
+def loss_curves(metrics: Path, points: int = 20) -> dict[str, list[list[float]]]:
+    """The training losses (global and each group's region loss) as `points` window means:
+    {name: [[last step of the window, mean], ...]}. Whether, and when, a region loss leaves
+    chance (ln 64 = 4.16 at batch 64) says when the model starts to read that group's detail."""
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    names = [k for k in rows[0] if k == "loss_global" or k.startswith("loss_region/")] if rows else []
+    size = max(1, -(-len(rows) // points))
+    return {name.removeprefix("loss_region/").removeprefix("loss_"): [
+        [rows[min(i + size, len(rows)) - 1]["step"], float(np.mean([r[name] for r in rows[i : i + size]]))]
+        for i in range(0, len(rows), size)] for name in names}
 
 
 # --- the tables -----------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """The seed study's config (configs/synth_study.py) and its runner's tables: equal budgets,
 one initial model, the ablations as the paper defines them."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -113,3 +114,15 @@ def test_summary_has_where_the_selection_tokens_look():
     assert "| e2 | 2 | brand | 2 | 25.0 ± 7.1 |" in table
     assert "| e2 | 2 | subcategory |" not in table and "| no_fusion | 1 | brand" not in table  # no detail; no picks
     assert data["e2"]["picks"]["brand block 1"]["on_own"] == [40.0, 60.0] and "picks" not in data["no_fusion"]
+
+
+def test_loss_curves_are_window_means(tmp_path):
+    from benchmarks import synth_study as runner
+
+    rows = [{"step": 10 * (i + 1), "loss": 9.0, "loss_global": float(i), "loss_region/brand": 4.0 - i / 100}
+            for i in range(40)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    curves = runner.loss_curves(tmp_path / "metrics.jsonl", points=4)
+    assert set(curves) == {"global", "brand"}
+    assert curves["global"] == [[100, 4.5], [200, 14.5], [300, 24.5], [400, 34.5]]
+    assert curves["brand"][0] == [100, pytest.approx(4.0 - 0.045)]
