@@ -10,8 +10,11 @@ attends to live in small regions:
 
 Products come in families of the same sub-category and colour that differ only in those
 details (hard negatives). Each product has `views` images: front, back, and a detail crop of
-the chest and label. Everything is a pure function of (config, split, index): the same seed
-gives the same dataset, byte for byte, and train and validation products are disjoint.
+the chest and label, and the box of each detail in each view (`render`). The details are
+painted anti-aliased, so each one's value can be read from every view that shows it at each
+variant's resolution (`readability`, tested). Everything is a pure function of (config,
+split, index): the same seed gives the same dataset, byte for byte, and train and validation
+products are disjoint.
 """
 
 from __future__ import annotations
