@@ -6,8 +6,8 @@
     python -m benchmarks.synth_study --study details --out /tmp/synth_details  # issue 22's study
 
 `--study budget` (the default, issue 7's): every variant at the study's 160 steps; `--study
-details`: CLIP-FT, E², E² without the region loss and without fusion blocks at 3,000 steps, the
-budget where the details are learnt (`configs/synth_study.py`: DETAILS_*).
+details`: CLIP-FT, E², E² without the region loss and without fusion blocks at 6,000 steps, the
+budget where the details are learnt (`configs/synth_study.py`: DETAILS_*, and why 6,000).
 
 Every run is an ordinary command of this project (printed as it starts), with the config
 `configs/synth_study.py`, which fixes the data, model, budget and hyper-parameters:
@@ -225,7 +225,7 @@ def _mean_std(values: list[float | None]) -> str:
 def picks_table(by_variant: dict[str, list[dict]]) -> tuple[str, dict]:
     """Where the selection tokens look (`selection.picks_on_details`), mean ± std over seeds:
     one row per variant with fusion blocks, group with a detail, and fusion block."""
-    lines = ["| variant | seeds | group (its detail) | block | picks on own detail | chance | picks on any detail "
+    lines = ["| variant | seeds | group | block | picks on own detail | chance | picks on any detail "
              "| chance |", "|---|---|---|---|---|---|---|---|"]
     data: dict[str, dict] = {}
     for variant in (v for v in synth_study.VARIANTS if v in by_variant):
@@ -273,7 +273,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, help="where the runs and the summary go (resumable)")
     parser.add_argument("--study", choices=("budget", "details"), default="budget",
                         help="budget: every variant at 160 steps (issue 7); details: CLIP-FT, E² and its "
-                             "mechanism's ablations at 3,000 steps (issue 22)")
+                             f"mechanism's ablations at {synth_study.DETAILS_STEPS:,} steps (issue 22)")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--variants", help="default: the study's")
     parser.add_argument("--steps", type=int, help=f"fine-tuning steps (default: the study's, {synth_study.STEPS} "
