@@ -187,6 +187,7 @@ def loss_curves(metrics: Path, points: int = 20) -> dict[str, list[list[float]]]
     {name: [[last step of the window, mean], ...]}. Whether, and when, a region loss leaves
     chance (ln 64 = 4.16 at batch 64) says when the model starts to read that group's detail."""
     rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if "loss" in r]  # training steps (not validation rows)
     names = [k for k in rows[0] if k == "loss_global" or k.startswith("loss_region/")] if rows else []
     size = max(1, -(-len(rows) // points))
     return {name.removeprefix("loss_region/").removeprefix("loss_"): [

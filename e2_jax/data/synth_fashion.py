@@ -263,7 +263,10 @@ def _tag(canvas: _Canvas, record: dict, at, size: float) -> tuple[float, float, 
 
 DETAILS = ("logo", "label", "tag")  # the small details, in the order of `render`'s boxes
 DETAIL_FIELDS = ("brand", "composition", "season")  # the tag each detail shows
+DETAIL_BOXES = "detail_boxes"  # the example's field holding `render`'s boxes
 VIEWS = ("front", "back", "detail")
+# Which views show which detail, by design.
+SHOWN = (("logo", ("front", "detail")), ("label", ("back", "detail")), ("tag", ("front", "back")))
 _ABSENT = (-1.0, -1.0, -1.0, -1.0)
 
 
@@ -330,7 +333,7 @@ def readability(config: SynthConfig, fit: int = 600, test: int = 300, grid: int 
     regression onto the one-hot value, fitted on `fit` training products and scored on `test`
     validation products. It is told where the detail is (its box): it measures whether the
     value survives the jitter and the rendering, not whether a model finds it."""
-    labels = dict(zip(DETAILS, ("brand_id", "composition_id", "season_id"), strict=True))
+    labels = {detail: f"{field}_id" for detail, field in zip(DETAILS, DETAIL_FIELDS, strict=True)}
     config = config.replace(num_train=fit, num_validation=test)  # disjoint products, any counts
     side = config.image_size
 
@@ -338,7 +341,7 @@ def readability(config: SynthConfig, fit: int = 600, test: int = 300, grid: int 
         out: dict[tuple[str, str], tuple[list, list]] = {}
         for i in range(count):
             example = product(config, split, i)
-            for v, (image, boxes) in enumerate(zip(example["images"], example["detail_boxes"], strict=True)):
+            for v, (image, boxes) in enumerate(zip(example["images"], example[DETAIL_BOXES], strict=True)):
                 for detail, box in zip(DETAILS, boxes, strict=True):
                     if box[0] < 0:
                         continue
@@ -374,16 +377,13 @@ def readability_table() -> str:
     return "\n".join(lines)
 
 
-# Which views show which detail, by design.
-SHOWN = (("logo", ("front", "detail")), ("label", ("back", "detail")), ("tag", ("front", "back")))
-
 
 def product(config: SynthConfig, split: str, index: int) -> dict[str, Any]:
     """One product: its record plus `render`'s `images` (uint8 [views, size, size, 3]) and
     `detail_boxes` (float32 [views, 3, 4])."""
     record = product_record(config, split, index)
     images, boxes = render(config, record)
-    return {**record, "images": images, "detail_boxes": boxes}
+    return {**record, "images": images, DETAIL_BOXES: boxes}
 
 
 def num_products(config: SynthConfig, split: str) -> int:

@@ -216,7 +216,7 @@ def evaluation_report(spec: RunSpec, source: pipeline.Source, params: dict, prot
                             sharding=sharding.batch_sharding(spec.mesh))
 
 
-DETAIL_BOXES = "detail_boxes"  # a split's record of where its details are (SynthFashion's)
+DETAIL_BOXES = synth_fashion.DETAIL_BOXES  # a split's record of where its details are
 
 
 def picks_report(spec: RunSpec, source: pipeline.Source, params: dict) -> dict | None:

@@ -62,8 +62,9 @@ class SynthFashion(tfds.core.GeneratorBasedBuilder):
             "images": tfds.features.Sequence(tfds.features.Image(shape=(size, size, 3), encoding_format="png")),
             **{field: tfds.features.Text() for field in TEXT_FIELDS},
             **{field: tfds.features.Scalar(dtype=np.int64) for field in LABEL_FIELDS},
-            # [views, details, 4]: synth_fashion.render's boxes (DETAIL_FIELDS order), -1 where absent
-            "detail_boxes": tfds.features.Tensor(shape=(self.builder_config.synth.views, 3, 4), dtype=np.float32),
+            # [views, details, 4]: synth_fashion.render's boxes (DETAILS order), -1 where absent
+            synth_fashion.DETAIL_BOXES: tfds.features.Tensor(
+                shape=(self.builder_config.synth.views, len(synth_fashion.DETAILS), 4), dtype=np.float32),
         }
         return self.dataset_info_from_configs(features=tfds.features.FeaturesDict(features),
                                               supervised_keys=None)
