@@ -73,6 +73,7 @@ class Source:
                               f"{list(builder.info.splits)}")
         self.name, self.split = name, split
         self.features = builder.info.features
+        self.metadata = dict(builder.info.metadata or {})
         self._records = builder.as_data_source(split, deserialize_method=tfds.core.decode.DeserializeMethod.RAW_BYTES)
 
     def __len__(self) -> int:
@@ -237,6 +238,12 @@ def _dataset(source: Source, pre: Preprocessing, batches: Iterator[tuple[np.ndar
     unknown = [f for f in fields if f not in known]
     if unknown:
         raise ConfigError(f"{source.name}: no text field {unknown} for the text format / tags; it has {known}")
+    empty = source.metadata.get("catalog", {}).get("empty", {}).get(source.split, {})
+    blank = {f: empty[f] for f in fields if empty.get(f)}
+    if blank:  # a catalog's --optional field, empty in some products, used as a text
+        raise ConfigError(f"{source.name}/{source.split}: the text format or a tag uses {sorted(blank)}, empty in "
+                          f"{blank} products (built as --optional); rebuild without --optional for them (products "
+                          "with them empty are then left out, and named) or leave them out of the config")
     spec = {k: v for k, v in source.features.tf_example_spec.items() if k in ("images", *fields)}
 
     def generate():

@@ -1,0 +1,228 @@
+"""The `catalog` dataset: your own product table (JSONL, CSV, Parquet) built as the pipeline reads it."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from e2_jax.data import catalog
+from e2_jax.data.catalog import TableOptions
+from e2_jax.errors import ConfigError, DataError
+
+PRODUCTS = 12
+
+
+@pytest.fixture(scope="module")
+def example(tmp_path_factory) -> tuple[Path, list[dict]]:
+    """The worked example's catalog (SynthFashion/tiny products, three PNG views each) and its rows."""
+    root = tmp_path_factory.mktemp("example")
+    path = catalog.example(root, PRODUCTS, variant="tiny", table="products.jsonl")
+    return root, [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def build(root: Path, name: str, data_dir: Path, options: TableOptions | None = None):
+    from e2_jax.data.build import build as build_dataset
+
+    return build_dataset(f"catalog/{name}", str(data_dir), str(root), options)
+
+
+def read(data_dir: Path, name: str) -> dict[str, dict[str, dict]]:
+    """{split: {product_id: example, images decoded}} of a built catalog."""
+    from e2_jax.data import builders
+
+    builder = builders.builder(f"catalog/{name}", data_dir=str(data_dir))
+    out = {}
+    for split in builder.info.splits:
+        records = builder.as_data_source(split)
+        out[split] = {}
+        for i in range(len(records)):
+            example = records[i]
+            product_id = example["product_id"].decode()
+            out[split][product_id] = {k: [np.asarray(x) for x in v] if k == "images" else v.decode()
+                                      for k, v in example.items()}
+    return out
+
+
+def with_table(root: Path, out: Path, table_rows: list[dict], table: str) -> Path:
+    """A copy of the example's images with another table beside them."""
+    shutil.copytree(root / "images", out / "images", dirs_exist_ok=True)
+    catalog.write_table(table_rows, out / table)
+    return out
+
+
+def png(pixels: np.ndarray) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="PNG")
+    return out.getvalue()
+
+
+def test_every_table_format_builds_the_same_dataset(example, tmp_path):
+    """JSONL, CSV, Parquet with paths, Parquet with image bytes (Hugging Face `datasets`'
+    Image layout: a list of {bytes, path} structs), and one row per image: the same examples."""
+    root, rows = example
+    per_image = [{**row, "image": name} for row in rows for name in row["image"]]
+    with_bytes = [{**row, "image": [{"bytes": (root / name).read_bytes(), "path": name} for name in row["image"]]}
+                  for row in rows]
+    tables = {"jsonl": (rows, "products.jsonl"), "csv": (rows, "products.csv"),
+              "parquet_paths": (rows, "products.parquet"), "parquet_bytes": (with_bytes, "products.parquet"),
+              "rows_per_image": (per_image, "products.csv")}
+    built = {}
+    for name, (table_rows, table) in tables.items():
+        source = root if name == "jsonl" else with_table(root, tmp_path / name, table_rows, table)
+        build(source, name, tmp_path / "tfds")
+        built[name] = read(tmp_path / "tfds", name)
+    reference = built["jsonl"]
+    assert sum(len(v) for v in reference.values()) == PRODUCTS
+    for row in rows:  # every column's text, all three views, pixel for pixel
+        split = catalog.hash_split(row["id"], TableOptions().fractions)
+        example = reference[split][row["id"]]
+        assert {k: example[k] for k in ("title", "description", "brand", "material", "season", "category")} == \
+            {k: row[k] for k in ("title", "description", "brand", "material", "season", "category")}
+        assert len(example["images"]) == 3
+        for pixels, name in zip(example["images"], row["image"], strict=True):
+            np.testing.assert_array_equal(pixels, np.asarray(Image.open(root / name).convert("RGB")))
+    for name, dataset in built.items():
+        assert dataset.keys() == reference.keys(), name
+        for split in reference:
+            assert dataset[split].keys() == reference[split].keys(), name
+            for product_id, example in reference[split].items():
+                other = dataset[split][product_id]
+                assert {k: v for k, v in other.items() if k != "images"} == \
+                    {k: v for k, v in example.items() if k != "images"}, (name, product_id)
+                assert len(other["images"]) == len(example["images"])
+                for a, b in zip(other["images"], example["images"], strict=True):
+                    np.testing.assert_array_equal(a, b)
+
+
+def test_splits_come_from_the_split_column_or_from_a_stable_hash_of_the_id(example, tmp_path):
+    root, rows = example
+    # By column: exactly as written, any split names.
+    named = [{**row, "split": ("train", "validation", "test")[i % 3]} for i, row in enumerate(rows)]
+    build(with_table(root, tmp_path / "by_column", named, "products.csv"), "by_column", tmp_path / "tfds")
+    got = read(tmp_path / "tfds", "by_column")
+    assert {split: sorted(v) for split, v in got.items()} == {
+        s: sorted(r["id"] for r in named if r["split"] == s) for s in ("train", "validation", "test")}
+    # By hash: sha256 of the id on the cumulative fractions, whatever the order of the rows.
+    options = TableOptions(fractions=(("train", 0.5), ("validation", 0.25), ("test", 0.25)))
+    shuffled = [rows[i] for i in np.random.default_rng(0).permutation(len(rows))]
+    for name, table_rows in (("hash_a", rows), ("hash_b", shuffled)):
+        build(with_table(root, tmp_path / name, table_rows, "products.parquet"), name, tmp_path / "tfds", options)
+    a, b = read(tmp_path / "tfds", "hash_a"), read(tmp_path / "tfds", "hash_b")
+    assert {s: sorted(v) for s, v in a.items()} == {s: sorted(v) for s, v in b.items()}
+    for split, products in a.items():
+        for product_id in products:
+            u = int(hashlib.sha256(product_id.encode()).hexdigest()[:16], 16) / 2**64
+            assert split == ("train" if u < 0.5 else "validation" if u < 0.75 else "test")
+    # Fixed values: the hash split never changes between versions of e2_jax.
+    assert [catalog.hash_split(f"p{i}", options.fractions) for i in range(6)] == \
+        ["train", "test", "train", "train", "validation", "train"]
+
+
+def test_bad_rows_are_skipped_counted_and_named(example, tmp_path):
+    root, rows = example
+    out = with_table(root, tmp_path / "bad", [], "products.jsonl")
+    (out / "images" / "broken.png").write_bytes(png(np.zeros((8, 8, 3), np.uint8))[:40])  # truncated
+    good = rows[:6]
+    bad = [
+        {**rows[6], "image": ["images/missing.png"]},  # its only image is missing: left out
+        {**rows[7], "image": [rows[7]["image"][0], "images/broken.png"]},  # one view dropped, kept
+        {**rows[8], "brand": "  "},  # empty brand: left out
+        {**rows[9], "id": ""},  # no id
+        rows[10], {**rows[10], "title": "Another title"},  # one id, two texts: left out
+        {**rows[11], "image": rows[11]["image"][:1]}, {**rows[11], "image": rows[11]["image"][1:]},  # merged
+    ]
+    catalog.write_table(good + bad, out / "products.jsonl")
+    options = TableOptions(fractions=(("train", 1.0),))
+    builder = build(out, "bad", tmp_path / "tfds", options)
+    kept = read(tmp_path / "tfds", "bad")["train"]
+    assert sorted(kept) == sorted([r["id"] for r in good] + [rows[7]["id"], rows[11]["id"]])
+    assert len(kept[rows[7]["id"]]["images"]) == 1 and len(kept[rows[11]["id"]]["images"]) == 3
+    skipped = json.loads((Path(builder.data_dir) / "metadata.json").read_text())["skipped"]["train"]
+    assert skipped["products"] == 4 and skipped["views"] == 2
+    assert sorted(skipped["product_ids"]) == sorted([rows[6]["id"], rows[8]["id"], "row 10", rows[10]["id"]])
+    named = {(e["product"], e["reason"].split(" (")[0], e.get("view")) for e in skipped["examples"]}
+    assert named == {
+        (rows[6]["id"], "missing image", "images/missing.png"), (rows[6]["id"], "no usable image", None),
+        (rows[7]["id"], "undecodable image", "images/broken.png"), (rows[8]["id"], "empty brand", None),
+        ("row 10", "no id", None), (rows[10]["id"], "duplicate id with conflicting texts", None)}
+    conflict = next(e for e in skipped["examples"] if e["product"] == rows[10]["id"])
+    assert conflict["reason"] == "duplicate id with conflicting texts (rows 11 and 12)"
+
+
+def test_optional_fields_may_be_empty_but_a_config_that_uses_them_is_stopped(example, tmp_path):
+    from e2_jax.data import pipeline
+
+    root, rows = example
+    table_rows = [{**row, "season": "" if i % 4 == 0 else row["season"]} for i, row in enumerate(rows)]
+    out = with_table(root, tmp_path / "optional", table_rows, "products.csv")
+    build(out, "optional", tmp_path / "tfds", TableOptions(fractions=(("train", 1.0),), optional=("season",)))
+    source = pipeline.Source("catalog/optional", "train", str(tmp_path / "tfds"))
+    assert len(source) == PRODUCTS and source.metadata["catalog"]["empty"] == {"train": {"season": 3}}
+    fine = pipeline.local_eval_batches(source, pipeline.Preprocessing(image_size=32, text_format="{title}"),
+                                       global_batch=4, rows=range(4))
+    assert next(fine)["text"].shape == (4, 77)
+    with pytest.raises(ConfigError, match=r"uses \['season'\], empty in \{'season': 3\} products"):
+        pipeline.local_eval_batches(source, pipeline.Preprocessing(image_size=32, text_format="{title}",
+                                                                   tags=(("season", "season", 8),)),
+                                    global_batch=4, rows=range(4))
+
+
+def test_table_mistakes_are_errors_that_say_what_the_table_has(example, tmp_path):
+    root, rows = example
+    out = with_table(root, tmp_path / "columns", rows, "products.csv")
+    with pytest.raises(ConfigError, match=r"no image column 'images' \(did you mean 'image'\?\); its columns are "
+                                          r"\['id', 'image', 'title'"):
+        build(out, "columns", tmp_path / "tfds", TableOptions(image_column="images"))
+    with pytest.raises(ConfigError, match="no id column 'sku'"):
+        build(out, "columns", tmp_path / "tfds", TableOptions(id_column="sku"))
+    with pytest.raises(ConfigError, match="--optional names"):
+        build(out, "columns", tmp_path / "tfds", TableOptions(optional=("colour",)))
+    # Every row unusable: an error, and nothing is left marked as built.
+    unusable = with_table(root, tmp_path / "unusable", [{**r, "image": "images/none.png"} for r in rows],
+                          "products.csv")
+    with pytest.raises(DataError, match="no usable product"):
+        build(unusable, "unusable", tmp_path / "tfds")
+    assert not (tmp_path / "tfds" / "catalog" / "unusable").exists() or not any(
+        (tmp_path / "tfds" / "catalog" / "unusable").glob("*/dataset_info.json"))
+    # Two tables, or none.
+    catalog.write_table(rows, out / "products.jsonl")
+    with pytest.raises(FileNotFoundError, match="2 product tables"):
+        build(out, "columns", tmp_path / "tfds")
+    with pytest.raises(FileNotFoundError, match="no product table"):
+        build(tmp_path / "columns" / "images", "columns", tmp_path / "tfds")
+
+
+def test_the_catalog_config_trains_a_tiny_model_and_evaluates_it(example, tmp_path):
+    """configs/e2_catalog.py:runlocal on the worked example: E² with three of the table's
+    columns as region groups, trained a few steps and evaluated under every protocol."""
+    from e2_jax import config as recipes
+    from e2_jax import main
+
+    root, _ = example
+    build(root, "shop", tmp_path / "tfds", TableOptions(fractions=(("train", 0.5), ("validation", 0.5))))
+    arg = (f"name=shop,data_dir={tmp_path / 'tfds'},text={{title}}. {{brand}}. {{material}},"
+           "groups=brand+material+season,description={description},sample_field=category,runlocal")
+    c = recipes.config_module("configs/e2_catalog.py").get_config(arg)
+    assert [g["name"] for g in c.e2.groups] == ["brand", "material", "season"] and c.e2.enabled
+    assert c.data.dataset == "catalog/shop" and c.model.preset == "tiny"
+    c.eval.sample_negatives = 2  # the example's few validation products
+    trained = main.run(c, tmp_path / "run")
+    assert trained["step"] == 8 and trained["eval"]["sumr"] > 0  # validated on the catalog as it trained
+    evaluated = main.run(c, tmp_path / "run", mode="evaluate")
+    report = json.loads((tmp_path / "run" / "eval" / "report.json").read_text())
+    assert report["dataset"] == "catalog/shop" and set(report["texts"]) == {"tags", "description"}
+    for protocol in ("full_candidate", "sample_100"):
+        for text in ("tags", "description"):
+            assert 0 <= report["metrics"][f"{protocol}/{text}/sumr"] <= 600
+    assert evaluated["eval"]["sumr"] == report["metrics"]["full_candidate/tags/sumr"]
+    assert "picks_on_details" not in report  # a catalog records no detail boxes
+    assert list((tmp_path / "run" / "eval" / "selection_maps").glob("*.png"))  # but the maps are drawn
+    with pytest.raises(ConfigError, match="needs name=NAME"):
+        recipes.config_module("configs/e2_catalog.py").get_config("runlocal")
