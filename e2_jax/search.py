@@ -1,14 +1,28 @@
-"""Index a folder of product images and answer text queries: the everyday use of a fashion
-retrieval model.
+"""Embed a catalog or a folder of product images, and answer text queries: the everyday use of a
+fashion retrieval model.
 
     python -m e2_jax.search index --workdir workdirs/e2_b16 --images ~/catalog --out catalog.npz
+    python -m e2_jax.search index --workdir workdirs/mystore --dataset catalog/mystore --split validation \\
+        --out mystore.parquet [--views all] [--regions] [--raw]
     python -m e2_jax.search query --index catalog.npz "black leather biker jacket" "red silk dress" --top 5
 
-`index` embeds every image under `--images` (recursively: .jpg, .jpeg, .png, .webp) with the
-trained model (`--workdir`, its best parameters) or a converted CLIP (`--pretrained`), and
-writes the L2-normalised embeddings with the paths and the model they came from. `query`
+`index` embeds, with the trained model (`--workdir`, its best parameters) or a converted CLIP
+(`--pretrained`), either every image under `--images` (recursively: .jpg, .jpeg, .png, .webp;
+unreadable files skipped, counted and listed; each identified by its path) or a built dataset's
+split (`--dataset`: a catalog, or any dataset e2_jax builds; each product's first view, or
+every view with `--views all`; identified by its product id and view), in batches over every
+local device, with a progress bar. It writes, ready for a vector database:
+
+| `.parquet` column | `.npz` array | what |
+|---|---|---|
+| `id` | `ids` [N] | the product id (a dataset) or the image's path (a folder) |
+| `view` | `views` [N] | the view's index within its product (a dataset) |
+| `embedding` | `embeddings` [N, D] | the global image embedding, float32 |
+| `region_<group>` | `regions` [N, G, D], `groups` [G] | E²'s region embeddings, with `--regions` |
+| file metadata `e2_jax` | `meta` | JSON: the model, its origin, the input, `normalized`, what was skipped |
+
+Embeddings are L2-normalised (cosine similarity is a dot product) unless `--raw`. `query`
 embeds each text with the same model and prints the best matches by cosine similarity.
-Unreadable images are skipped, counted and listed.
 """
 
 from __future__ import annotations
@@ -16,11 +30,14 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
 from e2_jax import distributed, errors, images
-from e2_jax.errors import DataError
+from e2_jax.errors import ConfigError, DataError, MissingError
+
+SUFFIXES = (".npz", ".parquet")
 
 
 def _encoder(workdir: str | None, pretrained: str | None, batch_size: int):
@@ -31,45 +48,155 @@ def _encoder(workdir: str | None, pretrained: str | None, batch_size: int):
     return load_encoder(workdir, pretrained, batch_size=batch_size)
 
 
-def build_index(encoder, folder: str | Path, out: str | Path, chunk: int = 1024) -> dict:
-    """Embeds the folder's readable images into `out` (.npz), `chunk` images in memory at a
-    time; returns a summary (the unreadable files skipped, each named)."""
+def _bar(total: int, unit: str, show: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit=unit, disable=not show, dynamic_ncols=True, leave=False)
+
+
+def _out_path(out: str | Path) -> Path:
+    out = Path(out)
+    if out.suffix not in SUFFIXES:
+        raise ConfigError(f"an index is written as .npz or .parquet, not {out.name}")
+    return out
+
+
+def build_index(encoder, folder: str | Path, out: str | Path, chunk: int = 256, *, normalize: bool = True,
+                regions: bool = False, progress: bool = False) -> dict:
+    """Embeds the folder's readable images into `out` (.npz or .parquet), `chunk` images in
+    memory at a time; returns a summary (the unreadable files skipped, each named)."""
+    out = _out_path(out)
     found = images.find(folder)
     paths, parts, skipped = [], [], []
-    for start in range(0, len(found), chunk):
-        loaded = images.read(found[start : start + chunk])
-        paths += loaded.paths
-        skipped += loaded.skipped
-        if loaded.images:
-            parts.append(encoder.encode_images(loaded.images))
+    with _bar(len(found), "img", progress) as bar:
+        for start in range(0, len(found), chunk):
+            loaded = images.read(found[start : start + chunk])
+            paths += loaded.paths
+            skipped += loaded.skipped
+            if loaded.images:
+                got = encoder.image_outputs(loaded.images, normalize=normalize)
+                parts.append((got.global_embedding, got.region_embeddings))
+            bar.update(len(found[start : start + chunk]))
     if not paths:
         raise DataError(f"no readable image under {folder}: " + "; ".join(skipped[:3]))
     meta = {"model": encoder.source, "origin": encoder.origin, "folder": str(Path(folder).absolute()),
-            "skipped": skipped}
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".partial.npz")
-    np.savez(tmp, embeddings=np.concatenate(parts), paths=np.array([str(p) for p in paths]), meta=json.dumps(meta))
-    tmp.replace(out)
+            "normalized": normalize, "skipped": skipped}
+    embeddings = np.concatenate([p[0] for p in parts])
+    region = np.concatenate([p[1] for p in parts]) if regions and parts[0][1] is not None else None
+    write_index(out, np.array([str(p) for p in paths]), embeddings, meta, regions=region,
+                groups=_groups(encoder, regions))
     return {"indexed": len(paths), "skipped": skipped, "out": str(out)}
 
 
+def index_split(encoder, dataset: str, split: str, out: str | Path, *, data_dir: str | None = None,
+                views: str = "first", normalize: bool = True, regions: bool = False, progress: bool = False,
+                batch_size: int = 256) -> dict:
+    """Embeds a built dataset's split (each product's first view, or every view with
+    `views="all"`) into `out` (.npz or .parquet), identified by product id and view."""
+    from e2_jax.data import pipeline  # deferred with TensorFlow (see _encoder)
+
+    out = _out_path(out)
+    if views not in ("first", "all"):
+        raise ConfigError(f"--views is first or all, not {views!r}")
+    source = pipeline.Source(dataset, split, data_dir)
+    scan = source.scan(["product_id"] if "product_id" in source.features.keys() else [])
+    n = len(source)
+    ids = scan["product_id"].astype(str) if "product_id" in scan else np.arange(n).astype(str)
+    if views == "all":
+        items = np.concatenate([np.stack([np.full(v, i), np.arange(v)], axis=1) for i, v in enumerate(scan["views"])])
+    else:
+        items = np.stack([np.arange(n), np.zeros(n, np.int64)], axis=1)
+    got = encoder.split_outputs(source, items, batch_size=batch_size, normalize=normalize, progress=progress)
+    meta = {"model": encoder.source, "origin": encoder.origin, "dataset": dataset, "split": split,
+            "data_dir": data_dir, "views": views, "normalized": normalize, "skipped": []}
+    write_index(out, ids[got["index"]], got["global"], meta, views=got["view"],
+                regions=got.get("regions") if regions else None, groups=_groups(encoder, regions))
+    return {"indexed": len(got["global"]), "products": n, "skipped": [], "out": str(out)}
+
+
+def _groups(encoder, regions: bool) -> list[str]:
+    if regions and not encoder.e2.groups:
+        raise ConfigError(f"--regions: {encoder.source} has no region groups (CLIP and CLIP-FT have none)")
+    return [g.name for g in encoder.e2.groups] if regions else []
+
+
+def write_index(out: Path, ids: np.ndarray, embeddings: np.ndarray, meta: dict, *, views: np.ndarray | None = None,
+                regions: np.ndarray | None = None, groups: list[str] = ()) -> None:
+    """The index file, written whole or not at all (a partial file, then renamed)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".partial" + out.suffix)
+    embeddings = np.asarray(embeddings, np.float32)
+    if out.suffix == ".npz":
+        extra = {} if views is None else {"views": np.asarray(views, np.int32)}
+        if regions is not None:
+            extra.update(regions=np.asarray(regions, np.float32), groups=np.array(groups))
+        np.savez(tmp, ids=ids, embeddings=embeddings, meta=json.dumps(meta), **extra)
+    else:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        def vectors(x: np.ndarray) -> pa.Array:
+            return pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(x, np.float32).reshape(-1)),
+                                                     x.shape[-1])
+
+        columns = {"id": pa.array([str(i) for i in ids], pa.string())}
+        if views is not None:
+            columns["view"] = pa.array(np.asarray(views, np.int32))
+        columns["embedding"] = vectors(embeddings)
+        for g, name in enumerate(groups if regions is not None else ()):
+            columns[f"region_{name}"] = vectors(regions[:, g])
+        table = pa.table(columns).replace_schema_metadata({"e2_jax": json.dumps(meta)})
+        pq.write_table(table, tmp)
+    tmp.replace(out)
+
+
+class Index(NamedTuple):
+    ids: np.ndarray  # [N] str
+    embeddings: np.ndarray  # [N, D] float32
+    meta: dict
+
+
+def load_index(path: str | Path) -> Index:
+    """An index file (.npz or .parquet) as written by `index`; an .npz of before product ids
+    (`paths`) reads too."""
+    path = Path(path)
+    if not path.is_file():
+        raise MissingError(f"no index {path}: write one with python -m e2_jax.search index ... --out {path}")
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path, columns=["id", "embedding"])
+        meta = json.loads((table.schema.metadata or {}).get(b"e2_jax", b"{}"))
+        column = table.column("embedding").combine_chunks()
+        embeddings = column.values.to_numpy().reshape(len(table), column.type.list_size)
+        return Index(np.array(table.column("id").to_pylist()), embeddings.astype(np.float32), meta)
+    with np.load(path) as data:
+        return Index(data["ids"] if "ids" in data else data["paths"], data["embeddings"], json.loads(str(data["meta"])))
+
+
 def query(index: str | Path, texts: list[str], encoder, top: int = 5) -> list[list[tuple[str, float]]]:
-    """The `top` (path, cosine similarity) of the index for each text."""
-    with np.load(index) as data:
-        embeddings, paths = data["embeddings"], data["paths"]
+    """The `top` (id, cosine similarity) of the index for each text."""
+    ids, embeddings, _ = load_index(index)
+    embeddings = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)  # (a no-op unless written raw)
     scores = encoder.encode_texts(texts) @ embeddings.T
     order = np.argsort(-scores, axis=1, kind="stable")[:, :top]
-    return [[(str(paths[j]), float(s[j])) for j in row] for s, row in zip(scores, order, strict=True)]
+    return [[(str(ids[j]), float(s[j])) for j in row] for s, row in zip(scores, order, strict=True)]
 
 
 def main(argv: list[str] | None = None) -> None:
     distributed.single_host_only("python -m e2_jax.search")
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("index", help="embed a folder of images")
-    p.add_argument("--images", required=True)
-    p.add_argument("--out", required=True)
+    p = sub.add_parser("index", help="embed a folder of images or a dataset's split")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--images", help="a folder of images (searched recursively)")
+    what.add_argument("--dataset", help="a built dataset, e.g. catalog/mystore")
+    p.add_argument("--split", default="validation", help="the dataset's split (default: %(default)s)")
+    p.add_argument("--data-dir", help="where the dataset was built (default: TFDS's)")
+    p.add_argument("--views", default="first", choices=("first", "all"), help="a dataset's views to embed")
+    p.add_argument("--out", required=True, help="the index file, .npz or .parquet")
+    p.add_argument("--regions", action="store_true", help="also E²'s region embeddings, one per group")
+    p.add_argument("--raw", action="store_true", help="embeddings before the L2 normalisation")
     q = sub.add_parser("query", help="best matches for text queries")
     q.add_argument("--index", required=True)
     q.add_argument("texts", nargs="+")
@@ -80,18 +207,25 @@ def main(argv: list[str] | None = None) -> None:
         s.add_argument("--batch-size", type=int, default=64)
     args = parser.parse_args(argv)
     if args.command == "index":
-        summary = build_index(_encoder(args.workdir, args.pretrained, args.batch_size), args.images, args.out)
-        images.report(f"indexed {summary['indexed']} images into {summary['out']}", summary["skipped"])
+        encoder = _encoder(args.workdir, args.pretrained, args.batch_size)
+        how = {"normalize": not args.raw, "regions": args.regions, "progress": True}
+        if args.images:
+            summary = build_index(encoder, args.images, args.out, **how)
+            images.report(f"indexed {summary['indexed']} images into {summary['out']}", summary["skipped"])
+        else:
+            summary = index_split(encoder, args.dataset, args.split, args.out, data_dir=args.data_dir,
+                                  views=args.views, batch_size=args.batch_size, **how)
+            images.report(f"indexed {summary['indexed']} images of {summary['products']} products of "
+                          f"{args.dataset}/{args.split} into {summary['out']}", [])
         return
     if not (args.workdir or args.pretrained):  # the model the index was built with
-        with np.load(args.index) as data:
-            origin = json.loads(str(data["meta"]))["origin"]
+        origin = load_index(args.index).meta["origin"]
         args.workdir, args.pretrained = origin.get("workdir"), origin.get("pretrained")
     encoder = _encoder(args.workdir, args.pretrained, args.batch_size)
     for text, matches in zip(args.texts, query(args.index, args.texts, encoder, args.top), strict=True):
         print(text)
-        for rank, (path, score) in enumerate(matches, 1):
-            print(f"  {rank}. {score:.3f}  {path}")
+        for rank, (name, score) in enumerate(matches, 1):
+            print(f"  {rank}. {score:.3f}  {name}")
 
 
 if __name__ == "__main__":

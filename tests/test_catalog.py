@@ -226,3 +226,48 @@ def test_the_catalog_config_trains_a_tiny_model_and_evaluates_it(example, tmp_pa
     assert list((tmp_path / "run" / "eval" / "selection_maps").glob("*.png"))  # but the maps are drawn
     with pytest.raises(ConfigError, match="needs name=NAME"):
         recipes.config_module("configs/e2_catalog.py").get_config("runlocal")
+
+
+def test_the_embedding_export_round_trips_ids_and_vectors(example, trained_tiny, tmp_path, capsys):
+    """`python -m e2_jax.search index --dataset catalog/NAME` writes each product's id, view and
+    embeddings (Parquet and NumPy the same), equal to the Encoder on the product's files."""
+    from e2_jax import search
+    from e2_jax.inference import Encoder
+
+    root, rows = example
+    workdir, _ = trained_tiny
+    build(root, "export", tmp_path / "tfds", TableOptions(fractions=(("train", 0.5), ("validation", 0.5))))
+    built = read(tmp_path / "tfds", "export")["validation"]
+    common = ["index", "--workdir", str(workdir), "--dataset", "catalog/export", "--data-dir", str(tmp_path / "tfds"),
+              "--batch-size", "4"]
+    search.main([*common, "--out", str(tmp_path / "first.parquet"), "--regions"])
+    assert f"indexed {len(built)} images of {len(built)} products of catalog/export/validation" in \
+        capsys.readouterr().err
+    search.main([*common, "--out", str(tmp_path / "all.npz"), "--views", "all", "--raw"])
+    search.main([*common, "--out", str(tmp_path / "all.parquet"), "--views", "all", "--raw"])
+
+    import pyarrow.parquet as pq
+
+    encoder = Encoder.from_workdir(workdir, batch_size=4)
+    files = {row["id"]: [root / name for name in row["image"]] for row in rows}
+    first = pq.read_table(tmp_path / "first.parquet").to_pydict()
+    assert sorted(first["id"]) == sorted(built) and set(first["view"]) == {0}
+    want = encoder.image_outputs([files[i][0] for i in first["id"]])
+    np.testing.assert_allclose(np.array(first["embedding"]), want.global_embedding, atol=2e-5)
+    for g, name in enumerate(["brand", "season"]):  # the tiny run's groups
+        np.testing.assert_allclose(np.array(first[f"region_{name}"]), want.region_embeddings[:, g], atol=2e-5)
+
+    index = search.load_index(tmp_path / "all.parquet")
+    with np.load(tmp_path / "all.npz") as npz:
+        np.testing.assert_array_equal(npz["ids"], index.ids)
+        np.testing.assert_array_equal(npz["embeddings"], index.embeddings)
+        views = npz["views"]
+    assert index.meta["normalized"] is False and index.meta["views"] == "all"
+    assert len(index.ids) == sum(len(files[i]) for i in built)
+    raw = encoder.encode_images([files[i][v] for i, v in zip(index.ids, views, strict=True)], normalize=False)
+    np.testing.assert_allclose(index.embeddings, raw, atol=1e-4)
+    got = search.query(tmp_path / "all.parquet", ["Red top"], encoder, top=3)[0]
+    scores = encoder.encode_texts(["Red top"])[0] @ (raw / np.linalg.norm(raw, axis=1, keepdims=True)).T
+    assert [s for _, s in got] == pytest.approx(sorted(scores, reverse=True)[:3], abs=1e-5)
+    with pytest.raises(ConfigError, match=r"\.npz or \.parquet"):
+        search.main([*common, "--out", str(tmp_path / "index.csv")])

@@ -60,6 +60,44 @@ def test_bad_images_are_named(tmp_path, encoder):
         Encoder.from_workdir(tmp_path)
 
 
+def test_encoder_on_preprocessed_arrays_and_token_ids_equals_files_and_strings(synth_tiny, encoder, tmp_path):
+    """Preprocessed pixels [N, S, S, 3] and token ids [N, L] give exactly what the files and
+    strings they came from give (5 rows: not a multiple of the batch, 4); raw embeddings are
+    the normalised ones before the L2 normalisation."""
+    paths = []
+    for i, image in enumerate(_raw_first_views(synth_tiny, 5)):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(image).save(paths[-1])
+    texts = ["red wool coat", "a", "black leather biker jacket with silver zips", "blue dress", ""]
+    pixels, tokens = encoder.preprocess_images(paths), encoder.tokenize(texts)
+    size, length = encoder.clip.image_size, encoder.clip.context_length
+    assert pixels.shape == (5, size, size, 3) and pixels.dtype == np.float32 and -2 < pixels.min() < pixels.max() < 2.2
+    assert tokens.shape == (5, length) and tokens.dtype == np.int32 and tokens[1, 0] == 49406
+    from_files, from_arrays = encoder.image_outputs(paths), encoder.image_outputs(pixels)
+    for got, want in zip(from_arrays, from_files, strict=True):
+        np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(encoder.encode_texts(tokens), encoder.encode_texts(texts))
+    raw = encoder.image_outputs(pixels, normalize=False)
+    norms = np.linalg.norm(raw.global_embedding, axis=1, keepdims=True)
+    assert not np.allclose(norms, 1.0)
+    np.testing.assert_allclose(raw.global_embedding / norms, from_files.global_embedding, atol=1e-6)
+    np.testing.assert_allclose(raw.region_embeddings / np.linalg.norm(raw.region_embeddings, axis=-1, keepdims=True),
+                               from_files.region_embeddings, atol=1e-6)
+    np.testing.assert_array_equal(raw.picks, from_files.picks)
+    raw_texts = encoder.encode_texts(tokens, normalize=False)
+    np.testing.assert_allclose(raw_texts / np.linalg.norm(raw_texts, axis=1, keepdims=True),
+                               encoder.encode_texts(texts), atol=1e-6)
+    with pytest.raises(ValueError, match=rf"float \[N, {size}, {size}, 3\]"):
+        encoder.encode_images(pixels[:, :-1])
+    with pytest.raises(ValueError, match="NaN"):
+        encoder.encode_images(np.full_like(pixels, np.nan))
+    with pytest.raises(ValueError, match=rf"\[N, {length}\]"):
+        encoder.encode_texts(tokens[:, :10])
+    with pytest.raises(ValueError, match=r"\[0, 49408\)"):
+        encoder.encode_texts(tokens + 49408)
+    assert encoder.encode_images(pixels[:0]).shape == (0, encoder.clip.embed_dim)
+
+
 def test_index_a_folder_and_query_it(synth_tiny, trained_tiny, encoder, tmp_path, capsys):
     workdir, _ = trained_tiny
     folder = tmp_path / "catalog" / "sub"
