@@ -157,26 +157,36 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
     return out
 
 
-def fashion_recipe(preset: str, method: str, arg: str | None) -> ml_collections.ConfigDict:
-    """The paper's setting (E2_METHOD.md section 4) on `preset`, for E² or CLIP-FT (plain CLIP
-    fine-tuning: the same data and the same 25 epochs, all parameters, no selection tokens)."""
-    options = parse_arg(arg, dataset="fashion_gen", ablation="none", runlocal=False)
+def paper_recipe(preset: str, method: str) -> ml_collections.ConfigDict:
+    """The paper's training setting (E2_METHOD.md section 4) on `preset`, for E² or CLIP-FT
+    (plain CLIP fine-tuning: the same data and the same 25 epochs, all parameters, no selection
+    tokens), starting from the converted CLIP `models/clip_<preset>`, on FashionGen."""
+    if method not in ("e2", "clip_ft"):
+        raise ConfigError(f"method must be e2 or clip_ft, got {method!r}")
     c = base()
     c.model.preset = preset
     # An accelerator recipe: bfloat16 matmuls (parameters, LayerNorm, softmax and the loss stay
     # float32). `runlocal` goes back to float32, which a CPU computes faster.
     c.model.compute_dtype = "bfloat16"
     c.model.pretrained = "models/clip_" + preset.lower().replace("vit-", "").replace("-", "")  # models/clip_b32
+    if method == "clip_ft":
+        c.e2.enabled = False
+        c.stages = ("finetune",)
+        c.finetune.epochs = 25
+    return c
+
+
+def fashion_recipe(preset: str, method: str, arg: str | None) -> ml_collections.ConfigDict:
+    """`paper_recipe` on FashionGen or AmazonFashion (`dataset=`), with one of the paper's
+    ablations (`ablation=`), or shrunk to a CPU smoke run (`runlocal`)."""
+    options = parse_arg(arg, dataset="fashion_gen", ablation="none", runlocal=False)
+    c = paper_recipe(preset, method)
     if options.dataset == "amazon_fashion":
         c.data.dataset, c.data.eval_split = "amazon_fashion", "test"
         c.data.text_format, c.e2.groups = AMAZON_TEXT, (group("brand", tag_length=24),)
         c.eval.description_format, c.eval.sample_field = "{title}", ""  # no sub-category in AmazonFashion
     elif options.dataset != "fashion_gen":
         raise ConfigError(f"dataset must be fashion_gen or amazon_fashion, got {options.dataset!r}")
-    if method == "clip_ft":
-        c.e2.enabled = False
-        c.stages = ("finetune",)
-        c.finetune.epochs = 25
     apply_ablation(c, options.ablation)
     if options.runlocal:
         runlocal(c)

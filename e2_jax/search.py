@@ -93,7 +93,7 @@ def index_split(encoder, dataset: str, split: str, out: str | Path, *, data_dir:
                 batch_size: int = 256) -> dict:
     """Embeds a built dataset's split (each product's first view, or every view with
     `views="all"`) into `out` (.npz or .parquet), identified by product id and view."""
-    from e2_jax.data import pipeline  # deferred with TensorFlow (see _encoder)
+    from e2_jax.data import pipeline  # deferred: TensorFlow loads after main's single-host check
 
     out = _out_path(out)
     if views not in ("first", "all"):

@@ -145,13 +145,15 @@ def test_bad_rows_are_skipped_counted_and_named(example, tmp_path):
     assert sorted(kept) == sorted([r["id"] for r in good] + [rows[7]["id"], rows[11]["id"]])
     assert len(kept[rows[7]["id"]]["images"]) == 1 and len(kept[rows[11]["id"]]["images"]) == 3
     skipped = json.loads((Path(builder.data_dir) / "metadata.json").read_text())["skipped"]["train"]
-    assert skipped["products"] == 4 and skipped["views"] == 2
+    assert skipped["products"] == 4 and skipped["views"] == 1
     assert sorted(skipped["product_ids"]) == sorted([rows[6]["id"], rows[8]["id"], "row 10", rows[10]["id"]])
     named = {(e["product"], e["reason"].split(" (")[0], e.get("view")) for e in skipped["examples"]}
     assert named == {
-        (rows[6]["id"], "missing image", "images/missing.png"), (rows[6]["id"], "no usable image", None),
+        (rows[6]["id"], "no usable image", None),
         (rows[7]["id"], "undecodable image", "images/broken.png"), (rows[8]["id"], "empty brand", None),
         ("row 10", "no id", None), (rows[10]["id"], "duplicate id with conflicting texts", None)}
+    reasons = {e["product"]: e["reason"] for e in skipped["examples"] if "view" not in e}
+    assert reasons[rows[6]["id"]] == "no usable image (missing image (images/missing.png))"
     conflict = next(e for e in skipped["examples"] if e["product"] == rows[10]["id"])
     assert conflict["reason"] == "duplicate id with conflicting texts (rows 11 and 12)"
 
@@ -197,6 +199,27 @@ def test_table_mistakes_are_errors_that_say_what_the_table_has(example, tmp_path
         build(out, "columns", tmp_path / "tfds")
     with pytest.raises(FileNotFoundError, match="no product table"):
         build(tmp_path / "columns" / "images", "columns", tmp_path / "tfds")
+
+
+def test_the_catalog_config_is_the_papers_recipe_on_the_catalog():
+    from e2_jax import config as recipes
+
+    catalog_config = recipes.config_module("configs/e2_catalog.py").get_config
+    for method, paper in (("e2", "configs/e2_b16.py"), ("clip_ft", "configs/clip_ft_b16.py")):
+        ours, theirs = catalog_config(f"name=shop,groups=brand+material,method={method}"), \
+            recipes.config_module(paper).get_config(None)
+        for key in ("model", "optim", "loss", "batch_size", "stages", "finetune", "e2.enabled", "e2.fusion"):
+            got, want = ours, theirs
+            for part in key.split("."):
+                got, want = got[part], want[part]
+            assert got == want, key
+        assert ours.data.dataset == "catalog/shop" and [g["name"] for g in ours.e2.groups] == ["brand", "material"]
+    assert catalog_config("name=shop").stages == ("finetune",)  # no groups: CLIP-FT
+    assert catalog_config("name=shop,groups=brand,ablation=no_fusion").e2.fusion is False
+    with pytest.raises(ConfigError, match="ablation of E²"):
+        catalog_config("name=shop,groups=brand,method=clip_ft,ablation=no_fusion")
+    with pytest.raises(ConfigError, match="method must be e2 or clip_ft"):
+        catalog_config("name=shop,groups=brand,method=e3")
 
 
 def test_the_catalog_config_trains_a_tiny_model_and_evaluates_it(example, tmp_path):

@@ -123,10 +123,13 @@ class Catalog(tfds.core.GeneratorBasedBuilder):
             if blank:
                 self._skipped.add(split, product_id, f"empty {', '.join(blank)}")
                 continue
-            images = self._images(split, product_id, root, refs)
+            images, problems = self._images(root, refs)
             if not images:
-                self._skipped.add(split, product_id, "no usable image")
+                why = "; ".join(why for _, why in problems) or "none named"
+                self._skipped.add(split, product_id, f"no usable image ({why})")
                 continue
+            for view, problem in problems:
+                self._skipped.add(split, product_id, problem, view=view)
             for field in options.optional:
                 empty[field] += not texts[field]
             kept += 1
@@ -137,9 +140,9 @@ class Catalog(tfds.core.GeneratorBasedBuilder):
                             f"left out ({self._skipped.summary(split)['by_reason']}); see docs/catalog.md for what a "
                             "row needs")
 
-    def _images(self, split: str, product_id: str, root: Path, refs: list[tuple[str, str | bytes]]) -> list[bytes]:
-        """The product's decodable images; each missing or undecodable one is named in the skipped log."""
-        out = []
+    def _images(self, root: Path, refs: list[tuple[str, str | bytes]]) -> tuple[list[bytes], list[tuple[str, str]]]:
+        """The product's decodable images, and (view, why) for each missing or undecodable one."""
+        out, problems = [], []
         for k, (where, ref) in enumerate(refs):
             if isinstance(ref, bytes):
                 name, data = f"image {k} (bytes, {where})", ref
@@ -147,11 +150,11 @@ class Catalog(tfds.core.GeneratorBasedBuilder):
                 path = Path(ref) if Path(ref).is_absolute() else root / ref
                 name = ref
                 if not path.is_file():
-                    self._skipped.add(split, product_id, f"missing image ({ref})", view=name)
+                    problems.append((name, f"missing image ({ref})"))
                     continue
                 data = path.read_bytes()
             try:
                 out.append(checked_image(data))
             except ValueError as error:
-                self._skipped.add(split, product_id, f"undecodable image ({name}: {error})", view=name)
-        return out
+                problems.append((name, f"undecodable image ({name}: {error})"))
+        return out, problems
