@@ -236,6 +236,11 @@ def test_the_catalog_config_trains_a_tiny_model_and_evaluates_it(example, tmp_pa
     assert [g["name"] for g in c.e2.groups] == ["brand", "material", "season"] and c.e2.enabled
     assert c.data.dataset == "catalog/shop" and c.model.preset == "tiny"
     c.eval.sample_negatives = 2  # the example's few validation products
+    from e2_jax.training import train
+
+    wrong = recipes.config_module("configs/e2_catalog.py").get_config(arg.replace("+season", "+colour"))
+    with pytest.raises(ConfigError, match=r"no text field \['colour'\] .*; it has \[.*'season'"):
+        train.prepare(wrong)  # before anything is compiled or written
     trained = main.run(c, tmp_path / "run")
     assert trained["step"] == 8 and trained["eval"]["sumr"] > 0  # validated on the catalog as it trained
     evaluated = main.run(c, tmp_path / "run", mode="evaluate")
