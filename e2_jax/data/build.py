@@ -4,6 +4,7 @@
     python -m e2_jax.data.build fashion_gen --manual-dir ~/data/fashiongen
     python -m e2_jax.data.build amazon_fashion --manual-dir ~/data/amazon_fashion
     python -m e2_jax.data.build catalog/mystore --manual-dir ~/data/mystore   # your table (docs/catalog.md)
+    python -m e2_jax.data.build fashion_iq/triplets --manual-dir ~/data/fashion_iq   # and fashion_iq/images
 
 `--data-dir` defaults to TFDS's (`$TFDS_DATA_DIR` or ~/tensorflow_datasets). Prints where the
 dataset went, its split sizes and what was skipped (also kept in the dataset's metadata.json).
@@ -42,7 +43,8 @@ def build(name: str, data_dir: str | None = None, manual_dir: str | None = None,
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m e2_jax.data.build", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("name", help="fashion_gen[/utf8], amazon_fashion, synth_fashion[/small|/tiny], catalog/NAME")
+    parser.add_argument("name", help="fashion_gen[/utf8], amazon_fashion, synth_fashion[/small|/tiny], catalog/NAME, "
+                        "fashion_iq/images, fashion_iq/triplets")
     parser.add_argument("--data-dir", help="where built datasets live (default: TFDS's)")
     parser.add_argument("--manual-dir", help="where the downloaded source files are (FashionGen, AmazonFashion), or "
                         "the folder of a catalog's product table")

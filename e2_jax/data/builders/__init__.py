@@ -1,8 +1,9 @@
-"""TFDS builders of the project's datasets; importing this package registers all four.
+"""TFDS builders of the project's datasets; importing this package registers all five.
 
 `fashion_gen` (official h5 files), `amazon_fashion` (the authors' layout), `synth_fashion`
-(procedural, no download) and `catalog` (your own product table: `catalog/NAME`, one name per
-table). Build any of them with `python -m e2_jax.data.build NAME`; `builder(name)` is how
+(procedural, no download), `catalog` (your own product table: `catalog/NAME`, one name per
+table) and `fashion_iq` (composed retrieval: `fashion_iq/images`, `fashion_iq/triplets`).
+Build any of them with `python -m e2_jax.data.build NAME`; `builder(name)` is how
 e2_jax opens one.
 """
 
@@ -10,17 +11,18 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 import e2_jax.data.tensorflow_cpu  # noqa: F401  (first: TFDS starts TensorFlow, which must not see GPUs)
-from e2_jax.data.builders import amazon_fashion, catalog, fashion_gen, synth_fashion
+from e2_jax.data.builders import amazon_fashion, catalog, fashion_gen, fashion_iq, synth_fashion
 from e2_jax.errors import MissingError, suggest
 
-__all__ = ["amazon_fashion", "builder", "catalog", "fashion_gen", "synth_fashion"]
+__all__ = ["amazon_fashion", "builder", "catalog", "fashion_gen", "fashion_iq", "synth_fashion"]
 
 
 def builder(name: str, data_dir: str | None = None, **kwargs) -> tfds.core.DatasetBuilder:
     """`tfds.builder(name, ...)` with errors that say what exists: a dataset or variant that is
     not registered names e2_jax's (and the closest one), not TFDS's list of hundreds."""
     base, _, variant = name.partition("/")
-    ours = {module.__name__.rsplit(".", 1)[-1] for module in (amazon_fashion, catalog, fashion_gen, synth_fashion)}
+    modules = (amazon_fashion, catalog, fashion_gen, fashion_iq, synth_fashion)
+    ours = {module.__name__.rsplit(".", 1)[-1] for module in modules}
     try:
         cls = tfds.builder_cls(base)
     except tfds.core.registered.DatasetNotFoundError:

@@ -1,0 +1,151 @@
+"""TFDS builder of FashionIQ (Wu et al., CVPR 2021) from its released files, for composed retrieval.
+
+The manual directory holds FashionIQ's layout (https://github.com/XiaoxiaoGuo/fashion-iq), as
+CIReVL and CLIP4Cir read it:
+
+    captions/cap.{dress,shirt,toptee}.{train,val,test}.json        [{"candidate": ASIN, "target": ASIN,
+                                                                       "captions": [text, text]}, ...]
+    image_splits/split.{dress,shirt,toptee}.{train,val,test}.json  [ASIN, ...]
+    images/<ASIN>.png   (or .jpg / .jpeg)
+
+Two configs, built from the same files:
+
+- `fashion_iq/images`: one example per image of a split's image list (`product_id` the ASIN,
+  `category`, `images` with the one image): the retrieval gallery, readable by every e2_jax
+  tool that reads a dataset (the input pipeline, `search index --dataset`).
+- `fashion_iq/triplets`: one example per (reference, modification, target) triplet:
+  `reference`, `target` (ASINs; empty on the test split, whose targets are not released),
+  `category`, `caption_1`, `caption_2` (the two annotators' modification texts).
+
+Splits: `train` and `val`, and `test` when its files are there. Left out, counted and named in
+`metadata.json` (`skipped`): images whose file is missing or undecodable, and triplets whose
+reference or target image is missing, or whose target is not in its category's image list of
+the split (the protocol ranks that list). A missing caption or split file stops the build with
+an error naming the file and where FashionIQ comes from.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import tensorflow_datasets as tfds
+
+from e2_jax.data.builders.images import checked_image
+from e2_jax.data.builders.skipped import SkippedLog
+from e2_jax.errors import DataError, MissingError
+
+CATEGORIES = ("dress", "shirt", "toptee")
+SPLITS = ("train", "val", "test")
+SUFFIXES = (".png", ".jpg", ".jpeg")
+HOW_TO_GET = ("FashionIQ's captions and image splits are at https://github.com/XiaoxiaoGuo/fashion-iq; its images "
+              "are downloaded from the product URLs listed there (most CIR codebases share a copy of the resized "
+              "images). Put captions/, image_splits/ and images/ in one folder, the manual directory")
+
+
+def caption_file(root: Path, category: str, split: str) -> Path:
+    return root / "captions" / f"cap.{category}.{split}.json"
+
+
+def split_file(root: Path, category: str, split: str) -> Path:
+    return root / "image_splits" / f"split.{category}.{split}.json"
+
+
+def _read_list(path: Path) -> list:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as error:
+        raise DataError(f"{path} is not readable JSON ({error}); FashionIQ's files are JSON lists") from None
+    if not isinstance(value, list):
+        raise DataError(f"{path} holds a JSON {type(value).__name__}, not the list FashionIQ's files hold")
+    return value
+
+
+def image_path(root: Path, asin: str) -> Path | None:
+    for suffix in SUFFIXES:
+        path = root / "images" / f"{asin}{suffix}"
+        if path.is_file():
+            return path
+    return None
+
+
+class FashionIQ(tfds.core.GeneratorBasedBuilder):
+    """FashionIQ: dress, shirt and top/tee images, and relative captions between pairs of them."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "First version."}  # noqa: RUF012 (TFDS reads class attributes)
+    BUILDER_CONFIGS = [  # noqa: RUF012
+        tfds.core.BuilderConfig(name="images", description="The images of each split's image lists (galleries)."),
+        tfds.core.BuilderConfig(name="triplets", description="Reference image, two modification captions, target."),
+    ]
+    MANUAL_DOWNLOAD_INSTRUCTIONS = f"{HOW_TO_GET}."
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        if self.builder_config.name == "images":
+            features = {"product_id": tfds.features.Text(), "category": tfds.features.Text(),
+                        "images": tfds.features.Sequence(tfds.features.Image(shape=(None, None, 3)))}
+        else:
+            features = {name: tfds.features.Text() for name in
+                        ("reference", "target", "category", "caption_1", "caption_2")}
+        return self.dataset_info_from_configs(features=tfds.features.FeaturesDict(features),
+                                              metadata=tfds.core.MetadataDict(),
+                                              homepage="https://github.com/XiaoxiaoGuo/fashion-iq")
+
+    def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict[str, Iterator]:
+        root = Path(dl_manager.manual_dir)
+        if not (root / "images").is_dir():
+            raise MissingError(f"FashionIQ: no images/ folder in {root} (set the manual directory with --manual-dir). "
+                               f"{HOW_TO_GET}.")
+        splits = [s for s in SPLITS if s != "test" or split_file(root, CATEGORIES[0], "test").is_file()]
+        for split in splits:
+            for category in CATEGORIES:
+                for path in (caption_file(root, category, split), split_file(root, category, split)):
+                    if not path.is_file():
+                        raise MissingError(f"FashionIQ: {path} not found; the manual directory ({root}) holds "
+                                           "captions/cap.CATEGORY.SPLIT.json and image_splits/split.CATEGORY.SPLIT"
+                                           f".json for {', '.join(CATEGORIES)} and {', '.join(splits)}. {HOW_TO_GET}.")
+        self._skipped = SkippedLog(f"fashion_iq/{self.builder_config.name}")
+        return {split: self._generate_examples(root, split) for split in splits}
+
+    def _generate_examples(self, root: Path, split: str) -> Iterator[tuple[str, dict[str, Any]]]:
+        make = self._images if self.builder_config.name == "images" else self._triplets
+        yield from make(root, split)
+        self._skipped.finish(split, self.info.metadata)
+
+    def _images(self, root: Path, split: str) -> Iterator[tuple[str, dict[str, Any]]]:
+        for category in CATEGORIES:
+            for asin in dict.fromkeys(map(str, _read_list(split_file(root, category, split)))):
+                path = image_path(root, asin)
+                if path is None:
+                    self._skipped.add(split, asin, f"missing image ({asin}.png in {root / 'images'})")
+                    continue
+                try:
+                    data = checked_image(path.read_bytes())
+                except ValueError as error:
+                    self._skipped.add(split, asin, f"undecodable image ({path.name}: {error})")
+                    continue
+                yield f"{category}/{asin}", {"product_id": asin, "category": category, "images": [data]}
+
+    def _triplets(self, root: Path, split: str) -> Iterator[tuple[str, dict[str, Any]]]:
+        for category in CATEGORIES:
+            gallery = set(map(str, _read_list(split_file(root, category, split))))
+            for number, triplet in enumerate(_read_list(caption_file(root, category, split))):
+                name = f"{category}/{number}"
+                reference, target = str(triplet.get("candidate", "")), str(triplet.get("target", "") or "")
+                captions = [str(c).strip() for c in triplet.get("captions", []) if str(c).strip()]
+                if not reference or not captions or (split != "test" and not target):
+                    self._skipped.add(split, name, "incomplete triplet (needs candidate, target and captions)")
+                    continue
+                if image_path(root, reference) is None:
+                    self._skipped.add(split, name, f"missing reference image ({reference})")
+                    continue
+                if target and image_path(root, target) is None:
+                    self._skipped.add(split, name, f"missing target image ({target})")
+                    continue
+                if target and target not in gallery:
+                    self._skipped.add(split, name, f"target not in the image list ({target})")
+                    continue
+                yield name, {"reference": reference, "target": target, "category": category,
+                             "caption_1": captions[0], "caption_2": captions[1] if len(captions) > 1 else ""}

@@ -1,0 +1,112 @@
+"""Composed image retrieval: the FashionIQ builder on files in the real format, and the protocol's metrics."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from e2_jax.data.builders.fashion_iq import CATEGORIES
+from e2_jax.errors import MissingError
+from e2_jax.evaluation import composed
+
+
+def _png(seed: int) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 256, (24, 20, 3), dtype=np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="PNG")
+    return out.getvalue()
+
+
+def write_fashion_iq(root: Path, per_split: int = 6) -> dict:
+    """FashionIQ's layout: captions/, image_splits/, images/ for 3 categories, train and val.
+    In val: dress's image D_val_5 is missing (its image and a triplet targeting it are left
+    out), shirt's S_val_4 is a truncated PNG, and one toptee triplet's target is in no list."""
+    (root / "captions").mkdir(parents=True)
+    (root / "image_splits").mkdir()
+    (root / "images").mkdir()
+    want = {}
+    for s, split in enumerate(("train", "val")):
+        for c, category in enumerate(CATEGORIES):
+            names = [f"{category[0].upper()}_{split}_{i}" for i in range(per_split)]
+            for i, name in enumerate(names):
+                (root / "images" / f"{name}.png").write_bytes(_png(100 * s + 10 * c + i))
+            triplets = [{"candidate": names[i], "target": names[(i + 1) % per_split],
+                         "captions": [f"is darker {i}.", f" has a logo {i}?"]} for i in range(per_split)]
+            if split == "val" and category == "toptee":
+                triplets.append({"candidate": names[0], "target": "D_train_0", "captions": ["is a dress", "longer"]})
+            (root / "captions" / f"cap.{category}.{split}.json").write_text(json.dumps(triplets))
+            (root / "image_splits" / f"split.{category}.{split}.json").write_text(json.dumps(names))
+            want[(category, split)] = (names, triplets)
+    (root / "images" / "D_val_5.png").unlink()
+    (root / "images" / "S_val_4.png").write_bytes(_png(0)[:60])
+    return want
+
+
+def test_the_fashion_iq_builder_reads_the_real_layout(tmp_path):
+    from e2_jax.data.build import build
+
+    root = tmp_path / "fashion_iq"
+    want = write_fashion_iq(root)
+    data_dir = tmp_path / "tfds"
+    images = build("fashion_iq/images", str(data_dir), str(root))
+    triplets = build("fashion_iq/triplets", str(data_dir), str(root))
+    assert set(images.info.splits) == set(triplets.info.splits) == {"train", "val"}
+
+    gallery = images.as_data_source("val")
+    got = {(r["category"].decode(), r["product_id"].decode()) for r in (gallery[i] for i in range(len(gallery)))}
+    expected = {(c, n) for (c, s), (names, _) in want.items() if s == "val" for n in names} - {
+        ("dress", "D_val_5"), ("shirt", "S_val_4")}
+    assert got == expected
+    first = gallery[0]
+    assert len(first["images"]) == 1 and first["images"][0].shape == (24, 20, 3)
+
+    val = triplets.as_data_source("val")
+    rows = [val[i] for i in range(len(val))]
+    kept = {(r["category"].decode(), r["reference"].decode(), r["target"].decode()) for r in rows}
+    assert ("dress", "D_val_4", "D_val_5") not in kept and ("dress", "D_val_5", "D_val_0") not in kept
+    assert ("dress", "D_val_0", "D_val_1") in kept and len(kept) == 3 * 6 - 2  # + the toptee outsider, skipped
+    one = next(r for r in rows if r["reference"] == b"D_val_0")
+    assert (one["caption_1"], one["caption_2"]) == (b"is darker 0.", b"has a logo 0?")
+    skipped = images.info.metadata["skipped"]["val"]
+    assert skipped["products"] == 2 and set(skipped["by_reason"]) == {"missing image", "undecodable image"}
+    reasons = triplets.info.metadata["skipped"]["val"]["by_reason"]
+    assert reasons == {"missing target image": 1, "missing reference image": 1, "target not in the image list": 1}
+
+    (root / "captions" / "cap.shirt.val.json").unlink()
+    with pytest.raises(MissingError, match=r"cap\.shirt\.val\.json not found.*github\.com/XiaoxiaoGuo/fashion-iq"):
+        build("fashion_iq/triplets", str(tmp_path / "tfds_again"), str(root))
+
+
+def test_captions_are_joined_as_cirevl_joins_them():
+    assert composed.join_captions("is darker.", " has a logo?") == "is darker and has a logo"
+    assert composed.join_captions("Is shorter, ", "") == "Is shorter"
+
+
+def test_ranks_and_recalls_equal_a_brute_force_count():
+    rng = np.random.default_rng(0)
+    gallery = rng.standard_normal((60, 8)).astype(np.float32)
+    gallery[7] = gallery[3]  # a tie: the earlier gallery image ranks first
+    ids = [f"g{i}" for i in range(60)]
+    queries = rng.standard_normal((25, 8)).astype(np.float32)
+    queries[0] = gallery[3] * 2.0  # its target g7 ties with g3, which comes first
+    targets = [f"g{i}" for i in rng.integers(0, 60, 25)]
+    targets[0] = "g7"
+    ranks = composed.target_ranks(queries, gallery, ids, targets)
+    normed_q = queries / np.linalg.norm(queries, axis=1, keepdims=True)
+    normed_g = gallery / np.linalg.norm(gallery, axis=1, keepdims=True)
+    for q, target in enumerate(targets):
+        order = np.argsort(-(normed_g @ normed_q[q]), kind="stable")
+        assert ranks[q] == list(order).index(ids.index(target))
+    assert ranks[0] == 1
+    got = composed.recalls(ranks, ks=(1, 10, 50))
+    assert got == {f"r{k}": pytest.approx(100 * np.mean(ranks < k)) for k in (1, 10, 50)}
+    with pytest.raises(ValueError, match="not in the gallery"):
+        composed.target_ranks(queries[:1], gallery, ids, ["nope"])
+    assert composed.in_gallery(["g1", "nope"], ids).tolist() == [True, False]
+    mean = composed.summary({"dress": {"r10": 20.0, "r50": 40.0}, "shirt": {"r10": 30.0, "r50": 50.0}})
+    assert mean == {"r10": 25.0, "r50": 45.0, "average": 35.0}
