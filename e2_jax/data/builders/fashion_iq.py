@@ -17,7 +17,8 @@ Two configs, built from the same files:
   `reference`, `target` (ASINs; empty on the test split, whose targets are not released),
   `category`, `caption_1`, `caption_2` (the two annotators' modification texts).
 
-Splits: `train` and `val`, and `test` when its files are there. Left out, counted and named in
+Splits: `val`, and `train` and `test` when their files are there; categories: those with a
+`val` image list (the same layout with other categories builds too: SynthFashion-CIR). Left out, counted and named in
 `metadata.json` (`skipped`): images whose file is missing or undecodable, and triplets whose
 reference or target image is missing, or whose target is not in its category's image list of
 the split (the protocol ranks that list). A missing caption or split file stops the build with
@@ -37,7 +38,7 @@ from e2_jax.data.builders.images import checked_image
 from e2_jax.data.builders.skipped import SkippedLog
 from e2_jax.errors import DataError, MissingError
 
-CATEGORIES = ("dress", "shirt", "toptee")
+CATEGORIES = ("dress", "shirt", "toptee")  # FashionIQ's; a layout's own are read from its files
 SPLITS = ("train", "val", "test")
 SUFFIXES = (".png", ".jpg", ".jpeg")
 HOW_TO_GET = ("FashionIQ's captions and image splits are at https://github.com/XiaoxiaoGuo/fashion-iq; its images "
@@ -51,6 +52,16 @@ def caption_file(root: Path, category: str, split: str) -> Path:
 
 def split_file(root: Path, category: str, split: str) -> Path:
     return root / "image_splits" / f"split.{category}.{split}.json"
+
+
+def categories_in(root: Path) -> list[str]:
+    """The categories of a layout: those with a validation image list (FashionIQ's three; a
+    SynthFashion-CIR layout has its own)."""
+    found = sorted(p.name.split(".")[1] for p in (root / "image_splits").glob("split.*.val.json"))
+    if not found:
+        raise MissingError(f"FashionIQ: no image_splits/split.CATEGORY.val.json in {root} (set the manual directory "
+                           f"with --manual-dir; FashionIQ's are {', '.join(CATEGORIES)}). {HOW_TO_GET}.")
+    return found
 
 
 def _read_list(path: Path) -> list:
@@ -98,14 +109,16 @@ class FashionIQ(tfds.core.GeneratorBasedBuilder):
         if not (root / "images").is_dir():
             raise MissingError(f"FashionIQ: no images/ folder in {root} (set the manual directory with --manual-dir). "
                                f"{HOW_TO_GET}.")
-        splits = [s for s in SPLITS if s != "test" or split_file(root, CATEGORIES[0], "test").is_file()]
+        categories = categories_in(root)
+        splits = [s for s in SPLITS if any(split_file(root, c, s).is_file() for c in categories)]
         for split in splits:
-            for category in CATEGORIES:
+            for category in categories:
                 for path in (caption_file(root, category, split), split_file(root, category, split)):
                     if not path.is_file():
                         raise MissingError(f"FashionIQ: {path} not found; the manual directory ({root}) holds "
                                            "captions/cap.CATEGORY.SPLIT.json and image_splits/split.CATEGORY.SPLIT"
-                                           f".json for {', '.join(CATEGORIES)} and {', '.join(splits)}. {HOW_TO_GET}.")
+                                           f".json for {', '.join(categories)} and {', '.join(splits)}. {HOW_TO_GET}.")
+        self._categories = categories
         self._skipped = SkippedLog(f"fashion_iq/{self.builder_config.name}")
         return {split: self._generate_examples(root, split) for split in splits}
 
@@ -115,7 +128,7 @@ class FashionIQ(tfds.core.GeneratorBasedBuilder):
         self._skipped.finish(split, self.info.metadata)
 
     def _images(self, root: Path, split: str) -> Iterator[tuple[str, dict[str, Any]]]:
-        for category in CATEGORIES:
+        for category in self._categories:
             for asin in dict.fromkeys(map(str, _read_list(split_file(root, category, split)))):
                 path = image_path(root, asin)
                 if path is None:
@@ -129,7 +142,7 @@ class FashionIQ(tfds.core.GeneratorBasedBuilder):
                 yield f"{category}/{asin}", {"product_id": asin, "category": category, "images": [data]}
 
     def _triplets(self, root: Path, split: str) -> Iterator[tuple[str, dict[str, Any]]]:
-        for category in CATEGORIES:
+        for category in self._categories:
             gallery = set(map(str, _read_list(split_file(root, category, split))))
             for number, triplet in enumerate(_read_list(caption_file(root, category, split))):
                 name = f"{category}/{number}"

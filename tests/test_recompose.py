@@ -1,0 +1,128 @@
+"""Recomposers: the chat-endpoint one against a real HTTP server on 127.0.0.1, and the rules."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from e2_jax import recompose
+from e2_jax.recompose import ChatRecomposer, RecomposeError, TemplateRecomposer
+
+
+class _Server:
+    """An OpenAI-compatible endpoint whose replies follow a script: each entry is (status,
+    body bytes, delay seconds); the last one repeats. Records every request."""
+
+    def __init__(self, script):
+        self.script, self.requests = list(script), []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                length = int(self.headers["Content-Length"])
+                outer.requests.append({"path": self.path, "headers": dict(self.headers),
+                                       "body": json.loads(self.rfile.read(length))})
+                status, body, delay = outer.script[min(len(outer.requests), len(outer.script)) - 1]
+                time.sleep(delay)
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/json")
+                    self.end_headers()
+                    self.wfile.write(body)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client gave up (a timeout test)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def _completion(text: str) -> bytes:
+    return json.dumps({"choices": [{"message": {"role": "assistant", "content": text}}]}).encode()
+
+
+@pytest.fixture
+def server(request):
+    made = []
+
+    def make(*script):
+        made.append(_Server(script))
+        return made[-1]
+
+    yield make
+    for s in made:
+        s.close()
+
+
+def test_the_chat_recomposer_sends_cirevls_query_and_reads_the_answer(server, tmp_path):
+    s = server((200, _completion("Sure.\nEdited Description: a blue top with no logo\nInstruction: x"), 0))
+    chat = ChatRecomposer(s.url + "/", "qwen2.5-7b-instruct", api_key="secret")
+    got = chat.recompose(["a red top with a logo"], ["is blue and has no logo"])
+    assert got == ["a blue top with no logo"]
+    (sent,) = s.requests
+    assert sent["path"] == "/v1/chat/completions" and sent["headers"]["Authorization"] == "Bearer secret"
+    body = sent["body"]
+    assert body["model"] == "qwen2.5-7b-instruct" and body["temperature"] == 0
+    prompt = recompose.load_prompt()
+    assert body["messages"] == [{"role": "user", "content": f"{prompt}\nImage Content: a red top with a logo\n"
+                                                             "Instruction: is blue and has no logo"}]
+    assert "Edited Description:" in prompt and prompt == recompose.PROMPT_FILE.read_text().strip()
+    (tmp_path / "theirs.txt").write_text("Their prompt.\n")
+    other = ChatRecomposer(s.url, "m", prompt_file=tmp_path / "theirs.txt")
+    other.recompose(["c"], ["i"])
+    assert s.requests[-1]["body"]["messages"][0]["content"] == "Their prompt.\nImage Content: c\nInstruction: i"
+
+
+def test_busy_or_slow_servers_are_retried_then_named(server):
+    s = server((503, b'{"error": "loading"}', 0), (429, b"{}", 0), (200, _completion("Edited Description: ok"), 0))
+    assert ChatRecomposer(s.url, "m", retries=2, backoff=0.01).recompose(["c"], ["i"]) == ["ok"]
+    assert len(s.requests) == 3
+    slow = server((200, _completion("Edited Description: late"), 1.0))
+    start = time.perf_counter()
+    with pytest.raises(RecomposeError, match=r"did not answer after 2 tries .*is the server running"):
+        ChatRecomposer(slow.url, "m", timeout=0.2, retries=1, backoff=0.01).recompose(["c"], ["i"])
+    assert time.perf_counter() - start < 1.5 and len(slow.requests) == 2
+    with pytest.raises(RecomposeError, match="did not answer"):
+        ChatRecomposer("http://127.0.0.1:9/v1", "m", retries=0).recompose(["c"], ["i"])  # nothing listens
+
+
+def test_malformed_replies_and_refusals_are_clear_errors(server):
+    for body in (b"<html>gateway</html>", b'{"choices": []}', b'{"choices": [{"message": {"content": 3}}]}'):
+        s = server((200, body, 0))
+        with pytest.raises(RecomposeError, match=r"/v1/chat/completions"):
+            ChatRecomposer(s.url, "m", retries=3, backoff=0.01).recompose(["c"], ["i"])
+        assert len(s.requests) == 1  # not retried: the server answered
+    refused = server((404, b'{"error": "model m not found"}', 0))
+    with pytest.raises(RecomposeError, match=r"refused the request: HTTP 404 .*model m not found"):
+        ChatRecomposer(refused.url, "m", backoff=0.01).recompose(["c"], ["i"])
+    assert len(refused.requests) == 1
+    # An answer without the "Edited Description:" line: CIReVL falls back to the instruction.
+    chatty = server((200, _completion("I think the target is blue."), 0))
+    lenient = ChatRecomposer(chatty.url, "m")
+    assert lenient.recompose(["a red top"], ["is blue"]) == ["is blue"]
+    assert lenient.stats.fallbacks == 1 and lenient.stats.examples == ["I think the target is blue."]
+    with pytest.raises(RecomposeError, match="has no 'Edited Description:' line"):
+        ChatRecomposer(chatty.url, "m", strict=True).recompose(["a red top"], ["is blue"])
+    with pytest.raises(ValueError, match="not an http"):
+        ChatRecomposer("127.0.0.1:8000", "m")
+
+
+def test_the_template_recomposer_applies_attribute_edits():
+    rules = TemplateRecomposer({"colour": ["red", "blue", "navy"], "garment": ["top", "t-shirt", "dress"],
+                                "brand": ["Maison Kobo", "Studio Arden"], "season": ["SS2017", "FW2016"]})
+    got = rules.recompose(
+        ["a red top by Studio Arden", "Red T-shirt", "a navy dress", "a blue top"],
+        ["is blue and has a Maison Kobo logo", "is a dress", "has an SS2017 tag and is darker", "is a t-shirt."])
+    assert got == ["a blue top by Maison Kobo", "Red dress", "a navy dress, SS2017, is darker", "a blue t-shirt"]
+    assert rules.stats.queries == 4 and rules.stats.fallbacks == 1  # "is darker": no rule
