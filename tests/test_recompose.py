@@ -126,3 +126,26 @@ def test_the_template_recomposer_applies_attribute_edits():
         ["is blue and has a Maison Kobo logo", "is a dress", "has an SS2017 tag and is darker", "is a t-shirt."])
     assert got == ["a blue top by Maison Kobo", "Red dress", "a navy dress, SS2017, is darker", "a blue t-shirt"]
     assert rules.stats.queries == 4 and rules.stats.fallbacks == 1  # "is darker": no rule
+
+
+def test_the_hugging_face_recomposer_runs_a_local_causal_lm(tmp_path):
+    """A random two-layer GPT-2 with a byte-level tokenizer written here (no download): the
+    recomposer prompts it, decodes greedily and, as its words are noise, falls back to the
+    instruction, as CIReVL does."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("torch")
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    vocab["<|endoftext|>"] = len(vocab)
+    byte_level = Tokenizer(models.BPE(vocab, []))
+    byte_level.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    byte_level.decoder = decoders.ByteLevel()
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=byte_level, eos_token="<|endoftext|>")
+    tokenizer.save_pretrained(tmp_path)
+    config = transformers.GPT2Config(vocab_size=len(vocab), n_positions=4096, n_embd=16, n_layer=2, n_head=2)
+    transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path)
+    lm = recompose.HFRecomposer(str(tmp_path), max_new_tokens=5)
+    answer = lm.complete(recompose.build_prompt(lm.prompt, "a red top", "is blue"))
+    assert isinstance(answer, str) and len(answer.encode("utf-8")) <= 5 * 4
+    assert lm.recompose(["a red top"], ["is blue"]) == ["is blue"] and lm.stats.fallbacks == 1
