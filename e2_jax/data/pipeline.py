@@ -83,8 +83,9 @@ class Source:
         return self._records.__getitems__([int(i) for i in indices])
 
     def scan(self, fields: Sequence[str] = (), chunk: int = 1024) -> dict[str, np.ndarray]:
-        """Every example's number of views (`views`, int64) and the `fields` (text as str,
-        integers as int64, floats as they are), read from the records without decoding any image."""
+        """Every example's number of views (`views`, int64; 0 in a dataset without images) and the
+        `fields` (text as str, integers as int64, floats as they are), read from the records
+        without decoding any image."""
         spec = {k: v for k, v in self.features.tf_example_spec.items() if k in ("images", *fields)}
         missing = [f for f in fields if f not in spec]
         if missing:
@@ -93,6 +94,8 @@ class Source:
         @tf.function
         def parse(records):
             parsed = tf.io.parse_example(records, spec)
+            if "images" not in parsed:  # a dataset of texts only (FashionIQ's triplets)
+                return {"views": tf.zeros(tf.shape(records)[:1], tf.int64), **parsed}
             images = parsed.pop("images")
             views = images.row_lengths() if isinstance(images, tf.RaggedTensor) else tf.reduce_sum(
                 tf.cast(tf.strings.length(images) > 0, tf.int64), axis=1)

@@ -1,8 +1,9 @@
-"""TFDS builders of the project's datasets; importing this package registers all five.
+"""TFDS builders of the project's datasets; importing this package registers all six.
 
 `fashion_gen` (official h5 files), `amazon_fashion` (the authors' layout), `synth_fashion`
 (procedural, no download), `catalog` (your own product table: `catalog/NAME`, one name per
-table) and `fashion_iq` (composed retrieval: `fashion_iq/images`, `fashion_iq/triplets`).
+table), `fashion_iq` (composed retrieval: `fashion_iq/images`, `fashion_iq/triplets`) and
+`synth_fashion_cir` (the same layout made from SynthFashion, no download).
 Build any of them with `python -m e2_jax.data.build NAME`; `builder(name)` is how
 e2_jax opens one.
 """
@@ -22,7 +23,7 @@ def builder(name: str, data_dir: str | None = None, **kwargs) -> tfds.core.Datas
     not registered names e2_jax's (and the closest one), not TFDS's list of hundreds."""
     base, _, variant = name.partition("/")
     modules = (amazon_fashion, catalog, fashion_gen, fashion_iq, synth_fashion)
-    ours = {module.__name__.rsplit(".", 1)[-1] for module in modules}
+    ours = {module.__name__.rsplit(".", 1)[-1] for module in modules} | {"synth_fashion_cir"}
     try:
         cls = tfds.builder_cls(base)
     except tfds.core.registered.DatasetNotFoundError:

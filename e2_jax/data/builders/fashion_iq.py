@@ -34,6 +34,7 @@ from typing import Any
 
 import tensorflow_datasets as tfds
 
+from e2_jax.data import synth_cir, synth_fashion
 from e2_jax.data.builders.images import checked_image
 from e2_jax.data.builders.skipped import SkippedLog
 from e2_jax.errors import DataError, MissingError
@@ -105,7 +106,9 @@ class FashionIQ(tfds.core.GeneratorBasedBuilder):
                                               homepage="https://github.com/XiaoxiaoGuo/fashion-iq")
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict[str, Iterator]:
-        root = Path(dl_manager.manual_dir)
+        return self._splits_of(Path(dl_manager.manual_dir))
+
+    def _splits_of(self, root: Path) -> dict[str, Iterator]:
         if not (root / "images").is_dir():
             raise MissingError(f"FashionIQ: no images/ folder in {root} (set the manual directory with --manual-dir). "
                                f"{HOW_TO_GET}.")
@@ -119,7 +122,7 @@ class FashionIQ(tfds.core.GeneratorBasedBuilder):
                                            "captions/cap.CATEGORY.SPLIT.json and image_splits/split.CATEGORY.SPLIT"
                                            f".json for {', '.join(categories)} and {', '.join(splits)}. {HOW_TO_GET}.")
         self._categories = categories
-        self._skipped = SkippedLog(f"fashion_iq/{self.builder_config.name}")
+        self._skipped = SkippedLog(f"{self.name}/{self.builder_config.name}")
         return {split: self._generate_examples(root, split) for split in splits}
 
     def _generate_examples(self, root: Path, split: str) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -162,3 +165,25 @@ class FashionIQ(tfds.core.GeneratorBasedBuilder):
                     continue
                 yield name, {"reference": reference, "target": target, "category": category,
                              "caption_1": captions[0], "caption_2": captions[1] if len(captions) > 1 else ""}
+
+
+class SynthFashionCir(FashionIQ):
+    """SynthFashion-CIR (`e2_jax.data.synth_cir`): triplets made from SynthFashion/medium's
+    validation products, written in FashionIQ's layout (under the download folder) and read by
+    FashionIQ's code. No download."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "600 triplets of synth_fashion/medium 2.0.0's validation products."}  # noqa: RUF012
+    MANUAL_DOWNLOAD_INSTRUCTIONS = None
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        info = super()._info()
+        info._homepage = ""  # (FashionIQ's page is not this dataset's)
+        return info
+
+    def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict[str, Iterator]:
+        root = Path(dl_manager.download_dir) / "synth_fashion_cir" / str(self.version)
+        if not (root / "complete").is_file():
+            synth_cir.write_layout(root, synth_fashion.VARIANTS[synth_cir.VARIANT][1], synth_cir.TRIPLETS)
+            (root / "complete").write_text("")
+        return self._splits_of(root)

@@ -1,0 +1,254 @@
+"""Zero-shot composed image retrieval with any e2_jax encoder: CIReVL, and the baselines beside it.
+
+    python -m e2_jax.composed_retrieval --config 'configs/cirevl.py:encoder=workdirs/e2_b32,...' --out runs/cir_e2
+
+CIReVL (Karthik et al., ICLR 2024) is training-free: for a query (a reference image and a
+modification text, "is darker and has a logo") it (1) captions the reference image, (2) lets a
+language model rewrite the caption as the modification says (`e2_jax.recompose`), and (3)
+retrieves with the rewritten description's text embedding. E² replaces CLIP in step 3 (and
+can serve the captioner: DeCap, `e2_jax.captioning`). Beside it, per query: `image` (the
+reference image's embedding), `late_fusion` (the reference image's plus the modification
+text's, each normalised) and `instruction` (the modification text's). Scored by FashionIQ's
+protocol (`evaluation/composed.py`): per category, R@K of the target among the category's
+gallery, and the means over categories.
+
+Queries whose reference or target image is not in the gallery (left out of the built images)
+are dropped and counted. Writes `report.json`, `report.md` and `queries.jsonl` (each query's
+caption, instruction, description and target rank per method) to `--out`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+from e2_jax import captioning, distributed, errors, inference, recompose, storage
+from e2_jax.data import pipeline, synth_cir, synth_fashion
+from e2_jax.errors import ConfigError, DataError
+from e2_jax.evaluation import composed
+from e2_jax.numerics import l2_normalize
+
+DATASETS = ("fashion_iq", "synth_fashion_cir")
+METHODS = ("cirevl", "image", "late_fusion", "instruction")
+# The template recomposer's words for FashionIQ (colours and garments its captions name).
+FASHION_WORDS = {
+    "colour": ["black", "white", "grey", "gray", "red", "blue", "navy", "green", "yellow", "pink", "purple",
+               "orange", "brown", "beige", "khaki", "cream", "gold", "silver", "maroon", "burgundy", "teal",
+               "turquoise", "olive", "tan", "coral", "lavender", "darker", "lighter"],
+    "garment": ["dress", "gown", "shirt", "t-shirt", "tee", "top", "blouse", "tank top", "sweater", "hoodie",
+                "jacket", "tunic", "polo", "cardigan"],
+}
+
+
+def vocabulary(dataset: str) -> dict[str, list[str]]:
+    if dataset == "synth_fashion_cir":
+        return synth_cir.vocabulary(synth_fashion.VARIANTS[synth_cir.VARIANT][1])  # the builder's variant
+    return FASHION_WORDS
+
+
+def make_recomposer(c: ml_collections.ConfigDict, dataset: str):
+    kind = c.kind
+    if kind == "template":
+        return recompose.TemplateRecomposer(vocabulary(dataset))
+    prompt = c.prompt_file or None
+    if kind == "chat":
+        if not c.url or not c.model:
+            raise ConfigError("the chat recomposer needs url= (the API root, e.g. http://127.0.0.1:8000/v1) and "
+                              "model= (the name the server serves)")
+        return recompose.ChatRecomposer(c.url, c.model, api_key=os.environ.get(c.api_key_env, ""), timeout=c.timeout,
+                                        retries=c.retries, max_tokens=c.max_tokens, prompt_file=prompt,
+                                        strict=c.strict)
+    if kind == "hf":
+        if not c.hf_model:
+            raise ConfigError("the hf recomposer needs hf_model= (a local model folder or a cached hub name)")
+        return recompose.HFRecomposer(c.hf_model, prompt_file=prompt, strict=c.strict)
+    raise ConfigError(f"recomposer must be template, chat or hf, not {kind!r}")
+
+
+def read_captions(path: str | Path) -> dict[str, str]:
+    """Captions by image id: a JSON object {id: caption}, or JSON lines {"id": ..., "caption": ...}."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"no caption file {path} (captions=...: a JSON object {{image id: caption}} or JSON lines "
+                          "with id and caption)")
+    text = path.read_text(encoding="utf-8")
+    try:
+        value = json.loads(text)
+        if isinstance(value, dict):
+            return {str(k): str(v) for k, v in value.items()}
+    except ValueError:
+        pass
+    out = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            out[str(row["id"])] = str(row["caption"])
+        except (ValueError, KeyError, TypeError):
+            raise DataError(f"{path}, line {number}: not a JSON line with id and caption") from None
+    return out
+
+
+def _gallery(encoder, c) -> tuple[dict, np.ndarray]:
+    source = pipeline.Source(f"{c.dataset}/images", c.split, c.data_dir or None)
+    scan = source.scan(["product_id", "category"])
+    got = encoder.split_outputs(source, batch_size=c.batch_size, progress=True)
+    order = np.argsort(got["index"])
+    return {"source": source, "ids": scan["product_id"].astype(str), "categories": scan["category"].astype(str)}, \
+        got["global"][order]
+
+
+def _where(origin: dict) -> dict:
+    """An encoder's origin with its paths resolved (the same model named two ways is the same)."""
+    return {k: str(Path(v).resolve()) if k in ("workdir", "pretrained") else v for k, v in origin.items()}
+
+
+def _captions(c, gallery: dict, rows: np.ndarray, encoder, embeddings: np.ndarray) -> list[str]:
+    """The reference images' captions (rows of the gallery)."""
+    if c.captioner.kind == "file":
+        table = read_captions(c.captioner.captions)
+        names = gallery["ids"][rows]
+        missing = sorted({n for n in names if n not in table})
+        if missing:
+            raise DataError(f"{c.captioner.captions} has no caption for {len(missing)} reference images (e.g. "
+                            f"{missing[:3]})")
+        return [table[n] for n in names]
+    if c.captioner.kind != "decap":
+        raise ConfigError(f"captioner must be file or decap, not {c.captioner.kind!r}")
+    workdir = storage.path(c.captioner.decap)
+    settings_file = workdir / captioning.SETTINGS_FILE
+    if not settings_file.is_file():
+        raise ConfigError(f"decap={workdir}: no {captioning.SETTINGS_FILE}; train a DeCap decoder there first "
+                          "(python -m e2_jax.captioning --mode train, docs/captioning.md)")
+    captioner = captioning.load_captioner(ml_collections.ConfigDict(json.loads(settings_file.read_text())), workdir)
+    if _where(captioner.encoder.origin) == _where(encoder.origin):
+        image = embeddings[rows]  # the same encoder: its gallery embeddings
+    else:
+        unique, inverse = np.unique(rows, return_inverse=True)
+        items = np.stack([unique, np.zeros_like(unique)], axis=1)
+        got = captioner.encoder.split_outputs(gallery["source"], items, batch_size=c.batch_size)
+        image = got["global"][np.argsort(got["index"])][inverse]
+    return captioner.caption_image_embeddings(image, beam_size=c.captioner.beam_size)
+
+
+def run(c: ml_collections.ConfigDict, out: str | os.PathLike, log=print) -> dict[str, Any]:
+    if c.dataset not in DATASETS:
+        raise ConfigError(f"dataset must be one of {DATASETS}, not {c.dataset!r}")
+    unknown = [m for m in c.methods if m not in METHODS]
+    if unknown:
+        raise ConfigError(f"unknown methods {unknown}; known: {METHODS}")
+    recomposer = make_recomposer(c.recomposer, c.dataset)  # its errors before any work
+    encoder = inference.load_encoder(c.encoder or None, c.pretrained or None, batch_size=c.batch_size)
+    gallery, embeddings = _gallery(encoder, c)
+    triplets = pipeline.Source(f"{c.dataset}/triplets", c.split, c.data_dir or None).scan(
+        ["reference", "target", "category", "caption_1", "caption_2"])
+    row = {(cat, name): i for i, (cat, name) in enumerate(zip(gallery["categories"], gallery["ids"], strict=True))}
+    keep, dropped = [], {"reference not in the gallery": 0, "target not in the gallery": 0}
+    taken: dict[str, int] = {}
+    for q, (cat, ref, target) in enumerate(zip(triplets["category"], triplets["reference"], triplets["target"],
+                                               strict=True)):
+        if (cat, ref) not in row:
+            dropped["reference not in the gallery"] += 1
+        elif (cat, target) not in row:
+            dropped["target not in the gallery"] += 1
+        elif not c.max_queries or taken.get(cat, 0) < c.max_queries:
+            taken[cat] = taken.get(cat, 0) + 1
+            keep.append(q)
+    if not keep:
+        raise DataError(f"{c.dataset}/{c.split}: no query left to score ({dropped})")
+    keep = np.array(keep)
+    categories, targets = triplets["category"][keep].astype(str), triplets["target"][keep].astype(str)
+    references = np.array([row[(cat, ref)] for cat, ref in zip(categories, triplets["reference"][keep], strict=True)])
+    instructions = [composed.join_captions(a, b) for a, b in zip(triplets["caption_1"][keep],
+                                                                triplets["caption_2"][keep], strict=True)]
+    log(f"{len(keep)} queries of {c.dataset}/{c.split} ({dropped}); gallery {len(gallery['ids'])} images")
+    queries: dict[str, np.ndarray] = {}
+    captions = descriptions = None
+    if "cirevl" in c.methods:
+        captions = _captions(c, gallery, references, encoder, embeddings)
+        descriptions = recomposer.recompose(captions, instructions)
+        queries["cirevl"] = encoder.encode_texts(descriptions)
+    image = embeddings[references]
+    instruction = encoder.encode_texts(instructions) if {"late_fusion", "instruction"} & set(c.methods) else None
+    if "image" in c.methods:
+        queries["image"] = image
+    if "late_fusion" in c.methods:
+        queries["late_fusion"] = np.asarray(l2_normalize(l2_normalize(image) + l2_normalize(instruction)))
+    if "instruction" in c.methods:
+        queries["instruction"] = instruction
+    metrics, ranks = {}, {}
+    for method in c.methods:
+        ranks[method] = np.zeros(len(keep), np.int64)
+        per_category = {}
+        for category in sorted(set(categories)):
+            mine, theirs = categories == category, gallery["categories"] == category
+            ranks[method][mine] = composed.target_ranks(queries[method][mine], embeddings[theirs],
+                                                        gallery["ids"][theirs], targets[mine])
+            per_category[category] = composed.recalls(ranks[method][mine])
+        metrics[method] = {**per_category, "mean": composed.summary(per_category)}
+    report = {
+        "dataset": c.dataset, "split": c.split, "encoder": encoder.source, "origin": encoder.origin,
+        "captioner": c.captioner.to_dict(), "recomposer": {"kind": c.recomposer.kind, **(
+            {"url": c.recomposer.url, "model": c.recomposer.model} if c.recomposer.kind == "chat" else {}),
+            "queries": recomposer.stats.queries, "fallbacks": recomposer.stats.fallbacks,
+            "fallback_examples": recomposer.stats.examples},
+        "counts": {"queries": len(keep), "dropped": dropped, "gallery": len(gallery["ids"]),
+                   "per_category": {k: int((categories == k).sum()) for k in sorted(set(categories))}},
+        "metrics": metrics,
+    }
+    _write(storage.path(out), report, categories, triplets["reference"][keep], targets, instructions, captions,
+           descriptions, ranks)
+    log(markdown(report))
+    return report
+
+
+def markdown(report: dict) -> str:
+    categories = [k for k in next(iter(report["metrics"].values())) if k != "mean"]
+    head = "| method | " + " | ".join(f"{c} R@10 | {c} R@50" for c in categories) + " | mean R@10 | mean R@50 | avg |"
+    lines = [head, "|---" * (2 * len(categories) + 4) + "|"]
+    for method, m in report["metrics"].items():
+        cells = [f"{m[c]['r10']:.1f} | {m[c]['r50']:.1f}" for c in categories]
+        lines.append(f"| {method} | " + " | ".join(cells) + f" | {m['mean']['r10']:.1f} | {m['mean']['r50']:.1f} | "
+                     f"{m['mean']['average']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def _write(out, report, categories, references, targets, instructions, captions, descriptions, ranks) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "report.md").write_text(f"Composed retrieval on {report['dataset']}/{report['split']} with "
+                                   f"{report['encoder']} ({report['counts']['queries']} queries).\n\n"
+                                   + markdown(report))
+    with (out / "queries.jsonl").open("w") as f:
+        for i in range(len(targets)):
+            f.write(json.dumps({"category": str(categories[i]), "reference": str(references[i]),
+                                "target": str(targets[i]), "instruction": instructions[i],
+                                **({"caption": captions[i], "description": descriptions[i]} if captions else {}),
+                                "ranks": {m: int(r[i]) for m, r in ranks.items()}}) + "\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    distributed.single_host_only("python -m e2_jax.composed_retrieval")
+    config_flag = config_flags.DEFINE_config_file("config", None, "configs/cirevl.py[:arg]", lock_config=True)
+    out_flag = flags.DEFINE_string("out", None, "where report.json, report.md and queries.jsonl go")
+    flags.mark_flags_as_required(["config", "out"])
+
+    def go(args: list[str]) -> None:
+        if len(args) > 1:
+            raise app.UsageError(f"unexpected arguments: {args[1:]}")
+        run(config_flag.value, out_flag.value, log=lambda message: print(message, flush=True))
+
+    errors.run(go, argv=argv or sys.argv)
+
+
+if __name__ == "__main__":
+    main()
