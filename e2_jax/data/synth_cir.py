@@ -74,7 +74,7 @@ def _change(record: dict, change: str, rng: np.random.Generator, config: SynthCo
 def triplets(config: SynthConfig, count: int, seed: int = 0) -> list[dict]:
     """`count` triplets from the first `count` validation products: {"reference": record,
     "target": record, "captions": [...], "changes": [...]}, one or two changes each (half and
-    half), every change equally often."""
+    half), the changes drawn uniformly."""
     rng = np.random.default_rng([seed, 7])
     out = []
     for index in range(count):
