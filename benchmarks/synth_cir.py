@@ -108,10 +108,39 @@ def summary(out: Path, variants: list[str], seeds: list[int]) -> tuple[str, dict
             continue
         cells = [_mean_std(entry["values"][f"{c}/{k}"]) for c in [*categories, "mean"] for k in ("r10", "r50")]
         lines.append(f"| {entry['variant']} | {entry['row']} | {len(entry['seeds'])} | " + " | ".join(cells) + " |")
+    by_change, change_table = _by_change(out, variants, seeds)
     machine = f"{platform.machine()}, Python {platform.python_version()}"
     text = (f"SynthFashion-CIR ({synth_cir.TRIPLETS} triplets of synth_fashion/{synth_cir.VARIANT}'s validation "
             f"products; template recomposer), the details study's encoders at 6,000 steps; mean ± std over seeds. "
-            f"Machine: {machine}.\n\n" + "\n".join(lines) + "\n")
+            f"Machine: {machine}.\n\n" + "\n".join(lines) + "\n\n" + by_change)
+    return text, {"recalls": table, "by_change": change_table}
+
+
+def _by_change(out: Path, variants: list[str], seeds: list[int]) -> tuple[str, dict]:
+    """R@10 over the categories' pooled one-change queries, by what changed: where the encoder
+    must see the colour, the garment's shape, the logo or the tag."""
+    config = synth_fashion.VARIANTS[synth_cir.VARIANT][1]
+    made = synth_cir.triplets(config, synth_cir.TRIPLETS)
+    changes = {synth_cir.image_name(t["reference"]): t["changes"] for t in made}
+    rows, table = [], {}
+    for variant in variants:
+        for method, source, label in ROWS:
+            values: dict[str, list[float]] = {c: [] for c in synth_cir.CHANGES}
+            for seed in seeds:
+                path = out / "runs" / f"{variant}_seed{seed}" / source / "queries.jsonl"
+                if not path.is_file():
+                    continue
+                queries = [json.loads(line) for line in path.read_text().splitlines()]
+                for change in synth_cir.CHANGES:
+                    ranks = [q["ranks"][method] for q in queries if changes[q["reference"]] == [change]]
+                    values[change].append(100.0 * sum(r < 10 for r in ranks) / len(ranks))
+            if values[synth_cir.CHANGES[0]]:
+                table[f"{variant}/{label}"] = values
+                rows.append(f"| {variant} | {label} | " + " | ".join(_mean_std(values[c]) for c in synth_cir.CHANGES)
+                            + " |")
+    head = "| encoder | query | " + " | ".join(f"{c} changed" for c in synth_cir.CHANGES) + " |"
+    text = ("R@10 of the one-change queries (300, pooled over the categories), by what changed:\n\n"
+            + "\n".join([head, "|---" * (2 + len(synth_cir.CHANGES)) + "|", *rows]) + "\n")
     return text, table
 
 
