@@ -131,16 +131,20 @@ def _by_change(out: Path, variants: list[str], seeds: list[int]) -> tuple[str, d
                 if not path.is_file():
                     continue
                 queries = [json.loads(line) for line in path.read_text().splitlines()]
-                for change in synth_cir.CHANGES:
-                    ranks = [q["ranks"][method] for q in queries if changes[q["reference"]] == [change]]
-                    values[change].append(100.0 * sum(r < 10 for r in ranks) / len(ranks))
+                for change, ranks in [*((c, [q["ranks"][method] for q in queries if changes[q["reference"]] == [c]])
+                                        for c in synth_cir.CHANGES),
+                                      *((f"{n} change{'s' * (n > 1)}", [q["ranks"][method] for q in queries
+                                                                        if len(changes[q["reference"]]) == n])
+                                        for n in (1, 2))]:
+                    values.setdefault(change, []).append(100.0 * sum(r < 10 for r in ranks) / len(ranks))
             if values[synth_cir.CHANGES[0]]:
                 table[f"{variant}/{label}"] = values
-                rows.append(f"| {variant} | {label} | " + " | ".join(_mean_std(values[c]) for c in synth_cir.CHANGES)
-                            + " |")
-    head = "| encoder | query | " + " | ".join(f"{c} changed" for c in synth_cir.CHANGES) + " |"
-    text = ("R@10 of the one-change queries (300, pooled over the categories), by what changed:\n\n"
-            + "\n".join([head, "|---" * (2 + len(synth_cir.CHANGES)) + "|", *rows]) + "\n")
+                rows.append(f"| {variant} | {label} | " + " | ".join(_mean_std(v) for v in values.values()) + " |")
+    head = ("| encoder | query | " + " | ".join(f"{c} changed" for c in synth_cir.CHANGES)
+            + " | one change (300) | two changes (300) |")
+    text = ("R@10 of the queries pooled over the categories: the one-change queries by what changed, and all "
+            "the one- and two-change queries:\n\n"
+            + "\n".join([head, "|---" * (4 + len(synth_cir.CHANGES)) + "|", *rows]) + "\n")
     return text, table
 
 
