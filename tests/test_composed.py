@@ -113,7 +113,7 @@ def test_ranks_and_recalls_equal_a_brute_force_count():
 
 
 def test_composed_retrieval_end_to_end_on_synth_fashion_cir(synth_tiny, trained_tiny, tmp_path):
-    """The command on SynthFashion-CIR (built by its builder, no download) with the tiny trained
+    """The command on SynthFashion-CIR (built on first use, no download) with the tiny trained
     model, a tiny DeCap captioner on it and the template recomposer: every method scored, each
     query's description the recomposer's, the report's recalls those of the ranks it lists."""
     import subprocess
@@ -122,13 +122,10 @@ def test_composed_retrieval_end_to_end_on_synth_fashion_cir(synth_tiny, trained_
     from e2_jax import captioning, composed_retrieval
     from e2_jax import config as recipes
     from e2_jax.data import synth_cir, synth_fashion
-    from e2_jax.data.build import build
     from e2_jax.recompose import TemplateRecomposer
 
     workdir, _ = trained_tiny
-    data_dir = tmp_path / "tfds"
-    for name in ("synth_fashion_cir/images", "synth_fashion_cir/triplets"):
-        build(name, str(data_dir))
+    data_dir = tmp_path / "tfds"  # empty: the command builds SynthFashion-CIR on first use
     decap = recipes.config_module("configs/decap.py").get_config(f"encoder={workdir},dataset=synth_fashion/tiny,"
                                                                   "runlocal")
     decap.data_dir = synth_tiny
