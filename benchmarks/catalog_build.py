@@ -10,7 +10,7 @@ products with one JPEG each (`--size` px, colour blocks on a fabric-like noise: 
 sizes one after the other in one run). Reported per size: the build's wall time, rows/s and
 its peak resident memory (the child process's `ru_maxrss`), and the built dataset's size.
 What the memory is made of: the table is read as a stream (`e2_jax.data.catalog`, about a
-hundred bytes a product); TFDS's writer keeps a split's encoded examples in memory up to
+350 bytes a product); TFDS's writer keeps a split's encoded examples in memory up to
 1 GB before it spills them to disk (`tensorflow_datasets.core.shuffle.MAX_MEM_BUFFER_SIZE`),
 so the peak grows with the dataset's bytes up to that bound, not with the rows.
 """

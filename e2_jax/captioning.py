@@ -37,6 +37,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 from absl import app, flags
@@ -46,7 +47,7 @@ from ml_collections import config_flags
 from e2_jax import caption_metrics, checkpoints, distributed, errors, images, inference, optim, sharding, storage
 from e2_jax.data import pipeline
 from e2_jax.data.tokenizer import CLIPTokenizer
-from e2_jax.errors import DataError
+from e2_jax.errors import ConfigError, DataError
 from e2_jax.metrics import Writer
 from e2_jax.models.caption_decoder import CaptionDecoder, DecoderConfig, init_cache, init_params
 from e2_jax.numerics import l2_normalize
@@ -371,6 +372,17 @@ def load_captioner(settings, workdir: str | os.PathLike) -> Captioner:
         raise ValueError(f"{memory_file} holds {memory.shape[1]}-d embeddings but the encoder's are "
                          f"{encoder.clip.embed_dim}-d: the decoder was trained for another encoder")
     return Captioner(config, params, vocab, memory, encoder, settings.temperature)
+
+
+def captioner_from_workdir(workdir: str | os.PathLike) -> Captioner:
+    """The captioner a DeCap workdir holds, with the settings it was trained with (its
+    `captioning.json`): for tools that caption without this command's config."""
+    workdir = storage.path(workdir)
+    settings_file = workdir / SETTINGS_FILE
+    if not settings_file.is_file():
+        raise ConfigError(f"{workdir}: no {SETTINGS_FILE}; train a DeCap decoder there first "
+                          "(python -m e2_jax.captioning --mode train, docs/captioning.md)")
+    return load_captioner(ml_collections.ConfigDict(json.loads(settings_file.read_text())), workdir)
 
 
 def evaluate(settings, workdir: str | os.PathLike, log=print) -> dict:

@@ -126,12 +126,7 @@ def _captions(c, gallery: dict, rows: np.ndarray, encoder, embeddings: np.ndarra
         return [table[n] for n in names]
     if c.captioner.kind != "decap":
         raise ConfigError(f"captioner must be file or decap, not {c.captioner.kind!r}")
-    workdir = storage.path(c.captioner.decap)
-    settings_file = workdir / captioning.SETTINGS_FILE
-    if not settings_file.is_file():
-        raise ConfigError(f"decap={workdir}: no {captioning.SETTINGS_FILE}; train a DeCap decoder there first "
-                          "(python -m e2_jax.captioning --mode train, docs/captioning.md)")
-    captioner = captioning.load_captioner(ml_collections.ConfigDict(json.loads(settings_file.read_text())), workdir)
+    captioner = captioning.captioner_from_workdir(c.captioner.decap)
     if _where(captioner.encoder.origin) == _where(encoder.origin):
         image = embeddings[rows]  # the same encoder: its gallery embeddings
     else:

@@ -36,6 +36,7 @@ import numpy as np
 
 from e2_jax import distributed, errors, images
 from e2_jax.errors import ConfigError, DataError, MissingError
+from e2_jax.numerics import l2_normalize
 
 SUFFIXES = (".npz", ".parquet")
 
@@ -102,10 +103,7 @@ def index_split(encoder, dataset: str, split: str, out: str | Path, *, data_dir:
     scan = source.scan(["product_id"] if "product_id" in source.features.keys() else [])
     n = len(source)
     ids = scan["product_id"].astype(str) if "product_id" in scan else np.arange(n).astype(str)
-    if views == "all":
-        items = np.concatenate([np.stack([np.full(v, i), np.arange(v)], axis=1) for i, v in enumerate(scan["views"])])
-    else:
-        items = np.stack([np.arange(n), np.zeros(n, np.int64)], axis=1)
+    items = pipeline.every_view(scan["views"]) if views == "all" else None  # None: each first view
     got = encoder.split_outputs(source, items, batch_size=batch_size, normalize=normalize, progress=progress)
     meta = {"model": encoder.source, "origin": encoder.origin, "dataset": dataset, "split": split,
             "data_dir": data_dir, "views": views, "normalized": normalize, "skipped": []}
@@ -177,7 +175,7 @@ def load_index(path: str | Path) -> Index:
 def query(index: str | Path, texts: list[str], encoder, top: int = 5) -> list[list[tuple[str, float]]]:
     """The `top` (id, cosine similarity) of the index for each text."""
     ids, embeddings, _ = load_index(index)
-    embeddings = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)  # (a no-op unless written raw)
+    embeddings = l2_normalize(embeddings)  # (a no-op unless written raw)
     scores = encoder.encode_texts(texts) @ embeddings.T
     order = np.argsort(-scores, axis=1, kind="stable")[:, :top]
     return [[(str(ids[j]), float(s[j])) for j in row] for s, row in zip(scores, order, strict=True)]

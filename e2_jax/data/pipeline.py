@@ -418,6 +418,12 @@ def _closing(batches: Iterator[dict], local: TrainBatches) -> Iterator[dict]:
         local.close()
 
 
+def every_view(views: np.ndarray) -> np.ndarray:
+    """[M, 2] (example index, view) of every view of every example (`views`: each one's count),
+    in order: the `items` of an evaluation pass over all images."""
+    return np.concatenate([np.stack([np.full(v, i), np.arange(v)], axis=1) for i, v in enumerate(views)])
+
+
 def eval_batches(source: Source, pre: Preprocessing, *, global_batch: int, sharding: jax.sharding.Sharding,
                  items: np.ndarray | None = None, images: bool = True) -> Iterator[dict[str, jax.Array]]:
     """One pass over the split (or over `items`, (example, view) pairs) in global batches,

@@ -23,13 +23,11 @@ import numpy as np
 from PIL import Image
 
 from e2_jax.data import synth_fashion
-from e2_jax.data.synth_fashion import COLOURS, SEASONS, SUBCATEGORIES, SynthConfig
+from e2_jax.data.synth_fashion import COLOURS, GARMENT_NOUN, SEASONS, SUBCATEGORIES, SynthConfig
 
 CATEGORIES = {"tops": ("T-SHIRTS", "SHIRTS", "TOPS"), "layers": ("SWEATERS", "JACKETS & COATS"),
               "bottoms": ("DRESSES", "SKIRTS", "PANTS")}
 CHANGES = ("colour", "garment", "brand", "season")
-GARMENTS = {"T-SHIRTS": "t-shirt", "SHIRTS": "shirt", "TOPS": "top", "SWEATERS": "sweater",
-            "JACKETS & COATS": "coat", "DRESSES": "dress", "SKIRTS": "skirt", "PANTS": "trousers"}
 VARIANT, TRIPLETS = "medium", 600  # what the `synth_fashion_cir` builder makes
 TARGET_IDS = 10_000_000  # target product ids start here: their own jitter, never a real product's
 
@@ -41,7 +39,7 @@ def category_of(subcategory: str) -> str:
 def vocabulary(config: SynthConfig) -> dict[str, list[str]]:
     """Each changeable attribute's values as the texts name them (the template recomposer's
     rules; DeCap's captions use the same words)."""
-    return {"colour": list(COLOURS), "garment": sorted(set(GARMENTS.values())),
+    return {"colour": list(COLOURS), "garment": sorted(set(GARMENT_NOUN.values())),
             "brand": synth_fashion.brand_names(config.num_brands), "season": list(SEASONS)}
 
 
@@ -60,7 +58,7 @@ def _change(record: dict, change: str, rng: np.random.Generator, config: SynthCo
         members = CATEGORIES[category_of(record["subcategory"])]
         subcategory = str(rng.choice([s for s in members if s != record["subcategory"]]))
         out["subcategory"], out["subcategory_id"] = subcategory, SUBCATEGORIES.index(subcategory)
-        garment = GARMENTS[subcategory]
+        garment = GARMENT_NOUN[subcategory]
         return out, f"is {_article(garment)} {garment}"
     if change == "brand":
         out["brand_id"] = int(rng.choice([i for i in range(config.num_brands) if i != record["brand_id"]]))

@@ -30,7 +30,7 @@ from PIL import Image
 from e2_jax.data import fashion_gen_h5
 
 SUBCATEGORIES = ("T-SHIRTS", "SHIRTS", "SWEATERS", "DRESSES", "SKIRTS", "PANTS", "JACKETS & COATS", "TOPS")
-_GARMENT_NOUN = {"T-SHIRTS": "t-shirt", "SHIRTS": "shirt", "SWEATERS": "sweater", "DRESSES": "dress",
+GARMENT_NOUN = {"T-SHIRTS": "t-shirt", "SHIRTS": "shirt", "SWEATERS": "sweater", "DRESSES": "dress",
                  "SKIRTS": "skirt", "PANTS": "trousers", "JACKETS & COATS": "coat", "TOPS": "top"}
 _CATEGORY = {"T-SHIRTS": "TOPS", "SHIRTS": "TOPS", "SWEATERS": "KNITWEAR", "DRESSES": "DRESSES",
              "SKIRTS": "SKIRTS", "PANTS": "PANTS", "JACKETS & COATS": "OUTERWEAR", "TOPS": "TOPS"}
@@ -109,7 +109,7 @@ def product_record(config: SynthConfig, split: str, index: int) -> dict[str, Any
     brand_id = int(rng.integers(config.num_brands))
     composition_id = int(rng.integers(len(COMPOSITIONS)))
     season_id = int(rng.integers(len(SEASONS)))
-    garment = _GARMENT_NOUN[subcategory]
+    garment = GARMENT_NOUN[subcategory]
     details = " ".join(rng.choice(_DETAILS, size=int(rng.integers(1, 4)), replace=False))
     return {
         "product_id": product_id,

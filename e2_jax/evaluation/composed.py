@@ -15,6 +15,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from e2_jax.numerics import l2_normalize
+
 KS = (1, 5, 10, 50)
 
 
@@ -29,8 +31,7 @@ def target_ranks(queries: np.ndarray, gallery: np.ndarray, gallery_ids: Sequence
                  targets: Sequence[str]) -> np.ndarray:
     """[Q] 0-based rank of each query's target among the gallery, by cosine similarity (ties
     by gallery order). Each target must be in `gallery_ids` exactly once."""
-    queries = queries / np.linalg.norm(queries, axis=1, keepdims=True)
-    gallery = gallery / np.linalg.norm(gallery, axis=1, keepdims=True)
+    queries, gallery = l2_normalize(np.asarray(queries)), l2_normalize(np.asarray(gallery))
     position = {}
     for i, name in enumerate(map(str, gallery_ids)):
         if name in position:

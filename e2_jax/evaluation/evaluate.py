@@ -84,7 +84,7 @@ def retrieval_report(source: pipeline.Source, pre: Preprocessing, protocols: Pro
         raise ValueError(f"{source.name}/{source.split}: products without images at {np.flatnonzero(views < 1)[:5]}")
     first = np.stack([np.arange(n), np.zeros(n, np.int64)], axis=1)
     if {"full_gallery", "sample_100"} & set(protocols.protocols):
-        items = np.concatenate([np.stack([np.full(v, i), np.arange(v)], axis=1) for i, v in enumerate(views)])
+        items = pipeline.every_view(views)
     else:
         items = first
     batches = pipeline.eval_batches(source, pre, global_batch=global_batch, sharding=sharding, items=items)
@@ -226,7 +226,7 @@ def picks_report(spec: RunSpec, source: pipeline.Source, params: dict) -> dict |
     if not (e2.selection_tokens and e2.fusion) or DETAIL_BOXES not in source.features.keys():
         return None
     scan = source.scan([DETAIL_BOXES])
-    items = np.concatenate([np.stack([np.full(v, i), np.arange(v)], axis=1) for i, v in enumerate(scan["views"])])
+    items = pipeline.every_view(scan["views"])
     model, seed = spec.model, spec.config.seed
 
     @jax.jit

@@ -93,6 +93,7 @@ class FashionIQ(tfds.core.GeneratorBasedBuilder):
         tfds.core.BuilderConfig(name="triplets", description="Reference image, two modification captions, target."),
     ]
     MANUAL_DOWNLOAD_INSTRUCTIONS = f"{HOW_TO_GET}."
+    HOMEPAGE = "https://github.com/XiaoxiaoGuo/fashion-iq"
 
     def _info(self) -> tfds.core.DatasetInfo:
         if self.builder_config.name == "images":
@@ -103,7 +104,7 @@ class FashionIQ(tfds.core.GeneratorBasedBuilder):
                         ("reference", "target", "category", "caption_1", "caption_2")}
         return self.dataset_info_from_configs(features=tfds.features.FeaturesDict(features),
                                               metadata=tfds.core.MetadataDict(),
-                                              homepage="https://github.com/XiaoxiaoGuo/fashion-iq")
+                                              homepage=self.HOMEPAGE)
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict[str, Iterator]:
         return self._splits_of(Path(dl_manager.manual_dir))
@@ -175,11 +176,7 @@ class SynthFashionCir(FashionIQ):
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "600 triplets of synth_fashion/medium 2.0.0's validation products."}  # noqa: RUF012
     MANUAL_DOWNLOAD_INSTRUCTIONS = None
-
-    def _info(self) -> tfds.core.DatasetInfo:
-        info = super()._info()
-        info._homepage = ""  # (FashionIQ's page is not this dataset's)
-        return info
+    HOMEPAGE = ""  # (FashionIQ's page is not this dataset's)
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict[str, Iterator]:
         root = Path(dl_manager.download_dir) / "synth_fashion_cir" / str(self.version)
