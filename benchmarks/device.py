@@ -22,7 +22,10 @@ machine), put its wheel in `.device_wheels/` (ignored by git, carried to the dev
 `pip download ml_collections==1.1.0 --no-deps -d .device_wheels`; a pure-Python wheel imports
 from the path. Compiled programs go to the persistent cache (`--cache`), so a rerun skips XLA.
 On a GPU, XLA's GEMM autotuning is off unless `--autotune` (with it on, five B/32 programs had
-not compiled in 170 s on an H200); the report says which.
+not compiled in 170 s on an H200), and the GEMMs go to cuBLAS: Triton's GEMMs on their default
+tiles ran the same step 13x slower there (`--triton-gemm` keeps them); the report says which.
+FLOPs are the lowered step's, per device (`e2_jax.metrics.step_flops`): the compiled count on a
+GPU leaves out cuBLAS's GEMMs.
 """
 
 from __future__ import annotations
@@ -42,10 +45,21 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+# With autotuning off, XLA's Triton GEMM fusions run on their default tiles: on an H200 the B/32
+# step ran 13x slower than with cuBLAS (docs/benchmarks.md). cuBLAS needs no autotuning.
+FAST_COMPILE_GPU_FLAGS = ("--xla_gpu_autotune_level=0", "--xla_gpu_enable_triton_gemm=false")
+
+
 def _prepare_environment(argv: list[str]) -> None:
-    """Before JAX starts: XLA's GPU autotuning (off unless --autotune) and the wheels."""
-    if "--autotune" not in argv and "xla_gpu_autotune_level" not in os.environ.get("XLA_FLAGS", ""):
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_gpu_autotune_level=0").strip()
+    """Before JAX starts: XLA's GPU autotuning off and GEMMs to cuBLAS (unless --autotune or
+    --triton-gemm, or XLA_FLAGS already says), and the wheels."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "--autotune" not in argv:
+        for flag in FAST_COMPILE_GPU_FLAGS:
+            name = flag.split("=")[0]
+            if name not in flags and not (name.endswith("triton_gemm") and "--triton-gemm" in argv):
+                flags = f"{flags} {flag}".strip()
+        os.environ["XLA_FLAGS"] = flags
     try:
         import ml_collections  # noqa: F401
     except ImportError:
@@ -135,9 +149,10 @@ def measure(model: str, method: str, batch: int, steps: int, profile_dir: str | 
     state = program.new_state(step.initial_params(setup))
     batches = [synthetic_batch(setup, batch)]  # one batch: another's packed shapes could differ
     start = time.perf_counter()
-    compiled = program.step.lower(state, batches[0]).compile()
+    lowered = program.step.lower(state, batches[0])
+    compiled = lowered.compile()
     compile_s = time.perf_counter() - start
-    flops = step_flops(compiled)
+    flops = step_flops(lowered, jax.device_count())
     for _ in range(2):  # warm-up
         state, metrics = compiled(state, batches[0])
     jax.block_until_ready(metrics)
@@ -211,7 +226,9 @@ def plan(models: list[str], batches: list[int], methods: list[str]) -> list[tupl
     return order
 
 
-def report(rows: list[dict], skipped: list[str], failed: list[str], profile: dict | None, header: dict) -> str:
+def report(rows: list[dict], skipped: list, failed: list[str], profile: dict | None, header: dict,
+           partial: bool = False) -> str:
+    """The Markdown report; `partial`: written while rows remain (`skipped` are then those rows)."""
     device = jax.devices()[0]
     peak = peak_flops(device)
     lines = ["# Device suite (`python -m benchmarks.device`)", ""]
@@ -237,7 +254,10 @@ def report(rows: list[dict], skipped: list[str], failed: list[str], profile: dic
                   f"{profile['span_ms']:.1f} ms, device idle {profile['idle']:.1%} of it):", "",
                   "| op | total ms | count | share of all ops' time |", "|---|---|---|---|"]
         lines += [f"| `{name[:80]}` | {ms:.2f} | {count} | {share:.1%} |" for name, ms, count, share in profile["ops"]]
-    if skipped:
+    if partial:
+        lines += ["", "Not yet measured (the run was still going): "
+                  + (", ".join(f"{m} {meth} batch {b}" for m, b, meth in skipped) or "none; the profile")]
+    elif skipped:
         lines += ["", "Skipped (budget): " + ", ".join(skipped)]
     if failed:
         lines += ["", "Failed (out of memory, or an error to look into): " + "; ".join(failed)]
@@ -253,7 +273,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget-s", type=float, default=270.0, help="stop starting rows after this")
     parser.add_argument("--out", default="device_report.md")
     parser.add_argument("--cache", default=None, help="persistent compilation cache ('' off; default per user)")
-    parser.add_argument("--autotune", action="store_true", help="XLA's GPU GEMM autotuning (slower compiles)")
+    parser.add_argument("--autotune", action="store_true",
+                        help="XLA's GPU GEMM autotuning (slower compiles; Triton and cuBLAS both tried)")
+    parser.add_argument("--triton-gemm", action="store_true",
+                        help="without --autotune: keep XLA's Triton GEMMs on their default tiles")
     parser.add_argument("--no-profile", action="store_true")
     args = parser.parse_args(argv)
     started = time.perf_counter()
@@ -265,7 +288,9 @@ def main(argv: list[str] | None = None) -> int:
               "peak (bfloat16, data sheet)": f"{(peak_flops(device) or float('nan')) / 1e12:.0f} TFLOP/s",
               "versions": f"Python {platform.python_version()}, jax {jax.__version__}, flax {flax.__version__}",
               "XLA_FLAGS": os.environ.get("XLA_FLAGS", "") or "(none)",
-              "GPU autotuning": "on" if args.autotune else "off (--xla_gpu_autotune_level=0)",
+              "GPU GEMMs": ("autotuned (Triton or cuBLAS)" if args.autotune else
+                            "Triton, default tiles (no autotuning)" if args.triton_gemm else
+                            "cuBLAS (no autotuning, Triton GEMMs off)"),
               "compilation cache": cache or "off",
               "budget": f"{args.budget_s:.0f} s; steps timed per row: {args.steps} after 2 warm-up"}
     order = plan(args.models.split(","), [int(b) for b in args.batches.split(",")], args.methods.split(","))
@@ -282,13 +307,18 @@ def main(argv: list[str] | None = None) -> int:
             failed.append(f"{model} {method} batch {batch} ({type(error).__name__}: {str(error)[:200]})")
         last = time.perf_counter() - begin
         print(f"[{time.perf_counter() - started:.0f} s] {model} {method} batch {batch}: {last:.1f} s", flush=True)
+        # The report so far, after every row: a run stopped at its time limit keeps what it measured.
+        Path(args.out).write_text(report(rows, order[i + 1:], failed, None, header, partial=True))
     profile = None
     if rows and not args.no_profile:
         target = rows[-1]
         profile_dir = tempfile.mkdtemp(prefix="e2_device_profile_")
-        measure(target["model"], target["method"], target["batch"], 1, profile_dir)
-        profile = summarize_trace(profile_dir)
-        profile["row"] = f"{target['model']} {target['method']} batch {target['batch']}"
+        try:
+            measure(target["model"], target["method"], target["batch"], 1, profile_dir)
+            profile = summarize_trace(profile_dir)
+            profile["row"] = f"{target['model']} {target['method']} batch {target['batch']}"
+        except Exception as error:  # a profiler the machine lacks (CUPTI) must not cost the table
+            failed.append(f"the profile ({type(error).__name__}: {str(error)[:200]})")
     header["wall time"] = f"{time.perf_counter() - started:.0f} s"
     text = report(rows, skipped, failed, profile, header)
     Path(args.out).write_text(text)

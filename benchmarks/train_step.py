@@ -82,7 +82,8 @@ def jax_step(preset: str, groups: tuple[dict, ...] | None, region_texts: str, ba
     state = program.new_state(step.initial_params(setup))
     host = fashion_batch(setup, batch_size)
     batch = place_batch(setup, host)
-    compiled = program.step.lower(state, batch).compile()
+    lowered = program.step.lower(state, batch)
+    compiled = lowered.compile()
     holder = {"state": state}
 
     def run() -> None:
@@ -90,7 +91,7 @@ def jax_step(preset: str, groups: tuple[dict, ...] | None, region_texts: str, ba
         jax.block_until_ready(metrics)
 
     calls = region_texts_describe([t.shape for t in batch.get("region_tokens", ())])
-    return run, step_flops(compiled), host, holder, setup.clip, calls
+    return run, step_flops(lowered, jax.device_count()), host, holder, setup.clip, calls
 
 
 def fashion_batch(setup: RunSpec, batch_size: int) -> dict:

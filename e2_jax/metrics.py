@@ -1,9 +1,12 @@
 """Training metrics: TensorBoard event files and a JSON-lines file in the workdir, a console
 progress bar, and model FLOP utilisation. Only process 0 writes.
 
-MFU = (XLA's FLOP count of the compiled step, per device) / (seconds per step) / (the device's
-peak). XLA's `cost_analysis` counts the program each device runs after partitioning, so no
-division by the number of devices is needed. Peaks are dense bfloat16 FLOP/s from the vendors'
+MFU = (the step's FLOPs per device) / (seconds per step) / (the device's peak). The FLOPs are
+XLA's count of the *lowered* step, the whole program before partitioning and optimisation,
+divided by the number of devices: the model's arithmetic, the same on every backend. The
+compiled program's count is not used: on a GPU it leaves out the GEMMs XLA hands to cuBLAS
+(custom calls), 46 of 10,396 GFLOPs on an H200 (docs/benchmarks.md), and it adds work each
+device repeats (a replicated optimizer update). Peaks are dense bfloat16 FLOP/s from the vendors'
 data sheets; a device not in the table (a CPU) has no MFU unless `peak_flops` is configured.
 """
 
@@ -40,12 +43,13 @@ def peak_flops(device: jax.Device, configured: float = 0.0) -> float | None:
     return None
 
 
-def step_flops(compiled: jax.stages.Compiled) -> float | None:
-    """FLOPs of one call of a compiled step, per device, as XLA counts them."""
-    cost = compiled.cost_analysis()
+def step_flops(lowered: jax.stages.Lowered, devices: int) -> float | None:
+    """FLOPs of one call of a step per device: XLA's count of the lowered (global, unpartitioned)
+    program over the `devices` that share it (module docstring)."""
+    cost = lowered.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     flops = (cost or {}).get("flops")
-    return float(flops) if flops and flops > 0 else None
+    return float(flops) / devices if flops and flops > 0 else None
 
 
 def _step_of(line: str) -> int | None:

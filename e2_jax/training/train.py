@@ -237,8 +237,8 @@ class _StepVariants:
         key = (jax.tree.structure(batch), tuple(x.shape for x in jax.tree.leaves(batch)))
         if key not in self.variants:
             start = time.perf_counter()
-            compiled = self.step_fn.lower(state, batch).compile()
-            flops = step_flops(compiled)
+            lowered = self.step_fn.lower(state, batch)
+            compiled, flops = lowered.compile(), step_flops(lowered, jax.device_count())
             regions = region_texts.describe([t.shape for t in batch.get("region_tokens", ())])
             self.variants[key] = (compiled, flops)
             self.progress.write(
