@@ -53,19 +53,22 @@ class Plan:
 
 
 def _hostnames(nodelist: str) -> list[str]:
-    """Slurm's compact host list ("gpu[001-003,007],login2") as names, in order."""
-    names = []
-    for part in re.findall(r"[^,\[]+(?:\[[^\]]*\])?[^,\[]*", nodelist):
-        match = re.fullmatch(r"([^\[]*)\[([^\]]*)\](.*)", part)
-        if not match:
-            names.append(part)
-            continue
-        prefix, ranges, suffix = match.groups()
-        for item in ranges.split(","):
-            first, _, last = item.partition("-")
-            for number in range(int(first), int(last or first) + 1):
-                names.append(f"{prefix}{number:0{len(first)}d}{suffix}")
-    return names
+    """Slurm's compact host list ("gpu[001-003,007],login2", "rack[1-2]-node[01-04]") as names,
+    in Slurm's order (several brackets: the first varies slowest)."""
+    hosts = re.findall(r"(?:[^,\[]|\[[^\]]*\])+", nodelist)  # split at commas outside brackets
+    return [name for host in hosts for name in _expand(host)]
+
+
+def _expand(host: str) -> list[str]:
+    match = re.match(r"([^\[]*)\[([^\]]*)\](.*)", host)
+    if not match:
+        return [host]
+    prefix, ranges, rest = match.groups()
+    numbers = []
+    for item in ranges.split(","):
+        first, _, last = item.partition("-")
+        numbers += [f"{n:0{len(first)}d}" for n in range(int(first), int(last or first) + 1)]
+    return [f"{prefix}{number}{tail}" for number in numbers for tail in _expand(rest)]
 
 
 def _tasks_on_node(env: Mapping[str, str]) -> int:

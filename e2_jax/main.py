@@ -76,7 +76,7 @@ def main(argv: list[str], hooks: train.Hooks | None = None) -> None:
     config = _CONFIG.value
     distributed.initialize(config.distributed)  # multi-host start-up before anything touches a device
     if jax.process_count() > 1:
-        preemption.uninstall()  # the processes agree on a step through JAX's preemption sync point
+        preemption.share_with_jax()  # the processes agree on a step through JAX's preemption sync point
     cache = compilation.setup(compilation.default_cache_dir() if _CACHE.value is None else _CACHE.value)
     logging.info("XLA compilation cache: %s", cache or "off")
     try:

@@ -72,6 +72,12 @@ def make_mesh(axes: Sequence[tuple[str, int]], devices: Sequence[Any] | None = N
                         dict(zip(names, shape, strict=True)), str(error).split(".")[0])
         grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
         return Mesh(grid, names, axis_types=auto)
+    except AssertionError as error:  # JAX's own checks of the devices, e.g. two per v4 chip
+        raise ConfigError(
+            f"cannot lay the mesh {dict(zip(names, shape, strict=True))} over these "
+            f"{len(devices)} {devices[0].device_kind} devices: {error} On v4 and v5p chips, run "
+            "with one device per chip (megacore, the default of their TPU VM images; a topology "
+            "description needs chip_config_name='megacore').") from None
 
 
 def batch_axes(mesh: Mesh, axes: Sequence[str] = BATCH_AXES) -> tuple[str, ...]:

@@ -13,9 +13,13 @@
 #
 # Options (or their environment variables):
 #   --name TPU_NAME  --zone TPU_ZONE  --project GCP_PROJECT
-#   --type TPU_TYPE (default v5litepod-8)  --version TPU_VERSION (default: the type's usual image)
+#   --type TPU_TYPE (default v5litepod-8; v5e-N is taken for gcloud's v5litepod-N)
+#   --version TPU_VERSION (default: the type's usual image)
 #   --spot                        a spot slice; `create` deletes and recreates one that was preempted
-#   --queued                      create through a queued resource (waits for capacity; spot needs it on v5e/v5p/v6e)
+#   --queued                      create through a queued resource (spot needs it on v5e/v5p/v6e); `create`
+#                                 and `all` wait until it is ACTIVE, printing its state as it changes
+#                                 (--queued-timeout SECONDS, default 43200, or TPU_QUEUED_TIMEOUT); a
+#                                 request that exists already is waited for, not made again
 #   --repo URL --ref REF          install from git on every worker instead of copying this checkout
 #   --weights gs://.../DIR        a converted model (python -m e2_jax.convert), copied to models/<DIR's name> on every worker
 #   --convert OUT=gs://.../ViT-B-16.pt   OpenAI's archive: converted HERE, once (this machine needs
@@ -36,7 +40,7 @@
 # cannot be stopped): `delete` it. JAX's runtime finds the other workers by itself.
 set -euo pipefail
 
-usage() { sed -n '2,37p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { awk 'NR == 1 { next } /^#/ { sub(/^# ?/, ""); print; next } { exit }' "$0"; }
 
 command="${1:-}"
 case "$command" in
@@ -47,6 +51,7 @@ esac
 
 name="${TPU_NAME:-}" zone="${TPU_ZONE:-}" project="${GCP_PROJECT:-}"
 type="${TPU_TYPE:-v5litepod-8}" version="${TPU_VERSION:-}"
+queued_timeout="${TPU_QUEUED_TIMEOUT:-43200}" queued_poll="${TPU_QUEUED_POLL:-30}"
 spot=0 queued=0 dry_run=0 repo="" ref="main" weights="" convert="" prepare="" data_dir="" config="" workdir=""
 main_flags=()
 while [[ $# -gt 0 ]]; do
@@ -58,6 +63,7 @@ while [[ $# -gt 0 ]]; do
     --version) version="$2"; shift 2 ;;
     --spot) spot=1; shift ;;
     --queued) queued=1; shift ;;
+    --queued-timeout) queued_timeout="$2"; shift 2 ;;
     --repo) repo="$2"; shift 2 ;;
     --ref) ref="$2"; shift 2 ;;
     --weights) weights="$2"; shift 2 ;;
@@ -76,12 +82,14 @@ if [[ -z "$name" || -z "$zone" ]]; then
   exit 2
 fi
 
+# gcloud names v5e slices v5litepod-N.
+if [[ "$type" == v5e-* ]]; then type="v5litepod-${type#v5e-}"; fi
 # The software version each TPU generation boots, and the chips one worker (host) has.
 chips="${type##*-}"
 case "$type" in
   v4-*) default_version=tpu-ubuntu2204-base; chips=$((chips / 2)); per_host=$((chips < 4 ? chips : 4)) ;;
   v5p-*) default_version=v2-alpha-tpuv5; chips=$((chips / 2)); per_host=$((chips < 4 ? chips : 4)) ;;
-  v5litepod-* | v5e-*) default_version=v2-alpha-tpuv5-lite; per_host=$((chips <= 8 ? chips : 4)) ;;
+  v5litepod-*) default_version=v2-alpha-tpuv5-lite; per_host=$((chips <= 8 ? chips : 4)) ;;
   v6e-*) default_version=v2-alpha-tpuv6e; per_host=$((chips <= 8 ? chips : 4)) ;;
   *)
     if [[ -z "$version" ]]; then
@@ -109,8 +117,45 @@ on_workers() {  # a shell command on every worker (or on --worker=N given first)
   run "${gcloud_tpu[@]}" ssh "$name" "${where[@]}" --worker="$worker" --command "$1"
 }
 
+queued_state() {
+  "${gcloud_queued[@]}" describe "$name" "${where[@]}" --format='value(state.state)' 2> /dev/null || true
+}
+
+wait_until_active() {  # a queued resource: ACTIVE means its TPU VM exists
+  printf '%q ' "${gcloud_queued[@]}" describe "$name" "${where[@]}" --format='value(state.state)'
+  echo "# every ${queued_poll} s until ACTIVE (at most ${queued_timeout} s)"
+  if [[ "$dry_run" == 1 ]]; then return; fi
+  local start=$SECONDS state="" last=""
+  while true; do
+    state="$(queued_state)"
+    if [[ "$state" != "$last" ]]; then
+      echo "$(date -u +%H:%M:%SZ) queued resource $name: ${state:-not found} ($((SECONDS - start)) s)"
+      last="$state"
+    fi
+    case "$state" in
+      ACTIVE) return ;;
+      FAILED | SUSPENDED | SUSPENDING | DELETING | "")
+        echo "error: queued resource $name is ${state:-gone}: see gcloud compute tpus queued-resources describe $name" >&2
+        exit 1 ;;
+    esac
+    if ((SECONDS - start >= queued_timeout)); then
+      echo "error: queued resource $name still $state after ${queued_timeout} s: it stays queued; run this again to keep waiting, or delete it (delete --queued)" >&2
+      exit 1
+    fi
+    sleep "$queued_poll"
+  done
+}
+
 create() {
   local state=""
+  if [[ "$queued" == 1 && "$dry_run" == 0 ]]; then
+    state="$(queued_state)"
+    if [[ -n "$state" ]]; then
+      echo "queued resource $name exists already (state $state): waiting for it, not requesting another"
+      wait_until_active
+      return
+    fi
+  fi
   if [[ "$dry_run" == 0 ]]; then
     state="$("${gcloud_tpu[@]}" describe "$name" "${where[@]}" --format='value(state)' 2> /dev/null || true)"
   fi
@@ -127,7 +172,8 @@ create() {
   if [[ "$queued" == 1 ]]; then
     run "${gcloud_queued[@]}" create "$name" --node-id "$name" "${where[@]}" --accelerator-type "$type" \
       --runtime-version "$version" "${extra[@]}"
-    echo "queued: $name is created when capacity allows (gcloud compute tpus queued-resources describe $name)"
+    echo "queued: $name is created when capacity allows"
+    wait_until_active
   else
     run "${gcloud_tpu[@]}" create "$name" "${where[@]}" --accelerator-type "$type" --version "$version" "${extra[@]}"
   fi

@@ -108,6 +108,8 @@ def test_hostlists():
     assert distributed._hostnames("gpu[001-003,007],login2") == ["gpu001", "gpu002", "gpu003", "gpu007", "login2"]
     assert distributed._hostnames("node7") == ["node7"]
     assert distributed._hostnames("a[9-11]-ib,b1") == ["a9-ib", "a10-ib", "a11-ib", "b1"]
+    assert distributed._hostnames("rack[1-2]-node[01-02,04],x") == [
+        "rack1-node01", "rack1-node02", "rack1-node04", "rack2-node01", "rack2-node02", "rack2-node04", "x"]
 
 
 def test_plain_multinode_environment():

@@ -124,3 +124,12 @@ def test_rows_that_are_one_block_on_gpu_hosts():
     for process in range(4):
         rows = pipeline.process_rows(batch_sharding, 64, process)
         assert rows.tolist() == list(range(16 * process, 16 * (process + 1)))
+
+
+def test_a_v4_slice_without_megacore_is_a_config_error():
+    """Two devices per v4 chip (a slice seen without megacore): JAX's mesh check fails with a
+    bare AssertionError; make_mesh names the devices and the way out."""
+    chips = mock_slice("TPU v4", (2, 2, 4))
+    devices = [dataclasses.replace(d, id=2 * d.id + core, core_on_chip=core) for d in chips for core in (0, 1)]
+    with pytest.raises(sharding.ConfigError, match=r"32 TPU v4 devices.*megacore"):
+        sharding.make_mesh(MESHES["default"], devices)

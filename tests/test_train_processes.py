@@ -168,38 +168,49 @@ def test_a_one_device_checkpoint_resumes_on_eight_devices(reference, synth_tiny,
     np.testing.assert_allclose([got[s] for s in sorted(got)], [want[s] for s in sorted(got)], rtol=1e-5)
 
 
-def test_two_processes_started_by_the_slurm_script_survive_sigterm_and_give_the_one_process_losses(
+def test_two_processes_started_by_the_slurm_script_save_on_its_notice_and_give_the_one_process_losses(
         reference, synth_tiny, tmp_path):
-    """launch/gpu_slurm.sbatch as Slurm would run it (its `srun` and `scontrol` stood in for by
-    tests/test_launch.py's shims, which give each task the variables a real srun sets): 2 tasks on
-    localhost, each working out its coordinator and process id from Slurm's variables
-    (e2_jax.distributed). Both get SIGTERM after step 5 (the trainer sends it to itself: a
-    notice at a known step); JAX's preemption sync point makes them save the same step and exit
-    0; the same job run again resumes and ends with the 1-process losses."""
+    """launch/gpu_slurm.sbatch as Slurm would run it, with tests/slurm's stand-ins for `srun`
+    (which, like srun, SIGKILLs its tasks on SIGTERM and forwards SIGUSR1 unchanged) and
+    `scontrol`: 2 tasks on localhost, each working out its coordinator and process id from
+    Slurm's variables (e2_jax.distributed). After step 5, the notice the script's `#SBATCH
+    --signal` asks for goes to the batch shell, as Slurm sends it before the time limit; the
+    script passes it to srun, srun to both tasks; JAX's preemption sync point makes them save the
+    same step and exit 0; the script requeues; the same job run again resumes and ends with the
+    1-process losses."""
     from tests.processes import free_port
-    from tests.test_launch import slurm_env
+    from tests.test_launch import sbatch_signal, slurm_env
 
+    signum, batch_only = sbatch_signal()
+    assert batch_only  # Slurm signals the batch shell, which the test stands in for
     # One CPU device per process: with several, XLA's CPU collectives over gloo crawl on a
     # 2-core machine (about 37 s a step, measured); on GPUs and TPUs each process has several.
     port = free_port()
     env = _env(1, JAX_COORDINATOR_PORT=str(port), E2_PYTHON=sys.executable, **slurm_env(tmp_path, 2))
     workdir = tmp_path / "run"
+    pid_file = tmp_path / "batch_shell.pid"
     # The first job's Python: the script's `python -m e2_jax.main ARGS` becomes `python -m
-    # tests.faults --sigterm_at_step=5 ARGS`, the trainer with a preemption notice after step 5.
+    # tests.faults --notice_at_step=5 ... ARGS`: after step 5, process 0 signals the batch shell.
     notice = tmp_path / "python_with_notice"
-    notice.write_text(f'#!/bin/sh\nshift 2\nexec {sys.executable} -m tests.faults --sigterm_at_step=5 "$@"\n')
+    notice.write_text(f'#!/bin/sh\nshift 2\nexec {sys.executable} -m tests.faults --notice_at_step=5 '
+                      f'--notice_signal={signum.name[3:]} --notice_pid_file={pid_file} "$@"\n')
     notice.chmod(0o755)
 
     def job(python: str = sys.executable) -> str:
         main_args = _command(workdir, synth_tiny)[3:]  # what follows python -m e2_jax.main
-        result = subprocess.run(["bash", str(ROOT / "launch" / "gpu_slurm.sbatch"), *main_args], cwd=ROOT,
-                                env={**env, "E2_PYTHON": python}, capture_output=True, text=True, timeout=900)
-        assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-6000:]
-        return result.stdout + result.stderr
+        process = subprocess.Popen(["bash", str(ROOT / "launch" / "gpu_slurm.sbatch"), *main_args], cwd=ROOT,
+                                   env={**env, "E2_PYTHON": python}, stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, text=True)
+        pid_file.write_text(str(process.pid))
+        output, _ = process.communicate(timeout=900)
+        assert process.returncode == 0, output[-12000:]
+        return output
 
     log = job(str(notice))
     assert "multi-host start-up (slurm: Slurm job 4711" in log and f"coordinator_address='localhost:{port}'" in log
     assert "process 1 of 2" in log and "2 devices" in log
+    assert "SIGUSR1: passing it to the tasks" in log and "requeueing job 4711" in log
+    assert (tmp_path / "shim_log" / "requeued").read_text().split() == ["4711"]
     saved = [int(log.split(f"preemption: process {i} saved step ")[1].split()[0]) for i in range(2)]
     assert saved[0] == saved[1] and 5 <= saved[0] < STEPS, saved
     assert max(_complete_steps(workdir)) == saved[0]

@@ -8,7 +8,7 @@ stage converted CLIP weights (`model.pretrained`) with E²'s new parameters draw
 initialisation. Batches, Gumbel noise and the learning rate are functions of the step number,
 so a resumed run continues exactly as an uninterrupted one would. Metrics are read one step
 late (never stalling the device); a NaN loss stops the run naming the last good checkpoint; a
-SIGTERM (preemption notice) saves and exits.
+preemption notice (SIGTERM, SIGUSR1 or SIGUSR2) saves and exits.
 """
 
 from __future__ import annotations
@@ -100,7 +100,7 @@ def run(config: ml_collections.ConfigDict, directory: str | os.PathLike, validat
     retrieval on the evaluation split every `eval.every_steps`, keeping each stage's best).
     Returns where things are, the last validation and `complete=True` if the run had already
     finished (nothing trained)."""
-    notices = _Preemption()  # first: a SIGTERM from now on ends the run with a checkpoint
+    notices = _Preemption()  # first: a notice from now on ends the run with a checkpoint
     try:
         with preemption.nothing_to_save("start-up"):
             spec, data = prepare(config, validate, directory)
@@ -321,10 +321,11 @@ class _Loop:
 
 
 class _Preemption:
-    """Whether a preemption notice asks the run to stop after `step`. One process: a SIGTERM
-    (e2_jax.training.preemption; where nothing would be lost it exits at once). Several
-    processes agree on the step through JAX's preemption sync point (jax.distributed's own
-    SIGTERM notifier). `reached` must be asked after every step, by every process, stage ends
+    """Whether a preemption notice asks the run to stop after `step`. One process: a SIGTERM,
+    SIGUSR1 or SIGUSR2 (e2_jax.training.preemption; where nothing would be lost it exits at once).
+    Several processes agree on the step through JAX's preemption sync point (jax.distributed's
+    own SIGTERM notifier, which SIGUSR1/2 are forwarded to). `reached` must be asked after every
+    step, by every process, stage ends
     included: the sync point is a collective decision, and a notice that lands on a step where
     it is not asked is acted on late."""
 
