@@ -1,21 +1,35 @@
 """Test set-up: no hub access, quiet logs, and shared fixtures."""
 
+import json
 import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
 
 # Nothing may wait on a model hub: transformers and open_clip must fail fast if asked.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-# One XLA compilation cache for the session, inherited by the processes tests start: the
-# training-process tests compile the same tiny step in several processes (resume, kill, SIGTERM),
-# and a cached executable is the same program, so results are unchanged (bitwise).
-if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
-    import tempfile
-
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="e2_jax_test_xla_cache_")
-    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
+# One XLA compilation cache for the session, inherited by every process it starts (pytest-xdist's
+# workers, the trainer's processes): a program one test compiled loads from the cache in the next
+# test or process, and a cached executable is the same program, so results are unchanged
+# (bitwise). The cache's requests and hits are counted in each process (tests/site) and summed
+# at the end of the run. The folder is removed at the end by the process that made it.
+_SITE = str(Path(__file__).resolve().parent / "site")
+_MADE_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
+if _MADE_CACHE:
+    _session = tempfile.mkdtemp(prefix="e2_jax_test_session_")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(_session, "xla")
+    os.environ["E2_TEST_CACHE_STATS"] = os.path.join(_session, "cache_stats.jsonl")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_SITE, os.environ.get("PYTHONPATH")) if p)
+sys.path.insert(0, _SITE)
+import compile_counts  # noqa: E402
+
+compile_counts.install(write_at_exit=False)
 
 # torchvision and open_clip import triton, whose native library segfaults when it loads after
 # TensorFlow's (checked with tensorflow-cpu 2.21 and triton 3.8: `import tensorflow, triton`
@@ -65,3 +79,29 @@ def trained_tiny(synth_tiny, tmp_path_factory):
 
     workdir = tmp_path_factory.mktemp("trained_tiny")
     return workdir, train.run(tiny_config(synth_tiny, **{"optim.grad_clip": 1.0}), workdir)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if hasattr(session.config, "workerinput"):  # a pytest-xdist worker: its counts to the file
+        compile_counts._write()
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """The compilation cache's hits and misses over the run, every process counted (except
+    those that ended by a signal or os._exit, which write nothing)."""
+    if hasattr(config, "workerinput") or not os.environ.get("E2_TEST_CACHE_STATS"):
+        return
+    rows = [dict(compile_counts.counts, pid=os.getpid())]
+    stats = Path(os.environ["E2_TEST_CACHE_STATS"])
+    if stats.is_file():
+        rows += [json.loads(line) for line in stats.read_text().splitlines() if line.strip()]
+    requests, hits = sum(r["requests"] for r in rows), sum(r["hits"] for r in rows)
+    if requests:
+        terminalreporter.write_line(
+            f"XLA compilation cache: {requests} programs looked up, {hits} hits ({hits / requests:.0%}), "
+            f"{requests - hits} misses (compiled), in {sum(1 for r in rows if r['requests'])} processes")
+
+
+def pytest_unconfigure(config):
+    if _MADE_CACHE and not hasattr(config, "workerinput") and not os.environ.get("E2_TEST_KEEP_CACHE"):
+        shutil.rmtree(os.path.dirname(os.environ["JAX_COMPILATION_CACHE_DIR"]), ignore_errors=True)

@@ -22,25 +22,34 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from e2_jax.training import preemption
 from e2_jax.training.train import Hooks
 
 
-def nan_at(index: int):
-    """A step wrapper: the step numbered `index` (0-based) yields a NaN loss and NaN parameters,
-    as a diverging step does."""
+def nan_at(index: int) -> tuple:
+    """(step wrapper, batch map): the step numbered `index` (0-based) yields a NaN loss and NaN
+    parameters, as a diverging step does. The index travels in the batch, a runtime input: every
+    index runs the same compiled program (one compile, then the compilation cache)."""
 
     def wrap(step):
         def poisoned(state, batch):
+            batch = dict(batch)
+            bad = state["step"] == batch.pop("fault_nan_at")
             new, metrics = step(state, batch)
-            bad = state["step"] == index
             new = {**new, "params": jax.tree.map(lambda p: jnp.where(bad, jnp.nan, p), new["params"])}
             return new, {**metrics, "loss": jnp.where(bad, jnp.nan, metrics["loss"])}
 
         return poisoned
 
-    return wrap
+    def add_index(batch: dict) -> dict:
+        mesh = jax.tree.leaves(batch)[0].sharding.mesh
+        return {**batch, "fault_nan_at": jax.device_put(np.int32(index), NamedSharding(mesh, P()))}
+
+    return wrap, add_index
 
 
 def _notice(signal_name: str, pid_file: str) -> None:
@@ -67,7 +76,8 @@ def _after(kill_during_save_at: int, sigterm_at: int, notice_at: int, notice: tu
 
 def hooks(nan_at_step: int = -1, kill_during_save_at_step: int = -1, sigterm_at_step: int = -1,
           notice_at_step: int = -1, notice_signal: str = "USR1", notice_pid_file: str = "") -> Hooks:
-    return Hooks(wrap_step=nan_at(nan_at_step) if nan_at_step >= 0 else None,
+    wrap, map_batch = nan_at(nan_at_step) if nan_at_step >= 0 else (None, None)
+    return Hooks(wrap_step=wrap, map_batch=map_batch,
                  after_step=functools.partial(_after, kill_during_save_at_step, sigterm_at_step, notice_at_step,
                                               (notice_signal, notice_pid_file)))
 

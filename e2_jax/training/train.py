@@ -46,11 +46,14 @@ class TrainingError(RuntimeError):
 @dataclasses.dataclass(frozen=True)
 class Hooks:
     """Ways into a run from outside: `wrap_step` changes each stage's step function before it is
-    jitted; `after_step(done, state, checkpoints)` runs on the host after each step is
-    dispatched, before its checkpoint. The tests inject faults (a NaN, a kill during a save, a
-    preemption notice) through them (tests/faults.py)."""
+    jitted; `map_batch(batch)` changes each batch (on the mesh) before the step takes it, so a
+    wrapped step can read runtime values (one compiled program for any of them);
+    `after_step(done, state, checkpoints)` runs on the host after each step is dispatched,
+    before its checkpoint. The tests inject faults (a NaN, a kill during a save, a preemption
+    notice) through them (tests/faults.py)."""
 
     wrap_step: Callable[[step.StepFn], step.StepFn] | None = None
+    map_batch: Callable[[dict], dict] | None = None
     after_step: Callable[[int, dict, Checkpoints], None] | None = None
 
 
@@ -264,18 +267,19 @@ class _Loop:
         batches = pipeline.train_batches(self.data.train, self.spec.pre, global_batch=config.batch_size,
                                          sharding=sharding.batch_sharding(self.spec.mesh), seed=config.seed,
                                          start_step=first)
+        map_batch = self.hooks.map_batch or (lambda batch: batch)
         try:
             trainable = optim.count(optim.partition(state["params"], optim.trainable_pattern(stage.trainable))[0])
             progress.write(f"stage {stage.name}: steps {stage.start}-{stage.end}, {trainable:,} trainable parameters, "
                            f"{jax.device_count()} devices, mesh {dict(self.spec.mesh.shape)}")
             steps = _StepVariants(self.program.step, stage, progress)
             with preemption.nothing_to_save(f"the start of stage {stage.name} (compiling its step)"):
-                batch = next(batches)
+                batch = map_batch(next(batches))
                 compiled, flops = steps.get(state, batch)
             reporter, outcome, saved = _Reporter(self.spec, self.writer, progress, checkpoints), {}, None
             for index in range(first, stage.end):
                 if index > first:
-                    batch = next(batches)  # the batch's own (explicit) transfers happen here
+                    batch = map_batch(next(batches))  # the batch's own (explicit) transfers happen here
                     compiled, flops = steps.get(state, batch)
                 # An accidental host copy into the step (an implicit transfer) fails loudly here.
                 with jax.transfer_guard("disallow"):
