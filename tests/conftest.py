@@ -7,10 +7,17 @@ import sys
 import tempfile
 from pathlib import Path
 
+import pytest
+
 # Nothing may wait on a model hub: transformers and open_clip must fail fast if asked.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+# Before JAX starts, here and in every process the tests start (they inherit the environment):
+# with libtpu and the CUDA plugin installed (requirements-test.txt) and no TPU or GPU, e2_jax
+# tells JAX to use the CPU (e2_jax/__init__.py).
+import e2_jax  # noqa: F401
 
 # One XLA compilation cache for the session, inherited by every process it starts (pytest-xdist's
 # workers, the trainer's processes): a program one test compiled loads from the cache in the next
@@ -29,7 +36,12 @@ if _MADE_CACHE:
 sys.path.insert(0, _SITE)
 import compile_counts  # noqa: E402
 
+from tests.processes import xla_flags  # noqa: E402
+
 compile_counts.install(write_at_exit=False)
+# XLA's CPU compiler tuned for short test runs (tests/processes.py), here and in every process
+# that inherits the environment; the fake device count a process asks for is kept.
+os.environ["XLA_FLAGS"] = xla_flags(existing=os.environ.get("XLA_FLAGS", ""))
 
 # torchvision and open_clip import triton, whose native library segfaults when it loads after
 # TensorFlow's (checked with tensorflow-cpu 2.21 and triton 3.8: `import tensorflow, triton`
@@ -39,8 +51,6 @@ try:
     import triton  # noqa: F401
 except ImportError:
     pass
-
-import pytest
 
 
 @pytest.fixture(scope="session")
@@ -87,19 +97,26 @@ def pytest_sessionfinish(session, exitstatus):
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
-    """The compilation cache's hits and misses over the run, every process counted (except
-    those that ended by a signal or os._exit, which write nothing)."""
+    """The compilation cache's hits and misses over the run, and the processes the tests started
+    with their CPU time, every process counted (except those that ended by a signal or
+    os._exit, which write nothing)."""
     if hasattr(config, "workerinput") or not os.environ.get("E2_TEST_CACHE_STATS"):
         return
-    rows = [dict(compile_counts.counts, pid=os.getpid())]
+    rows = [dict(compile_counts.counts, pid=os.getpid(), argv="pytest", cpu_s=compile_counts.cpu_seconds())]
     stats = Path(os.environ["E2_TEST_CACHE_STATS"])
     if stats.is_file():
         rows += [json.loads(line) for line in stats.read_text().splitlines() if line.strip()]
-    requests, hits = sum(r["requests"] for r in rows), sum(r["hits"] for r in rows)
-    if requests:
-        terminalreporter.write_line(
-            f"XLA compilation cache: {requests} programs looked up, {hits} hits ({hits / requests:.0%}), "
-            f"{requests - hits} misses (compiled), in {sum(1 for r in rows if r['requests'])} processes")
+    total = {key: sum(r[key] for r in rows) for key in ("compiled", "compile_s", "hits", "saved_s", "cpu_s")}
+    write = terminalreporter.write_line
+    if total["compiled"] + total["hits"]:
+        write(f"XLA compilation cache (programs of {compile_counts.MIN_SECONDS:g} s or more): {total['hits']} loaded "
+              f"(hit rate {total['hits'] / (total['hits'] + total['compiled']):.0%}, saving about "
+              f"{total['saved_s']:.0f} s), {total['compiled']} compiled ({total['compile_s']:.0f} s), in "
+              f"{sum(1 for r in rows if r['compiled'] or r['hits'])} processes")
+    write(f"CPU time: {total['cpu_s']:.0f} s in {len(rows)} Python processes (the test session and those it "
+          f"started), {rows[0]['cpu_s']:.0f} s of it in the session's; the costliest started ones:")
+    for row in sorted(rows[1:], key=lambda r: -r["cpu_s"])[:8]:
+        write(f"  {row['cpu_s']:6.1f} s  {row['argv'][:150]}")
 
 
 def pytest_unconfigure(config):

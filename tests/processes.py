@@ -10,6 +10,25 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# XLA's CPU compiler as the suite runs it (tests/conftest.py sets it for the session, and every
+# process a test starts gets it through `xla_flags`): LLVM at -O0 and the classic emitters
+# instead of the fusion emitters. The tiny E² step compiles in 7 s instead of 17 s and runs in
+# 95 ms instead of 32 ms, which pays for the few steps a test runs (docs/benchmarks.md). The
+# programs are the same; XLA's CPU backend compiles without fast-math at any level.
+FAST_COMPILE = ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false")
+
+
+def xla_flags(devices: int | None = None, existing: str = "") -> str:
+    """XLA_FLAGS for a test process: `FAST_COMPILE`, `devices` fake CPU devices, and any of
+    `existing`'s other flags."""
+    kept = [f for f in existing.split() if not f.startswith("--xla_force_host_platform_device_count")
+            or devices is None]
+    names = {f.split("=")[0] for f in kept}
+    flags = [f for f in FAST_COMPILE if f.split("=")[0] not in names] + kept
+    if devices is not None:
+        flags.append(f"--xla_force_host_platform_device_count={devices}")
+    return " ".join(flags)
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -21,7 +40,7 @@ def run_workers(worker: Path, processes: int, data_dir: str, out_dir: Path, time
     """Runs `worker PROCESS_ID NUM_PROCESSES PORT DATA_DIR OUT_JSON` as `processes` processes;
     each must exit 0 (else the assertion shows its log); returns their JSON outputs."""
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {"JAX_PLATFORMS": "cpu"}
+    env = os.environ | {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags()}
     outs = [out_dir / f"{worker.stem}_{processes}_{i}.json" for i in range(processes)]
     procs = [subprocess.Popen([sys.executable, str(worker), str(i), str(processes), str(port), data_dir, str(out)],
                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -17,6 +17,7 @@ import pytest
 
 from e2_jax import caption_metrics, captioning
 from e2_jax.models.caption_decoder import CaptionDecoder, DecoderConfig, init_cache, init_params
+from tests.processes import xla_flags
 
 EOT = 5  # the end id of the small vocabularies below
 
@@ -200,7 +201,7 @@ def test_metrics_are_the_standard_ones():
 def _command(*args: str) -> str:
     from tests.processes import ROOT
 
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = os.environ | {"XLA_FLAGS": xla_flags()}
     done = subprocess.run([sys.executable, "-m", "e2_jax.captioning", *args], cwd=ROOT, env=env, text=True,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=600, check=False)
     assert done.returncode == 0, done.stdout[-6000:]

@@ -13,6 +13,7 @@ import pytest
 
 from e2_jax import config as recipes
 from e2_jax import workdir
+from tests.processes import xla_flags
 from tests.test_train import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,7 +21,7 @@ SYNTH = "configs/e2_synth.py:runlocal"
 
 
 def _start(args: list[str], env: dict | None = None) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {"JAX_PLATFORMS": "cpu", **(env or {})}
+    env = os.environ | {"XLA_FLAGS": xla_flags(), "JAX_PLATFORMS": "cpu", **(env or {})}
     return subprocess.Popen([sys.executable, "-m", "e2_jax.main", *args], cwd=ROOT, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 

@@ -5,11 +5,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.processes import xla_flags
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_on_8_fake_cpu_devices():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", E2_MULTIDEVICE="1")
+    env = dict(os.environ, XLA_FLAGS=xla_flags(8), E2_MULTIDEVICE="1")
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/multidevice"],
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     print(result.stdout[-3000:])

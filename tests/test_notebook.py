@@ -8,6 +8,8 @@ from pathlib import Path
 import nbformat
 from nbclient import NotebookClient
 
+from tests.processes import xla_flags
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -16,7 +18,7 @@ def test_colab_notebook_runs_in_smoke_mode(synth_tiny, tmp_path, monkeypatch):
     for name, value in {"E2_NOTEBOOK_SMOKE": "1", "E2_NOTEBOOK_WORKDIR": str(workdir),
                         "E2_NOTEBOOK_DATA_DIR": synth_tiny, "JAX_PLATFORMS": "cpu"}.items():
         monkeypatch.setenv(name, value)
-    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    monkeypatch.setenv("XLA_FLAGS", xla_flags())
     notebook = nbformat.read(ROOT / "launch" / "colab_tpu.ipynb", as_version=4)
     # Run from launch/, as a user who opens it from a checkout would: the notebook moves to the root.
     NotebookClient(notebook, timeout=900, kernel_name="python3",

@@ -20,7 +20,7 @@ import pytest
 
 from e2_jax import storage
 from e2_jax.inference import Encoder
-from tests.processes import ROOT, free_port
+from tests.processes import ROOT, free_port, xla_flags
 
 BUCKET = "e2-test"
 
@@ -58,7 +58,7 @@ def test_storage_paths():
 
 def test_a_run_in_a_bucket_trains_resumes_and_evaluates_as_a_local_run(synth_tiny, trained_tiny, emulator, tmp_path):
     workdir, out = f"gs://{BUCKET}/runs/e2", tmp_path / "bucket.json"
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {
+    env = os.environ | {"XLA_FLAGS": xla_flags()} | {
         "JAX_PLATFORMS": "cpu", "STORAGE_EMULATOR_HOST": emulator, "TENSORSTORE_GCS_HTTP_URL": emulator,
         "EPATH_USE_TF": "false"}
     run = subprocess.run([sys.executable, str(ROOT / "tests" / "multiprocess" / "bucket_worker.py"), synth_tiny,

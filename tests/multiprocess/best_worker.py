@@ -8,9 +8,13 @@ decides for both, so both take part in the collective save instead of one hangin
 import json
 import os
 import sys
+from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository, for tests.processes
 process_id, num_processes, port, workdir, out = sys.argv[1:6]
-os.environ.pop("XLA_FLAGS", None)
+from tests.processes import xla_flags  # noqa: E402
+
+os.environ["XLA_FLAGS"] = xla_flags()
 import jax  # noqa: E402
 
 jax.config.update("jax_cpu_collectives_implementation", "gloo")

@@ -13,7 +13,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository, for tests.test_evaluate
 process_id, num_processes, port, data_dir, out = sys.argv[1:6]
-os.environ.pop("XLA_FLAGS", None)
+from tests.processes import xla_flags  # noqa: E402
+
+os.environ["XLA_FLAGS"] = xla_flags()
 import jax  # noqa: E402
 
 if int(num_processes) > 1:

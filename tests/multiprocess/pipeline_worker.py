@@ -16,7 +16,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository, for tests.processes
 process_id, num_processes, port, data_dir, out = sys.argv[1:6]
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+from tests.processes import xla_flags  # noqa: E402
+
+os.environ["XLA_FLAGS"] = xla_flags(4)
 import jax  # noqa: E402
 
 jax.config.update("jax_cpu_collectives_implementation", "gloo")

@@ -1,8 +1,9 @@
-"""Counts JAX's persistent compilation cache use in a test process: requests (programs that went
-to the cache) and hits. `install()` registers a listener as soon as jax's monitoring module is
-loaded (at once if it is); the counts go to the JSON-lines file $E2_TEST_CACHE_STATS at exit.
-The test session installs it in its own process (tests/conftest.py) and, through the
-sitecustomize.py beside this file (on PYTHONPATH), in every Python process it starts."""
+"""Counts JAX's persistent compilation cache use in a test process: programs compiled (those
+that take long enough for the cache to keep them) and programs loaded from the cache, and the
+process's own CPU time. `install()` registers a listener as soon as jax's monitoring module is
+loaded (at once if it is); the counts go to the JSON-lines file $E2_TEST_CACHE_STATS at exit. The test session
+installs it in its own process (tests/conftest.py) and, through the sitecustomize.py beside
+this file (on PYTHONPATH), in every Python process it starts."""
 
 import atexit
 import importlib.abc
@@ -11,16 +12,21 @@ import json
 import os
 import sys
 
-counts = {"requests": 0, "hits": 0}
-_REQUESTS = "/jax/compilation_cache/compile_requests_use_cache"
-_HITS = "/jax/compilation_cache/cache_hits"
+# Programs compiled (taking at least MIN_SECONDS, what the session's cache keeps) and loaded from
+# the cache instead, with the seconds each side took or saved.
+MIN_SECONDS = float(os.environ.get("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5"))
+counts = {"compiled": 0, "compile_s": 0.0, "hits": 0, "saved_s": 0.0}
+_COMPILE = "/jax/core/compile/backend_compile_duration"
+_SAVED = "/jax/compilation_cache/compile_time_saved_sec"
 
 
-def _listener(event: str, **kwargs) -> None:
-    if event == _REQUESTS:
-        counts["requests"] += 1
-    elif event == _HITS:
+def _duration(event: str, duration: float, **kwargs) -> None:
+    if event == _COMPILE and duration >= MIN_SECONDS:
+        counts["compiled"] += 1
+        counts["compile_s"] += duration
+    elif event == _SAVED:
         counts["hits"] += 1
+        counts["saved_s"] += max(duration, 0.0)
 
 
 class _AfterMonitoring(importlib.abc.MetaPathFinder):
@@ -37,22 +43,29 @@ class _AfterMonitoring(importlib.abc.MetaPathFinder):
 
         def exec_module(module):
             execute(module)
-            module.register_event_listener(_listener)
+            module.register_event_duration_secs_listener(_duration)
 
         spec.loader.exec_module = exec_module
         return spec
 
 
+def cpu_seconds() -> float:
+    """This process's CPU time so far (user and system, not its children's)."""
+    times = os.times()
+    return times.user + times.system
+
+
 def _write() -> None:
     out = os.environ.get("E2_TEST_CACHE_STATS")
-    if out and counts["requests"]:
+    if out:
         with open(out, "a") as f:
-            f.write(json.dumps({"pid": os.getpid(), "argv": " ".join(sys.argv)[:200], **counts}) + "\n")
+            f.write(json.dumps({"pid": os.getpid(), "argv": " ".join(sys.argv)[:200], "cpu_s": cpu_seconds(),
+                                **counts}) + "\n")
 
 
 def install(write_at_exit: bool = True) -> None:
     if "jax._src.monitoring" in sys.modules:
-        sys.modules["jax._src.monitoring"].register_event_listener(_listener)
+        sys.modules["jax._src.monitoring"].register_event_duration_secs_listener(_duration)
     else:
         sys.meta_path.insert(0, _AfterMonitoring())
     if write_at_exit:
