@@ -110,6 +110,9 @@ def base() -> ml_collections.ConfigDict:
     c.batch_size = 64  # the global batch, the contrastive batch too
     c.accum_steps = 1  # micro-batches per step (GradCache: the loss still sees the whole batch)
     c.mesh = (("data", -1), ("fsdp", 1))
+    # Several TPU slices (multi-slice): the mesh axes that run across them over the data-center
+    # network, -1 = every slice; `mesh` gives each axis's whole size (docs/multihost.md).
+    c.mesh_dcn = (("data", -1),)
     c.sharding_rules = ((".*", "fsdp"),)
     c.eval = ml_collections.ConfigDict({
         "every_steps": 0,  # validation during training (full-candidate, global text); 0: once per epoch

@@ -37,22 +37,29 @@ def _sum(x: Array, axis_name: AxisName) -> Array:
     return x if axis_name is None else jax.lax.psum(x, axis_name)
 
 
-def contrastive_loss(a: Array, b: Array, logit_scale: Array, axis_name: AxisName = None) -> Array:
-    """Symmetric InfoNCE between rows of `a` and `b` ([n, D] local shards of [N, D]).
+def contrastive_losses(a: Array, b: Array, logit_scale: Array, axis_name: AxisName = None) -> Array:
+    """[K] symmetric InfoNCE losses, the k-th between the rows of `a[:, k]` and `b[:, k]` ([n, K,
+    D] local shards of [N, K, D]); each the mean over the global batch of (CE(a->b) + CE(b->a))
+    / 2, as open_clip's ClipLoss.
 
-    Mean over the global batch of (CE(a->b) + CE(b->a)) / 2, as open_clip's ClipLoss.
-    """
+    The K pairs travel together: one all-gather of each side, however large K is (E²: the
+    global pair and one per tag group), and one sum of the totals over the devices."""
     a, b = l2_normalize(a.astype(jnp.float32)), l2_normalize(b.astype(jnp.float32))
     scale = jnp.exp(logit_scale.astype(jnp.float32))
     local = a.shape[0]
     labels = _offset(local, axis_name) + jnp.arange(local)
-    total = jnp.zeros((), jnp.float32)
+    total = jnp.zeros(a.shape[1], jnp.float32)
     for queries, keys in ((a, _gather(b, axis_name)), (b, _gather(a, axis_name))):
-        logits = scale * queries @ keys.T  # [local, global]
-        correct = jnp.take_along_axis(logits, labels[:, None], axis=1)[:, 0]
-        total += jnp.sum(jax.nn.logsumexp(logits, axis=1) - correct)
-    global_batch = _sum(jnp.asarray(local, jnp.float32), axis_name)
-    return _sum(total, axis_name) / (2 * global_batch)
+        logits = scale * jnp.einsum("nkd,mkd->knm", queries, keys)  # [K, local, global]
+        correct = jnp.take_along_axis(logits, labels[None, :, None], axis=2)[..., 0]
+        total += jnp.sum(jax.nn.logsumexp(logits, axis=2) - correct, axis=1)
+    summed = _sum(jnp.append(total, jnp.asarray(local, jnp.float32)), axis_name)
+    return summed[:-1] / (2 * summed[-1])  # the last: the global batch
+
+
+def contrastive_loss(a: Array, b: Array, logit_scale: Array, axis_name: AxisName = None) -> Array:
+    """Symmetric InfoNCE between rows of `a` and `b` ([n, D] local shards of [N, D])."""
+    return contrastive_losses(a[:, None], b[:, None], logit_scale, axis_name)[0]
 
 
 def e2_loss(image: Array, text: Array, region_image: Array | None, region_text: Array | None,
@@ -60,18 +67,19 @@ def e2_loss(image: Array, text: Array, region_image: Array | None, region_text: 
             axis_name: AxisName = None) -> tuple[Array, dict[str, Array]]:
     """E²'s loss. `image`, `text`: [n, D] global embeddings; `region_image`, `region_text`:
     [n, G, D] (region embeddings and the embeddings of the items' tag texts), or None for plain
-    CLIP fine-tuning. Returns (loss, metrics) with `loss_global` and `loss_region` ([G])."""
-    loss_global = contrastive_loss(image, text, logit_scale, axis_name)
-    metrics = {"loss_global": loss_global, "logit_scale": jnp.exp(logit_scale)}
-    if region_image is None:  # plain CLIP fine-tuning
-        return loss_global, {**metrics, "loss": loss_global}
-    if region_weight == 0:  # the "without region loss" ablation: regions not even computed
-        loss = global_weight * loss_global
-        return loss, {**metrics, "loss": loss}
-    per_group = jnp.stack([contrastive_loss(region_image[:, g], region_text[:, g], logit_scale, axis_name)
-                           for g in range(region_image.shape[1])])
+    CLIP fine-tuning. Returns (loss, metrics) with `loss_global` and `loss_region` ([G]). The
+    global pair and the G region pairs are stacked and contrasted together
+    (`contrastive_losses`): one all-gather of each side in all (docs/benchmarks.md)."""
+    metrics = {"logit_scale": jnp.exp(logit_scale)}
+    if region_image is None or region_weight == 0:  # CLIP fine-tuning; the "without region loss" ablation
+        loss_global = contrastive_loss(image, text, logit_scale, axis_name)
+        loss = loss_global if region_image is None else global_weight * loss_global
+        return loss, {**metrics, "loss_global": loss_global, "loss": loss}
+    stack = lambda one, groups: jnp.concatenate([one[:, None].astype(jnp.float32), groups.astype(jnp.float32)], 1)
+    terms = contrastive_losses(stack(image, region_image), stack(text, region_text), logit_scale, axis_name)
+    loss_global, per_group = terms[0], terms[1:]
     loss = global_weight * loss_global + region_weight * jnp.mean(per_group)
-    return loss, {**metrics, "loss_region": per_group, "loss": loss}
+    return loss, {**metrics, "loss_global": loss_global, "loss_region": per_group, "loss": loss}
 
 
 def sharded(loss_fn: Callable[..., tuple[Array, dict]], mesh: Mesh, batch_axes: Sequence[str],

@@ -6,7 +6,9 @@ XLA's count of the *lowered* step, the whole program before partitioning and opt
 divided by the number of devices: the model's arithmetic, the same on every backend. The
 compiled program's count is not used: on a GPU it leaves out the GEMMs XLA hands to cuBLAS
 (custom calls), 46 of 10,396 GFLOPs on an H200 (docs/benchmarks.md), and it adds work each
-device repeats (a replicated optimizer update). Peaks are dense bfloat16 FLOP/s from the vendors'
+device repeats (a replicated optimizer update). Where XLA does not count the lowered program (for
+a TPU, as checked on libtpu's compiler), the compiled program's per-device count is used: TPU
+programs have no cuBLAS calls to miss. Peaks are dense bfloat16 FLOP/s from the vendors'
 data sheets; a device not in the table (a CPU) has no MFU unless `peak_flops` is configured.
 """
 
@@ -43,13 +45,20 @@ def peak_flops(device: jax.Device, configured: float = 0.0) -> float | None:
     return None
 
 
-def step_flops(lowered: jax.stages.Lowered, devices: int) -> float | None:
-    """FLOPs of one call of a step per device: XLA's count of the lowered (global, unpartitioned)
-    program over the `devices` that share it (module docstring)."""
-    cost = lowered.cost_analysis()
+def _flops(stage: jax.stages.Lowered | jax.stages.Compiled) -> float | None:
+    cost = stage.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     flops = (cost or {}).get("flops")
-    return float(flops) / devices if flops and flops > 0 else None
+    return float(flops) if flops and flops > 0 else None
+
+
+def step_flops(lowered: jax.stages.Lowered, devices: int, compiled: jax.stages.Compiled | None = None) -> float | None:
+    """FLOPs of one call of a step per device: XLA's count of the lowered (global, unpartitioned)
+    program over the `devices` that share it, else `compiled`'s per-device count (module
+    docstring)."""
+    if (flops := _flops(lowered)) is not None:
+        return flops / devices
+    return _flops(compiled) if compiled is not None else None
 
 
 def _step_of(line: str) -> int | None:

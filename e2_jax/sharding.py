@@ -54,15 +54,24 @@ def mesh_shape(axes: Sequence[tuple[str, int]], num_devices: int) -> tuple[int, 
     return tuple(sizes)
 
 
-def make_mesh(axes: Sequence[tuple[str, int]], devices: Sequence[Any] | None = None) -> Mesh:
+def make_mesh(axes: Sequence[tuple[str, int]], devices: Sequence[Any] | None = None,
+              dcn_axes: Sequence[tuple[str, int]] = (("data", -1),)) -> Mesh:
     """A mesh over `devices` (default: all), classic GSPMD axes. `jax.make_mesh` orders them for
     the interconnect (on TPU, along the torus; on GPU, by device id), not by process: a host's
     devices may sit anywhere in the mesh, and the input pipeline reads whatever rows of the
-    batch they hold (`pipeline.process_rows`)."""
+    batch they hold (`pipeline.process_rows`).
+
+    Devices of several TPU slices (multi-slice: slices joined by the data-center network, DCN):
+    `dcn_axes` says which axes run across slices and over how many (-1: all of them); each of
+    `axes` is then that many slices times its size within a slice, and the mesh is JAX's hybrid
+    mesh (each slice laid out along its torus, slices outermost)."""
     devices = list(devices if devices is not None else jax.devices())
     shape = mesh_shape(axes, len(devices))
     names = tuple(name for name, _ in axes)
     auto = (jax.sharding.AxisType.Auto,) * len(names)
+    slices = len({getattr(d, "slice_index", 0) for d in devices})
+    if slices > 1:
+        return _multi_slice_mesh(names, shape, devices, slices, dcn_axes)
     try:
         return jax.make_mesh(shape, names, axis_types=auto, devices=devices)
     except NotImplementedError as error:
@@ -78,6 +87,21 @@ def make_mesh(axes: Sequence[tuple[str, int]], devices: Sequence[Any] | None = N
             f"{len(devices)} {devices[0].device_kind} devices: {error} On v4 and v5p chips, run "
             "with one device per chip (megacore, the default of their TPU VM images; a topology "
             "description needs chip_config_name='megacore').") from None
+
+
+def _multi_slice_mesh(names: tuple[str, ...], shape: tuple[int, ...], devices: list, slices: int,
+                      dcn_axes: Sequence[tuple[str, int]]) -> Mesh:
+    unknown = [name for name, _ in dcn_axes if name not in names]
+    if unknown:
+        raise ConfigError(f"mesh_dcn names {unknown}, which the mesh {dict(zip(names, shape, strict=True))} lacks")
+    across = dict(zip((n for n, _ in dcn_axes), mesh_shape(dcn_axes, slices), strict=True))
+    dcn = tuple(across.get(name, 1) for name in names)
+    if any(size % d for size, d in zip(shape, dcn, strict=True)):
+        raise ConfigError(f"the mesh {dict(zip(names, shape, strict=True))} cannot run {across} across {slices} "
+                          "slices: each axis of mesh_dcn must be a multiple of its slices")
+    ici = tuple(size // d for size, d in zip(shape, dcn, strict=True))
+    grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, allow_split_physical_axes=True)
+    return Mesh(grid, names, axis_types=(jax.sharding.AxisType.Auto,) * len(names))
 
 
 def batch_axes(mesh: Mesh, axes: Sequence[str] = BATCH_AXES) -> tuple[str, ...]:

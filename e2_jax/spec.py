@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import jax
@@ -240,12 +241,13 @@ def check(config: ml_collections.ConfigDict) -> None:
 
 
 def resolve(config: ml_collections.ConfigDict, train_examples: int | None = None,
-            stages: bool = True) -> RunSpec:
+            stages: bool = True, devices: Sequence[Any] | None = None) -> RunSpec:
     """The run `config` describes. `train_examples`: the training split's size, which stages
     given in epochs need (or later: `RunSpec.with_train_examples`); `stages=False`: no stages
-    (evaluation only)."""
+    (evaluation only); `devices`: the mesh's (default: all of this run's; e2_jax.compile_check
+    gives a TPU slice's description)."""
     check(config)
-    mesh = sharding.make_mesh(config.mesh)
+    mesh = sharding.make_mesh(config.mesh, devices, config.get("mesh_dcn", (("data", -1),)))
     shards = sharding.num_batch_shards(mesh)
     if config.batch_size % (shards * config.accum_steps):
         raise ConfigError(f"batch_size {config.batch_size} must be divisible by the {shards} batch shards of the mesh "

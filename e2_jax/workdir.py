@@ -40,7 +40,7 @@ EVAL_DIR = "eval"
 # follows the new length), new stages after its last, and each stage's learning rate (to go on
 # from the last good checkpoint after a divergence). Anything else would continue one run's
 # state as another's.
-RESUMABLE = ("eval", "checkpoint", "log_every_steps", "peak_flops", "distributed", "mesh", "sharding_rules",
+RESUMABLE = ("eval", "checkpoint", "log_every_steps", "peak_flops", "distributed", "mesh", "mesh_dcn", "sharding_rules",
              "accum_steps", "model.remat", "model.attention", "model.pretrained", "data.data_dir",
              "data.build_if_missing", "data.region_texts")
 

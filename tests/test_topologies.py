@@ -52,7 +52,7 @@ SLICES = {
     "v4-32": ("TPU v4", (2, 2, 4)),
     "v4-64": ("TPU v4", (2, 4, 4)),
     "v4-128": ("TPU v4", (4, 4, 4)),
-    "v5p-32": ("TPU v5p", (2, 2, 4)),
+    "v5p-32": ("TPU v5", (2, 2, 4)),  # what libtpu calls a v5p chip
     "v5e-16": ("TPU v5 lite", (4, 4, 1)),
     "v5e-32": ("TPU v5 lite", (4, 8, 1)),
     "v6e-16": ("TPU v6 lite", (4, 4, 1)),
@@ -65,19 +65,18 @@ MESHES = {
 }
 
 
-@pytest.mark.parametrize("mesh_name", sorted(MESHES))
-@pytest.mark.parametrize("slice_name", sorted(SLICES))
-def test_every_process_reads_the_rows_its_devices_hold(slice_name, mesh_name):
-    kind, topology = SLICES[slice_name]
-    devices = mock_slice(kind, topology)
+def check_rows(devices, mesh_axes, name: str) -> None:
+    """Every process of the slice `devices` reads exactly the rows its devices hold, each row
+    once per replica, and the rows laid out as JAX assembles them give the global batch."""
     processes = sorted({d.process_index for d in devices})
-    mesh = sharding.make_mesh(MESHES[mesh_name], devices)
+    mesh = sharding.make_mesh(mesh_axes, devices)
     batch_sharding = sharding.batch_sharding(mesh)
     global_batch = 4 * sharding.num_batch_shards(mesh)
     index_map = batch_sharding.devices_indices_map((global_batch,))
-    if mesh_name == "default":  # the trap this guards against: hosts interleaved along the batch
+    if dict(mesh_axes) == dict(MESHES["default"]) and len(processes) > 1 and devices[0].platform == "tpu":
+        # The trap this guards against: hosts interleaved along the batch (a TPU torus does it).
         owners = [d.process_index for d in mesh.devices.flat]
-        assert owners != sorted(owners), f"{slice_name}: the mesh keeps hosts together; the mock is too kind"
+        assert owners != sorted(owners), f"{name}: the mesh keeps hosts together; the mock is too kind"
 
     # The global batch of a training step, as the example indices of its rows.
     step, seed, n = 7, 3, 1000
@@ -106,6 +105,64 @@ def test_every_process_reads_the_rows_its_devices_hold(slice_name, mesh_name):
                                       for p in processes})
     np.testing.assert_array_equal(read_by, replicas)  # each row read once (or once per replica group)
     np.testing.assert_array_equal(assembled, want)
+
+
+@pytest.mark.parametrize("mesh_name", sorted(MESHES))
+@pytest.mark.parametrize("slice_name", sorted(SLICES))
+def test_every_process_reads_the_rows_its_devices_hold(slice_name, mesh_name):
+    kind, topology = SLICES[slice_name]
+    check_rows(mock_slice(kind, topology), MESHES[mesh_name], slice_name)
+
+
+# libtpu's own descriptions of real slices (jax.experimental.topologies): the devices JAX sees
+# on the hardware, with their ids, torus coordinates and hosts. libtpu is installed with the
+# test requirements (`pip install -e .[tpu]` elsewhere).
+REAL_SLICES = ("v4-32", "v5e-16", "v5e-256", "v5p-32", "v6e-16", "v6e-256")
+
+
+@pytest.fixture(scope="module")
+def described():
+    pytest.importorskip("libtpu")
+    from e2_jax import compile_check
+
+    return lambda name, slices=1: compile_check.topology_devices(compile_check.parse_slice(name), slices)
+
+
+@pytest.mark.parametrize("mesh_name", ["default", "fsdp", "with_model"])
+@pytest.mark.parametrize("slice_name", REAL_SLICES)
+def test_every_process_reads_the_rows_its_devices_hold_on_libtpus_slices(described, slice_name, mesh_name):
+    check_rows(described(slice_name), MESHES[mesh_name], slice_name)
+
+
+@pytest.mark.parametrize("mesh_name", ["default", "fsdp"])
+@pytest.mark.parametrize(("slice_name", "slices"), [("v5e-16", 2), ("v6e-64", 4)])
+def test_several_slices_run_the_data_axis_across_them(described, slice_name, slices, mesh_name):
+    """Multi-slice: `data` spans the slices (config.mesh_dcn's default), each slice a block of it
+    laid out along its own torus; the rows are right as on one slice."""
+    devices = described(slice_name, slices)
+    assert sorted({d.slice_index for d in devices}) == list(range(slices))
+    check_rows(devices, MESHES[mesh_name], f"{slices} x {slice_name}")
+    mesh = sharding.make_mesh(MESHES[mesh_name], devices)
+    slice_of = np.vectorize(lambda d: d.slice_index)(mesh.devices)
+    block = mesh.shape["data"] // slices
+    for s in range(slices):
+        assert (slice_of[s * block:(s + 1) * block] == s).all(), slice_of
+
+
+def test_a_dcn_axis_the_mesh_lacks_is_a_config_error(described):
+    devices = described("v5e-16", 2)
+    with pytest.raises(sharding.ConfigError, match=r"mesh_dcn names \['model'\]"):
+        sharding.make_mesh(MESHES["default"], devices, (("model", -1),))
+    with pytest.raises(sharding.ConfigError, match="multiple of its slices"):
+        sharding.make_mesh((("data", 1), ("fsdp", -1)), devices)
+
+
+@pytest.mark.parametrize("slice_name", sorted(set(SLICES) & set(REAL_SLICES)))
+def test_the_mocks_are_libtpus_slices(described, slice_name):
+    """The hand-made slices above place chips on hosts as libtpu does (their ids may differ)."""
+    kind, topology = SLICES[slice_name]
+    place = lambda devices: sorted((tuple(d.coords), d.process_index, d.device_kind) for d in devices)
+    assert place(described(slice_name)) == place(mock_slice(kind, topology))
 
 
 def test_rows_that_are_one_block_on_gpu_hosts():

@@ -241,7 +241,8 @@ class _StepVariants:
         if key not in self.variants:
             start = time.perf_counter()
             lowered = self.step_fn.lower(state, batch)
-            compiled, flops = lowered.compile(), step_flops(lowered, jax.device_count())
+            compiled = lowered.compile()
+            flops = step_flops(lowered, jax.device_count(), compiled)
             regions = region_texts.describe([t.shape for t in batch.get("region_tokens", ())])
             self.variants[key] = (compiled, flops)
             self.progress.write(

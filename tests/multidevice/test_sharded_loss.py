@@ -100,7 +100,8 @@ def test_logits_per_device_are_local_by_global(global_batch):
             for i, a in enumerate(_embeddings(global_batch))]
     fn = jax.value_and_grad(lambda *a: losses.sharded(losses.e2_loss, mesh, AXES, 4)(*a)[0], argnums=range(5))
     hlo = jax.jit(fn).lower(*args).compile().as_text()
-    # Every matrix of scores in the compiled program, forward and backward.
-    shapes = set(re.findall(r"f32\[(\d+),(\d+)\]", hlo))
-    assert (str(local), str(global_batch)) in shapes
-    assert (str(global_batch), str(global_batch)) not in shapes
+    # Every matrix of scores in the compiled program, forward and backward (the global pair's
+    # and the groups' stacked: [terms, local, global]).
+    shapes = {tuple(int(d) for d in dims.split(",")) for dims in re.findall(r"f32\[(\d+(?:,\d+)+)\]", hlo)}
+    assert any(shape[-2:] == (local, global_batch) for shape in shapes), sorted(shapes)
+    assert not any(shape[-2:] == (global_batch, global_batch) for shape in shapes), sorted(shapes)

@@ -18,8 +18,8 @@ from tests.processes import interleaved
 _make_mesh = sharding.make_mesh
 
 
-def interleaved_mesh(axes, devices=None):
-    return _make_mesh(axes, interleaved(list(devices if devices is not None else jax.devices())))
+def interleaved_mesh(axes, devices=None, *args):
+    return _make_mesh(axes, interleaved(list(devices if devices is not None else jax.devices())), *args)
 
 
 sharding.make_mesh = interleaved_mesh

@@ -1,0 +1,173 @@
+"""Compiled for TPU here, not run: the paper's models on TPU slices, through libtpu's compiler on
+this CPU machine (`e2_jax.compile_check`; `pip install -e .[tpu]`).
+
+    python -m benchmarks.tpu_compile table --models ViT-B-32,ViT-B-16 --methods e2,clip_ft \\
+        --slices v5e-16,v5p-128 --layouts dp,fsdp,remat --out docs/results/tpu_compile/table.jsonl
+    python -m benchmarks.tpu_compile collectives --model ViT-B-16 --slice v5e:4x4 --batch 1024
+
+`table`: for each (model, method, slice, layout), the largest per-chip batch whose training step
+(the config's last stage: every parameter trained, the most memory) fits the chip's HBM. The
+step is compiled at 8 and 16 examples per chip, its memory fitted as a line in the batch, the
+batch the line predicts (a multiple of 8) compiled, and stepped down by 8 until it fits; the
+row gives the largest batch that compiled within HBM, its memory, FLOPs and collectives.
+Layouts: `dp` (mesh data x all chips, parameters replicated), `fsdp` (parameters and optimizer
+state split over every chip), `remat` (fsdp with each transformer block's activations
+recomputed in the backward pass). Each row is appended to `--out` (JSON lines) when it is done
+and a rerun skips the rows there: the full table takes many hours on a 2-core machine.
+
+`collectives`: every collective of one compiled step, with what it serves (the jax operation it
+comes from: `jvp` is the forward pass, `transpose` the backward), grouped, with bytes per chip.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import importlib.metadata
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import jax
+
+from e2_jax import compile_check, sharding
+from e2_jax import config as recipes
+
+LIBTPU = importlib.metadata.version("libtpu")
+LAYOUTS = {"dp": ((("data", -1), ("fsdp", 1)), False), "fsdp": ((("data", 1), ("fsdp", -1)), False),
+           "remat": ((("data", 1), ("fsdp", -1)), True)}
+
+
+def stage_config(model: str, method: str, layout: str, global_batch: int):
+    """The paper's recipe for `model` (bfloat16), its last stage alone, on `layout`."""
+    c = recipes.fashion_recipe(model, method, None)
+    mesh, remat = LAYOUTS[layout]
+    c.model.pretrained, c.stages, c.batch_size = "", (c.stages[-1],), global_batch
+    c[c.stages[0]].steps, c[c.stages[0]].epochs = 1000, 0.0
+    c.eval.batch_size = global_batch
+    c.mesh, c.model.remat = mesh, remat
+    return c
+
+
+def compile_step(model: str, method: str, layout: str, per_chip: int, devices: list) -> compile_check.Program:
+    config = stage_config(model, method, layout, per_chip * len(devices))
+    (program,) = compile_check.run_programs(config, devices, evaluation=False)
+    return program
+
+
+def largest_batch(model: str, method: str, layout: str, tpu: compile_check.Slice, devices: list,
+                  log=print) -> tuple[int, compile_check.Program | None, list[tuple[int, float]]]:
+    """(largest per-chip batch found to fit, its program, [(per-chip batch, GiB) compiled])."""
+    tried: dict[int, compile_check.Program] = {}
+
+    def at(per_chip: int) -> compile_check.Program:
+        if per_chip not in tried:
+            tried[per_chip] = compile_step(model, method, layout, per_chip, devices)
+            p = tried[per_chip]
+            log(f"    {per_chip}/chip: {p.total / compile_check.GIB:.2f} GiB ({p.compile_s:.0f} s to compile)")
+        return tried[per_chip]
+
+    small, large = at(8), at(16)
+    if small.total > tpu.hbm_bytes:
+        return 0, None, [(b, p.total / compile_check.GIB) for b, p in sorted(tried.items())]
+    slope = max((large.total - small.total) / 8, 1.0)
+    guess = max(8, int((tpu.hbm_bytes - small.total) / slope + 8) // 8 * 8)
+    while guess > 8 and at(guess).total > tpu.hbm_bytes:
+        guess -= 8
+    fits = {b: p for b, p in tried.items() if p.total <= tpu.hbm_bytes}
+    best = max(fits)
+    return best, fits[best], [(b, p.total / compile_check.GIB) for b, p in sorted(tried.items())]
+
+
+def table(args: argparse.Namespace) -> None:
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    done = set()
+    if out.is_file():
+        rows = map(json.loads, out.read_text().splitlines())
+        done = {(r["model"], r["method"], r["slice"], r["layout"]) for r in rows}
+    for name in args.slices.split(","):
+        tpu = compile_check.parse_slice(name)
+        devices = compile_check.topology_devices(tpu)
+        for model in args.models.split(","):
+            for method in args.methods.split(","):
+                for layout in args.layouts.split(","):
+                    key = (model, method, name, layout)
+                    if key in done:
+                        continue
+                    print(f"{model} {method} on {name}, {layout}:", flush=True)
+                    start = time.perf_counter()
+                    best, program, tried = largest_batch(model, method, layout, tpu, devices,
+                                                         log=lambda line: print(line, flush=True))
+                    row = {"model": model, "method": method, "slice": name, "layout": layout,
+                           "topology": tpu.topology, "hbm_gib": tpu.generation.hbm_gib, "per_chip_batch": best,
+                           "global_batch": best * tpu.chips, "tried": tried, "seconds": time.perf_counter() - start,
+                           "libtpu": LIBTPU, "jax": jax.__version__}
+                    if program is not None:
+                        gib = compile_check.GIB
+                        row.update(gib=program.total / gib, arguments_gib=program.arguments / gib,
+                                   temporaries_gib=program.temporaries / gib, compile_s=program.compile_s,
+                                   gflop_per_example=(program.flops or math.nan) * tpu.chips / program.examples / 1e9,
+                                   collectives={k: [c, b] for k, (c, b) in program.collectives.items()})
+                    with out.open("a") as f:
+                        f.write(json.dumps(row) + "\n")
+                    print(f"  largest: {best} per chip", flush=True)
+
+
+def collectives(args: argparse.Namespace) -> None:
+    tpu = compile_check.parse_slice(args.slice)
+    devices = compile_check.topology_devices(tpu)
+    if args.config:
+        config = recipes.config_module(args.config.split(":")[0]).get_config(
+            args.config.split(":")[1] if ":" in args.config else None)
+        config.batch_size = config.eval.batch_size = args.batch
+        config.stages = (config.stages[-1],)
+    else:
+        config = stage_config(args.model, args.method, args.layout, args.batch)
+    mesh = sharding.make_mesh(config.mesh, devices)
+    (program,) = compile_check.run_programs(config, devices, evaluation=False)
+    ops = compile_check.collective_ops(program.hlo)
+    groups = collections.Counter((op.kind, op.shape, op.source) for op in ops)
+    size = {(op.kind, op.shape, op.source): op.bytes for op in ops}
+    lines = [f"{args.model if not args.config else args.config} {args.method}, global batch {args.batch} on {tpu.name} "
+             f"({tpu.topology}), mesh {dict(mesh.shape)}: compiled in {program.compile_s:.0f} s, "
+             f"libtpu {LIBTPU}, jax {jax.__version__}", "",
+             "| count | kind | result | MiB each | from |", "|---|---|---|---|---|"]
+    for (kind, shape, source), count in sorted(groups.items(), key=lambda kv: (kv[0][0], -size[kv[0]])):
+        lines.append(f"| {count} | {kind} | `{shape[:90]}` | {size[(kind, shape, source)] / 2**20:,.3f} | "
+                     f"`{source.removeprefix('jit(step)/')[-90:] or '(none)'}` |")
+    totals = program.collectives
+    lines += ["", "totals: " + ", ".join(f"{k} {c} ({b / 2**20:,.2f} MiB)" for k, (c, b) in sorted(totals.items()))]
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text + "\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    jax.config.update("jax_platforms", "cpu")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("table")
+    t.add_argument("--models", default="ViT-B-32,ViT-B-16,ViT-L-14")
+    t.add_argument("--methods", default="e2,clip_ft")
+    t.add_argument("--slices", default="v5e-16,v5e-256,v5p-128,v6e-64")
+    t.add_argument("--layouts", default="dp,fsdp,remat")
+    t.add_argument("--out", default="docs/results/tpu_compile/table.jsonl")
+    c = sub.add_parser("collectives")
+    c.add_argument("--model", default="ViT-B-16")
+    c.add_argument("--method", default="e2")
+    c.add_argument("--layout", default="dp", choices=sorted(LAYOUTS))
+    c.add_argument("--config", default="", help="a config file[:arg] instead of --model/--method/--layout")
+    c.add_argument("--slice", default="v5e:4x4")
+    c.add_argument("--batch", type=int, default=1024)
+    c.add_argument("--out", default="")
+    args = parser.parse_args(argv)
+    {"table": table, "collectives": collectives}[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,119 @@
+"""`python -m e2_jax.compile_check`: a run's programs compiled by the real TPU compiler (libtpu)
+for real slice descriptions on this CPU machine, with their memory, FLOPs and collectives."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from e2_jax import compile_check, sharding
+from e2_jax.config import config_module
+from e2_jax.errors import ConfigError
+from tests.processes import ROOT
+from tests.test_topologies import check_rows
+
+pytest.importorskip("libtpu")
+
+
+@pytest.mark.parametrize(("name", "topology", "chips"), [
+    ("v5p-128", "v5p:4x4x4", 64), ("v4-32", "v4:2x2x4", 16), ("v4-8", "v4:2x2x1", 4),
+    ("v5litepod-256", "v5e:16x16", 256), ("v5e-256", "v5e:16x16", 256), ("v5e-16", "v5e:4x4", 16),
+    ("v5e-32", "v5e:4x8", 32), ("v6e-64", "v6e:8x8", 64), ("v6e-8", "v6e:2x4", 8), ("v5e:4x4", "v5e:4x4", 16),
+    ("v5p:2x2x2", "v5p:2x2x2", 8),
+])
+def test_slice_names_as_users_type_them(name, topology, chips):
+    tpu = compile_check.parse_slice(name)
+    assert (tpu.topology, tpu.chips) == (topology, chips)
+
+
+@pytest.mark.parametrize(("name", "topology", "chips"), [("h100-8", "1x8", 8), ("h100-16", "2x8", 16),
+                                                        ("h200:4x2", "4x2", 8), ("h200-2", "1x2", 2)])
+def test_gpu_hosts_as_users_name_them(name, topology, chips):
+    gpus = compile_check.parse_slice(name)
+    assert (gpus.topology, gpus.chips, gpus.generation.platform) == (topology, chips, "cuda")
+    assert gpus.budget_bytes == pytest.approx(0.9 * gpus.hbm_bytes)  # what launch/gpu_env.sh lets XLA take
+
+
+@pytest.mark.parametrize("name", ["v5p-100", "v3-8", "v5e-12", "tpu", "v5e:4x4x4", "h100-12", "a100-8"])
+def test_an_unknown_slice_names_the_known_ones(name):
+    with pytest.raises(ConfigError, match=r"unknown TPU slice.*v4-32.*v5p-128.*v6e-64.*v5litepod-N is v5e-N"):
+        compile_check.parse_slice(name)
+
+
+def test_the_verdict_says_by_how_much_a_program_misses():
+    tpu = compile_check.parse_slice("v5e-16")
+    program = lambda name, temporaries: compile_check.Program(name, 1.0, 2 * compile_check.GIB, temporaries,
+                                                              compile_check.GIB, compile_check.GIB, 0.0, 1e9, 16, {})
+    ok, line = compile_check.verdict(tpu, [program("step", 4 * compile_check.GIB), program("eval", 0.0)])
+    assert ok and line.startswith("fits") and "step, 6.000 GiB, 38%" in line
+    ok, line = compile_check.verdict(tpu, [program("step", 15 * compile_check.GIB)])
+    assert not ok and line == "does not fit: step needs 17.000 GiB of 16 (over by 1.000 GiB)"
+
+
+@pytest.mark.parametrize("name", ["v5e:4x4", "v5p:2x2x2"])
+def test_the_tiny_e2_run_compiles_for_a_slice(name):
+    """Each stage's step and the evaluation encoders of the tiny E² config, compiled by libtpu
+    for a v5e slice (4 hosts) and a v5p slice (megacore, 2 hosts), over the project's mesh; the
+    input rows of each host are those its chips hold."""
+    config = config_module(ROOT / "configs/e2_synth.py").get_config("runlocal")
+    tpu = compile_check.parse_slice(name)
+    devices = compile_check.topology_devices(tpu)
+    assert len(devices) == tpu.chips and {d.platform for d in devices} == {"tpu"}
+    check_rows(devices, config.mesh, name)
+    programs = compile_check.run_programs(config, devices)
+    names = [p.name for p in programs]
+    assert names == [f"stage {s} step" for s in config.stages] + ["evaluation: images", "evaluation: texts"], names
+    for p in programs:
+        assert p.arguments > 0 and p.total > p.arguments / 2 and p.compile_s > 0, p
+        assert p.flops and p.flops > 0, p
+    step = programs[0]
+    # The batch is split over every chip: the loss gathers the embeddings, the gradients are summed.
+    assert step.collectives.get("all-gather", (0, 0))[0] > 0 and step.collectives.get("all-reduce", (0, 0))[0] > 0
+    table = compile_check.report(tpu, 1, dict(sharding.make_mesh(config.mesh, devices).shape), config.batch_size,
+                                 programs)
+    assert table.count("\n| ") == len(programs) + 1 and "GiB" in table
+
+
+def test_the_tiny_e2_run_compiles_for_gpu_hosts():
+    """XLA's compile-only GPU target (JAX's CUDA plugin, no GPU here): 2 hosts of 8 H100s."""
+    pytest.importorskip("jax_plugins.xla_cuda12")
+    config = config_module(ROOT / "configs/e2_synth.py").get_config("runlocal")
+    gpus = compile_check.parse_slice("h100:2x8")
+    devices = compile_check.topology_devices(gpus)
+    assert len(devices) == 16 and {d.process_index for d in devices} == {0, 1}
+    assert {d.device_kind for d in devices} == {"NVIDIA H100 80GB HBM3"}
+    check_rows(devices, config.mesh, "h100:2x8")
+    step, *_ = compile_check.run_programs(config, devices)
+    assert step.arguments > 0 and step.temporaries > 0 and step.collectives["all-reduce"][0] > 0, step
+
+
+def test_without_an_accelerator_jax_is_told_to_use_the_cpu_and_says_nothing():
+    """libtpu (and the CUDA plugin, where installed) on a machine with neither: `import e2_jax`
+    keeps JAX from trying their backends."""
+    code = "import e2_jax, jax, os; print(jax.default_backend(), os.environ['JAX_PLATFORMS'])"
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS" and not k.startswith("TPU_")}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.split() == ["cpu", "cpu"], done.stderr[-2000:]
+    for noise in ("TPU", "libtpu", "InitGoogle", "cuInit", "CUDA"):
+        assert noise not in done.stderr, done.stderr[-2000:]
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TPU_")}  # as a user's shell has them
+    return subprocess.run([sys.executable, "-m", "e2_jax.compile_check", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_the_command_prints_fits_and_the_table_and_no_libtpu_warnings():
+    done = _cli("--config", "configs/e2_synth.py:runlocal", "--topology", "v5e-16")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "| stage train step |" in done.stdout and "\nfits: every program within 16 GiB" in done.stdout
+    for noise in ("could not determine TPU", "InitGoogle", "libtpu_init_utils"):
+        assert noise not in done.stdout + done.stderr
+
+
+def test_an_unknown_slice_is_one_error_line():
+    done = _cli("--config", "configs/e2_synth.py:runlocal", "--topology", "v5e-12")
+    assert done.returncode == 2 and done.stderr.startswith("error: unknown TPU slice 'v5e-12'"), done.stderr
+    assert "Traceback" not in done.stderr
