@@ -14,7 +14,13 @@ Arguments (comma-separated; any field also by flag, `--config.recomposer.timeout
   `$OPENAI_API_KEY` if set), `hf` (a local Hugging Face causal LM: `hf_model=`) or `template`
   (rules, offline; not CIReVL). `prompt_file=`: CIReVL's prompt saved to a file (default: ours,
   `e2_jax/recompose_prompt.txt`).
-- `max_queries`: the first N triplets of each category (0: all).
+- `max_queries`: the first N triplets of each category's caption file (0: all).
+- `exact` (`true`, `false`; default: true on FashionIQ, false on SynthFashion-CIR): CIReVL's
+  released behaviour where it changes the numbers, each also a field of its own: images padded
+  to a 1.25 ratio before resizing (`image_pad`; 0: resize and centre-crop, as the encoders
+  train), an empty caption kept in the join (`keep_empty_caption`), the prompt file byte for
+  byte, CIReVL's parsing (`recomposer.exact`) and chat settings (`recomposer.max_tokens` 700,
+  `recomposer.stop`, `recomposer.retries` 59). docs/composed_retrieval.md lists them.
 """
 
 import ml_collections
@@ -25,7 +31,10 @@ from e2_jax import config as recipes
 def get_config(arg=None):
     o = recipes.parse_arg(arg, encoder="", pretrained="", dataset="fashion_iq", data_dir="", split="val",
                           captioner="file", captions="", decap="", recomposer="template", url="", model="",
-                          hf_model="", prompt_file="", max_queries=0)
+                          hf_model="", prompt_file="", max_queries=0, exact="auto")
+    if o.exact not in ("auto", "true", "false"):
+        raise recipes.ConfigError(f"config argument exact is true, false or auto (true on fashion_iq), not {o.exact!r}")
+    exact = o.dataset == "fashion_iq" if o.exact == "auto" else o.exact == "true"
     c = ml_collections.ConfigDict()
     c.encoder, c.pretrained = o.encoder, o.pretrained
     c.dataset, c.data_dir, c.split = o.dataset, o.data_dir, o.split
@@ -34,8 +43,12 @@ def get_config(arg=None):
                                              "beam_size": 1})
     c.recomposer = ml_collections.ConfigDict({
         "kind": o.recomposer, "url": o.url, "model": o.model, "api_key_env": "OPENAI_API_KEY",
-        "hf_model": o.hf_model, "prompt_file": o.prompt_file, "strict": False, "timeout": 60.0, "retries": 3,
-        "max_tokens": 128})
+        "hf_model": o.hf_model, "prompt_file": o.prompt_file, "strict": False, "timeout": 60.0, "exact": exact,
+        "retries": 59 if exact else 3, "max_tokens": 700 if exact else 128,
+        "stop": ("\n\n", "<|endoftext|>") if exact else ()})
+    c.exact = exact  # (what the fields below were set from; they can be set one by one)
+    c.image_pad = 1.25 if exact else 0.0
+    c.keep_empty_caption = exact
     # What each query's embedding is: `cirevl` the recomposed description's text embedding;
     # `image` the reference image's; `late_fusion` the sum of the reference image's and the
     # modification text's (both normalised); `instruction` the modification text's alone.

@@ -12,10 +12,16 @@ text's, each normalised) and `instruction` (the modification text's). Scored by 
 protocol (`evaluation/composed.py`): per category, R@K of the target among the category's
 gallery, and the means over categories.
 
-SynthFashion-CIR is built on first use. Queries whose reference or target image is not in the
-gallery (left out of the built images) are dropped and counted. Writes `report.json`,
-`report.md` and `queries.jsonl` (each query's caption, instruction, description and target rank
-per method) to `--out`.
+`exact` (the default on FashionIQ) does what CIReVL's released code does where it changes the
+numbers: images padded to a ratio of 1.25 before resizing (`image_pad`), the two captions
+joined even when one is empty (`keep_empty_caption`), and the recomposer's prompt, chat
+settings and parsing (`e2_jax.recompose`); docs/composed_retrieval.md lists each difference.
+
+SynthFashion-CIR is built on first use. The gallery and the queries are in the files' order
+(the image lists', which breaks ties, and the caption files'). Queries whose reference or target
+image is not in the gallery (left out of the built images) are dropped and counted. Writes
+`report.json`, `report.md` and `queries.jsonl` (each query's category, its `index` in its caption
+file, caption, instruction, description and target rank per method) to `--out`.
 """
 
 from __future__ import annotations
@@ -66,12 +72,12 @@ def make_recomposer(c: ml_collections.ConfigDict, dataset: str):
             raise ConfigError("the chat recomposer needs url= (the API root, e.g. http://127.0.0.1:8000/v1) and "
                               "model= (the name the server serves)")
         return recompose.ChatRecomposer(c.url, c.model, api_key=os.environ.get(c.api_key_env, ""), timeout=c.timeout,
-                                        retries=c.retries, max_tokens=c.max_tokens, prompt_file=prompt,
-                                        strict=c.strict)
+                                        retries=c.retries, max_tokens=c.max_tokens, stop=[s for s in c.stop if s],
+                                        prompt_file=prompt, strict=c.strict, exact=c.exact)
     if kind == "hf":
         if not c.hf_model:
             raise ConfigError("the hf recomposer needs hf_model= (a local model folder or a cached hub name)")
-        return recompose.HFRecomposer(c.hf_model, prompt_file=prompt, strict=c.strict)
+        return recompose.HFRecomposer(c.hf_model, prompt_file=prompt, strict=c.strict, exact=c.exact)
     raise ConfigError(f"recomposer must be template, chat or hf, not {kind!r}")
 
 
@@ -101,12 +107,25 @@ def read_captions(path: str | Path) -> dict[str, str]:
 
 
 def _gallery(encoder, c) -> tuple[dict, np.ndarray]:
+    """The gallery in its image lists' order: {"source", "rows" (each image's example in the
+    source), "ids", "categories"}, and its embeddings."""
     source = pipeline.Source(f"{c.dataset}/images", c.split, c.data_dir or None)
-    scan = source.scan(["product_id", "category"])
-    got = encoder.split_outputs(source, batch_size=c.batch_size, progress=True)
-    order = np.argsort(got["index"])
-    return {"source": source, "ids": scan["product_id"].astype(str), "categories": scan["category"].astype(str)}, \
-        got["global"][order]
+    scan = source.scan(["product_id", "category", "index"])
+    rows = np.lexsort((scan["index"], scan["category"]))
+    got = encoder.split_outputs(source, _first_views(rows), batch_size=c.batch_size, progress=True,
+                                pad_ratio=c.image_pad)
+    return {"source": source, "rows": rows, "ids": scan["product_id"][rows].astype(str),
+            "categories": scan["category"][rows].astype(str)}, _in_order(got, rows)
+
+
+def _first_views(examples: np.ndarray) -> np.ndarray:
+    return np.stack([examples, np.zeros_like(examples)], axis=1)
+
+
+def _in_order(got: dict[str, np.ndarray], examples: np.ndarray) -> np.ndarray:
+    """`split_outputs`' global embeddings of `examples` (each once), in `examples`' order."""
+    where = {int(e): i for i, e in enumerate(got["index"])}
+    return got["global"][[where[int(e)] for e in examples]]
 
 
 def _where(origin: dict) -> dict:
@@ -118,7 +137,7 @@ def _captions(c, gallery: dict, rows: np.ndarray, encoder, embeddings: np.ndarra
     """The reference images' captions (rows of the gallery)."""
     if c.captioner.kind == "file":
         table = read_captions(c.captioner.captions)
-        names = gallery["ids"][rows]
+        names = [str(n) for n in gallery["ids"][rows]]
         missing = sorted({n for n in names if n not in table})
         if missing:
             raise DataError(f"{c.captioner.captions} has no caption for {len(missing)} reference images (e.g. "
@@ -130,10 +149,10 @@ def _captions(c, gallery: dict, rows: np.ndarray, encoder, embeddings: np.ndarra
     if _where(captioner.encoder.origin) == _where(encoder.origin):
         image = embeddings[rows]  # the same encoder: its gallery embeddings
     else:
-        unique, inverse = np.unique(rows, return_inverse=True)
-        items = np.stack([unique, np.zeros_like(unique)], axis=1)
-        got = captioner.encoder.split_outputs(gallery["source"], items, batch_size=c.batch_size)
-        image = got["global"][np.argsort(got["index"])][inverse]
+        examples = np.unique(gallery["rows"][rows])
+        got = captioner.encoder.split_outputs(gallery["source"], _first_views(examples), batch_size=c.batch_size,
+                                              pad_ratio=c.image_pad)
+        image = _in_order(got, gallery["rows"][rows])
     return captioner.caption_image_embeddings(image, beam_size=c.captioner.beam_size)
 
 
@@ -150,7 +169,9 @@ def run(c: ml_collections.ConfigDict, out: str | os.PathLike, log=print) -> dict
     encoder = inference.load_encoder(c.encoder or None, c.pretrained or None, batch_size=c.batch_size)
     gallery, embeddings = _gallery(encoder, c)
     triplets = pipeline.Source(f"{c.dataset}/triplets", c.split, c.data_dir or None).scan(
-        ["reference", "target", "category", "caption_1", "caption_2"])
+        ["reference", "target", "category", "caption_1", "caption_2", "index"])
+    order = np.lexsort((triplets["index"], triplets["category"]))  # each category's caption file, in order
+    triplets = {k: v[order] for k, v in triplets.items()}
     row = {(cat, name): i for i, (cat, name) in enumerate(zip(gallery["categories"], gallery["ids"], strict=True))}
     keep, dropped = [], {"reference not in the gallery": 0, "target not in the gallery": 0}
     taken: dict[str, int] = {}
@@ -168,8 +189,8 @@ def run(c: ml_collections.ConfigDict, out: str | os.PathLike, log=print) -> dict
     keep = np.array(keep)
     categories, targets = triplets["category"][keep].astype(str), triplets["target"][keep].astype(str)
     references = np.array([row[(cat, ref)] for cat, ref in zip(categories, triplets["reference"][keep], strict=True)])
-    instructions = [composed.join_captions(a, b) for a, b in zip(triplets["caption_1"][keep],
-                                                                triplets["caption_2"][keep], strict=True)]
+    instructions = [composed.join_captions(a, b, keep_empty=c.keep_empty_caption)
+                    for a, b in zip(triplets["caption_1"][keep], triplets["caption_2"][keep], strict=True)]
     log(f"{len(keep)} queries of {c.dataset}/{c.split} ({dropped}); gallery {len(gallery['ids'])} images")
     queries: dict[str, np.ndarray] = {}
     captions = descriptions = None
@@ -197,6 +218,7 @@ def run(c: ml_collections.ConfigDict, out: str | os.PathLike, log=print) -> dict
         metrics[method] = {**per_category, "mean": composed.summary(per_category)}
     report = {
         "dataset": c.dataset, "split": c.split, "encoder": encoder.source, "origin": encoder.origin,
+        "exact": c.exact, "image_pad": c.image_pad, "keep_empty_caption": c.keep_empty_caption,
         "captioner": c.captioner.to_dict(), "recomposer": {"kind": c.recomposer.kind, **(
             {"url": c.recomposer.url, "model": c.recomposer.model} if c.recomposer.kind == "chat" else {}),
             "queries": recomposer.stats.queries, "fallbacks": recomposer.stats.fallbacks,
@@ -205,8 +227,8 @@ def run(c: ml_collections.ConfigDict, out: str | os.PathLike, log=print) -> dict
                    "per_category": {k: int((categories == k).sum()) for k in sorted(set(categories))}},
         "metrics": metrics,
     }
-    _write(storage.path(out), report, categories, triplets["reference"][keep], targets, instructions, captions,
-           descriptions, ranks)
+    _write(storage.path(out), report, categories, triplets["index"][keep], triplets["reference"][keep], targets,
+           instructions, captions, descriptions, ranks)
     log(markdown(report))
     return report
 
@@ -222,7 +244,8 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write(out, report, categories, references, targets, instructions, captions, descriptions, ranks) -> None:
+def _write(out, report, categories, indices, references, targets, instructions, captions, descriptions,
+           ranks) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "report.md").write_text(f"Composed retrieval on {report['dataset']}/{report['split']} with "
@@ -230,7 +253,8 @@ def _write(out, report, categories, references, targets, instructions, captions,
                                    + markdown(report))
     with (out / "queries.jsonl").open("w") as f:
         for i in range(len(targets)):
-            f.write(json.dumps({"category": str(categories[i]), "reference": str(references[i]),
+            f.write(json.dumps({"category": str(categories[i]), "index": int(indices[i]),
+                                "reference": str(references[i]),
                                 "target": str(targets[i]), "instruction": instructions[i],
                                 **({"caption": captions[i], "description": descriptions[i]} if captions else {}),
                                 "ranks": {m: int(r[i]) for m, r in ranks.items()}}) + "\n")

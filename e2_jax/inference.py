@@ -122,13 +122,14 @@ class Encoder:
         return ImageOutputs(*self._images(self.params, images, normalize))
 
     def split_outputs(self, source, items: np.ndarray | None = None, batch_size: int = 256, *,
-                      normalize: bool = True, progress: bool = False) -> dict[str, np.ndarray]:
+                      normalize: bool = True, progress: bool = False, pad_ratio: float = 0.0) -> dict[str, np.ndarray]:
         """A split's images through the input pipeline (every product's first view, or `items`,
         [M, 2] (product, view) pairs), each once across processes: {"global": [M, D],
         "regions": [M, G, D] (E² only), "index", "view"}, embeddings L2-normalised unless
-        `normalize=False`; `progress`: a bar of the batches (process 0)."""
+        `normalize=False`; `progress`: a bar of the batches (process 0); `pad_ratio`: CIReVL's
+        TargetPad before resizing (`Preprocessing.pad_ratio`; 0, the default: none)."""
         pre = pipeline.Preprocessing(image_size=self.clip.image_size, text_format="",
-                                     context_length=self.clip.context_length)
+                                     context_length=self.clip.context_length, pad_ratio=pad_ratio)
 
         def embed(batch: dict) -> dict[str, jax.Array]:
             out = self.apply_images(batch["images"], normalize)

@@ -15,7 +15,13 @@ instructions) -> descriptions`):
 
 The two language-model recomposers use CIReVL's protocol: the prompt, then "Image Content:
 <caption>" and "Instruction: <instruction>" on their own lines; the answer's first line that
-starts with "Edited Description:" is the description. The prompt is one file,
+starts with "Edited Description:" is the description. `exact=True` (the default for FashionIQ in
+`configs/cirevl.py`) does all of it as CIReVL's released code does: the prompt file byte for
+byte (CIReVL's FashionIQ prompt ends with a newline, so its requests have a blank line before
+"Image Content:"), CIReVL's chat settings (`max_tokens` 700, `stop` ["\n\n", "<|endoftext|>"],
+60 tries) and its parsing (the text between the label and the next colon); `exact=False` keeps
+ours (the file stripped, 128 tokens without stop sequences, the whole line after the label:
+docs/composed_retrieval.md says why). The prompt is one file,
 `e2_jax/recompose_prompt.txt`, written for this project in CIReVL's format with fashion
 examples; CIReVL's own FashionIQ prompt (`structural_modifier_prompt_fashion` in its
 `src/prompts.py`), which the paper's numbers used, can be saved to a file and given as
@@ -43,11 +49,17 @@ class RecomposeError(UserError, RuntimeError):
     """A language model that cannot be reached or answers in a form we cannot read."""
 
 
-def load_prompt(path: str | Path | None = None) -> str:
+CIREVL_STOP = ("\n\n", "<|endoftext|>")  # CIReVL's src/openai_api.py: stop=[...]
+
+
+def load_prompt(path: str | Path | None = None, verbatim: bool = False) -> str:
+    """The prompt file's text: stripped of white space at its ends, or as it is (`verbatim`:
+    CIReVL's prompt string saved to a file, its final newline kept)."""
     path = Path(path) if path else PROMPT_FILE
     if not path.is_file():
         raise ConfigError(f"no prompt file {path}")
-    return path.read_text(encoding="utf-8").strip()
+    text = path.read_bytes().decode("utf-8")
+    return text if verbatim else text.strip()
 
 
 def build_prompt(prompt: str, caption: str, instruction: str) -> str:
@@ -55,12 +67,15 @@ def build_prompt(prompt: str, caption: str, instruction: str) -> str:
     return f"{prompt}\nImage Content: {caption}\nInstruction: {instruction}"
 
 
-def parse_answer(answer: str) -> str | None:
-    """The text after the first line's "Edited Description:", or None if no line has it."""
-    for line in answer.splitlines():
-        line = line.strip()
-        if line.startswith(ANSWER):
-            return line[len(ANSWER):].strip() or None
+def parse_answer(answer: str, exact: bool = False) -> str | None:
+    """The description in the first line that starts with "Edited Description:" (after white
+    space), or None if no line does or it is empty. `exact`: as CIReVL reads it (`src/utils.py`,
+    `line.split(':')[1].strip()` on `resp.split('\n')`): only the text up to the next colon;
+    otherwise the whole rest of the line."""
+    for line in answer.split("\n") if exact else answer.splitlines():
+        if line.strip().startswith(ANSWER):
+            text = line.split(":")[1] if exact else line.strip()[len(ANSWER):]
+            return text.strip() or None
     return None
 
 
@@ -83,9 +98,10 @@ class _LanguageModel:
     Description:" line falls back to the instruction itself, as CIReVL does (counted in
     `stats`), or is an error with `strict`."""
 
-    def __init__(self, prompt_file: str | Path | None = None, strict: bool = False) -> None:
-        self.prompt = load_prompt(prompt_file)
-        self.strict = strict
+    def __init__(self, prompt_file: str | Path | None = None, strict: bool = False, exact: bool = False) -> None:
+        self.prompt = load_prompt(prompt_file, verbatim=exact)
+        self.strict, self.exact = strict, exact
+        self.stop: list[str] = list(CIREVL_STOP if exact else ())  # the answer ends before the first
         self.stats = Stats()
 
     def complete(self, prompt: str) -> str:
@@ -95,8 +111,10 @@ class _LanguageModel:
         out = []
         for caption, instruction in zip(captions, instructions, strict=True):
             answer = self.complete(build_prompt(self.prompt, caption, instruction))
+            for stop in self.stop:  # (a server applies them too; a local model does not)
+                answer = answer.split(stop)[0]
             self.stats.queries += 1
-            description = parse_answer(answer)
+            description = parse_answer(answer, self.exact)
             if description is None:
                 if self.strict:
                     raise RecomposeError(f"the language model's answer has no '{ANSWER}' line: {answer[:300]!r}")
@@ -109,31 +127,47 @@ class _LanguageModel:
 class ChatRecomposer(_LanguageModel):
     """An OpenAI-compatible chat endpoint. `url`: the API root (`http://127.0.0.1:8000/v1` for
     vLLM, `http://127.0.0.1:11434/v1` for Ollama, `http://127.0.0.1:8080/v1` for llama.cpp);
-    `model`: the name it serves. Each query is one user message, greedy (temperature 0).
-    Connection failures, timeouts, HTTP 429 and 5xx are retried `retries` times with an
-    exponential backoff; any other HTTP error, or a response that is not a chat completion, is
-    a `RecomposeError` naming the endpoint and quoting the response."""
+    `model`: the name it serves. Each query is one user message, greedy (temperature 0), with
+    `max_tokens` and the `stop` sequences. The request body is the JSON CIReVL's OpenAI client
+    sends (the same keys in the same order). Connection failures, timeouts, HTTP 429 and 5xx are
+    retried `retries` times with an exponential backoff (at most `max_wait` seconds apart); any
+    other HTTP error, or a response that is not a chat completion, is a `RecomposeError` naming
+    the endpoint and quoting the response. `exact`: CIReVL's settings, where not given
+    (`max_tokens` 700, `stop` `CIREVL_STOP`, 60 tries), its prompt and its parsing."""
 
-    def __init__(self, url: str, model: str, *, api_key: str = "", timeout: float = 60.0, retries: int = 3,
-                 backoff: float = 1.0, max_tokens: int = 128, prompt_file: str | Path | None = None,
-                 strict: bool = False) -> None:
-        super().__init__(prompt_file, strict)
+    def __init__(self, url: str, model: str, *, api_key: str = "", timeout: float = 60.0, retries: int | None = None,
+                 backoff: float = 1.0, max_wait: float = 60.0, max_tokens: int | None = None,
+                 stop: Sequence[str] | None = None, prompt_file: str | Path | None = None, strict: bool = False,
+                 exact: bool = False) -> None:
+        super().__init__(prompt_file, strict, exact)
+        retries = (59 if exact else 3) if retries is None else retries
+        max_tokens = (700 if exact else 128) if max_tokens is None else max_tokens
+        if stop is not None:
+            self.stop = list(stop)
         if not url.startswith(("http://", "https://")):
             raise ConfigError(f"the chat endpoint {url!r} is not an http(s) URL (e.g. http://127.0.0.1:8000/v1)")
         self.endpoint = url.rstrip("/") + "/chat/completions"
         self.model, self.api_key, self.timeout = model, api_key, timeout
-        self.retries, self.backoff, self.max_tokens = retries, backoff, max_tokens
+        self.retries, self.backoff, self.max_wait, self.max_tokens = retries, backoff, max_wait, max_tokens
+
+    def body(self, prompt: str) -> bytes:
+        """The request's JSON: CIReVL's keys in its order (openai 0.x sends the keyword arguments
+        of `ChatCompletion.create` as given, less `timeout` and `request_timeout`)."""
+        request = {"model": self.model, "messages": [{"role": "user", "content": prompt}],
+                   "max_tokens": self.max_tokens, "temperature": 0}
+        if self.stop:
+            request["stop"] = self.stop
+        return json.dumps(request).encode()
 
     def complete(self, prompt: str) -> str:
-        body = json.dumps({"model": self.model, "messages": [{"role": "user", "content": prompt}],
-                           "temperature": 0, "max_tokens": self.max_tokens}).encode("utf-8")
+        body = self.body(prompt)
         headers = {"Content-Type": "application/json"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
         last = ""
         for attempt in range(self.retries + 1):
             if attempt:
-                time.sleep(self.backoff * 2 ** (attempt - 1))
+                time.sleep(min(self.backoff * 2 ** (attempt - 1), self.max_wait))
             request = urllib.request.Request(self.endpoint, data=body, headers=headers, method="POST")
             try:
                 with urllib.request.urlopen(request, timeout=self.timeout) as response:
@@ -166,8 +200,8 @@ class HFRecomposer(_LanguageModel):
     tokenizer has one."""
 
     def __init__(self, model: str, *, max_new_tokens: int = 64, prompt_file: str | Path | None = None,
-                 strict: bool = False) -> None:
-        super().__init__(prompt_file, strict)
+                 strict: bool = False, exact: bool = False) -> None:
+        super().__init__(prompt_file, strict, exact)
         try:
             import transformers  # optional: torch and the model's weights
         except ImportError as error:
@@ -196,8 +230,8 @@ class TemplateRecomposer:
     garments, brands, ...). The instruction is split into clauses at " and "; a clause "is
     <value>", "is a <value>" or "has a <value> logo|tag|label|print" whose value belongs to an
     attribute replaces that attribute's value in the caption (case-insensitive, whole words), or
-    is appended when the caption names none; any other clause is appended as it is (counted in
-    `stats.fallbacks`)."""
+    is appended when the caption names none; any other clause is appended as it is (a query with
+    one or more such clauses counts once in `stats.fallbacks`)."""
 
     def __init__(self, vocabulary: Mapping[str, Sequence[str]]) -> None:
         self.attribute = {value.lower(): (name, value) for name, values in vocabulary.items() for value in values}
@@ -208,13 +242,15 @@ class TemplateRecomposer:
         out = []
         for caption, instruction in zip(captions, instructions, strict=True):
             self.stats.queries += 1
-            text = caption.strip()
+            text, unread = caption.strip(), []
             for clause in (c.strip(" .,;") for c in re.split(r"\band\b", instruction)):
-                text = self._apply(text, clause)
+                text = self._apply(text, clause, unread)
+            if unread:
+                self.stats.fallback("; ".join(unread))
             out.append(text)
         return out
 
-    def _apply(self, text: str, clause: str) -> str:
+    def _apply(self, text: str, clause: str, unread: list[str]) -> str:
         for pattern in _CLAUSE:
             match = pattern.match(clause.lower())
             if match and match["value"] in self.attribute:
@@ -225,6 +261,6 @@ class TemplateRecomposer:
                         return text[: found.start()] + value + text[found.end():]
                 return f"{text}, {value}"
         if clause:
-            self.stats.fallback(clause)
+            unread.append(clause)
             return f"{text}, {clause}"
         return text

@@ -15,7 +15,9 @@ from e2_jax.recompose import ChatRecomposer, RecomposeError, TemplateRecomposer
 
 class _Server:
     """An OpenAI-compatible endpoint whose replies follow a script: each entry is (status,
-    body bytes, delay seconds); the last one repeats. Records every request."""
+    body bytes, delay seconds); the last one repeats. Records every request (its raw body too).
+    As OpenAI's and vLLM's servers do, a completion ends before the first of the request's
+    `stop` sequences."""
 
     def __init__(self, script):
         self.script, self.requests = list(script), []
@@ -24,9 +26,16 @@ class _Server:
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self):
                 length = int(self.headers["Content-Length"])
-                outer.requests.append({"path": self.path, "headers": dict(self.headers),
-                                       "body": json.loads(self.rfile.read(length))})
+                raw = self.rfile.read(length)
+                request = json.loads(raw)
+                outer.requests.append({"path": self.path, "headers": dict(self.headers), "body": request, "raw": raw})
                 status, body, delay = outer.script[min(len(outer.requests), len(outer.script)) - 1]
+                if status == 200 and request.get("stop"):
+                    reply = json.loads(body)
+                    for stop in request["stop"]:
+                        reply["choices"][0]["message"]["content"] = reply["choices"][0]["message"]["content"].split(
+                            stop)[0]
+                    body = json.dumps(reply).encode()
                 time.sleep(delay)
                 try:
                     self.send_response(status)
@@ -149,3 +158,69 @@ def test_the_hugging_face_recomposer_runs_a_local_causal_lm(tmp_path):
     answer = lm.complete(recompose.build_prompt(lm.prompt, "a red top", "is blue"))
     assert isinstance(answer, str) and len(answer.encode("utf-8")) <= 5 * 4
     assert lm.recompose(["a red top"], ["is blue"]) == ["is blue"] and lm.stats.fallbacks == 1
+
+
+def cirevl_request_body(base_prompt: str, img_caption: str, instruction: str, engine: str) -> bytes:
+    """The body CIReVL's released code POSTs for one query, transcribed from its source
+    (github.com/ExplainableML/Vision_by_Language at a8ba813) and the OpenAI client it calls
+    (openai-python 0.28, the `openai.ChatCompletion` API it was written for)."""
+    # src/utils.py, generate_predictions, lines 178-180:
+    final_prompt = base_prompt + '\n' + "Image Content: " + img_caption
+    final_prompt = final_prompt + '\n' + 'Instruction: ' + instruction
+    # src/openai_api.py, openai_completion, lines 12-25 (its defaults: max_tokens=700, temperature=0):
+    params = dict(model=engine, messages=[{"role": "user", "content": final_prompt}], max_tokens=700, timeout=10,
+                  request_timeout=10, temperature=0, stop=["\n\n", "<|endoftext|>"])
+    # openai/api_resources/chat_completion.py, ChatCompletion.create: `timeout = kwargs.pop("timeout", None)`
+    params.pop("timeout")
+    # openai/api_resources/abstract/engine_api_resource.py, __prepare_create_request:
+    # `request_timeout = params.pop("request_timeout", None)`; the rest are the body
+    params.pop("request_timeout")
+    # openai/api_requestor.py, request_raw (post): `data = json.dumps(params).encode()`
+    return json.dumps(params).encode()
+
+
+def cirevl_parse(resp: str, instruction: str) -> str:
+    """CIReVL's reading of an answer (src/utils.py, generate_predictions, lines 184-197)."""
+    resp = resp.split('\n')
+    for line in resp:
+        if line.strip().startswith('Edited Description:'):
+            description = line.split(':')[1].strip()
+            return instruction if description == "" else description
+    return instruction
+
+
+def test_exact_sends_cirevls_request_byte_for_byte_and_reads_answers_as_it_does(server, tmp_path):
+    """A prompt saved from a Python string that ends with a newline, as CIReVL's
+    `structural_modifier_prompt_fashion` does (its text is not copied here), sent with
+    `exact`: the body equals the one CIReVL's code builds, byte for byte; the answers are read
+    as CIReVL reads them, after the server's stop sequences."""
+    prompt = 'I have an image.\nBegin with "Edited Description:". Examples:\n\nImage Content: a top\n' \
+             'Instruction: is red\nEdited Description: a red top \u2013 plain\n'
+    (tmp_path / "cirevl_fashion.txt").write_text(prompt, encoding="utf-8")
+    caption, instruction = "a blue dress with long sleeves", "is shorter and  is black"
+    answers = ["Edited Description: a short black dress: long sleeves\nmore",  # a second colon
+               "Sure!\n\nEdited Description: a short black dress",  # cut at the blank line
+               "Edited Description:   \n", "  Edited Description: a dress"]
+    s = server(*[(200, _completion(a), 0) for a in answers])
+    exact = ChatRecomposer(s.url, "gpt-3.5-turbo", prompt_file=tmp_path / "cirevl_fashion.txt", exact=True)
+    got = exact.recompose([caption] * 4, [instruction] * 4)
+    for sent in s.requests:
+        assert sent["raw"] == cirevl_request_body(prompt, caption, instruction, "gpt-3.5-turbo")
+    assert "\n\nImage Content: a blue dress" in s.requests[0]["body"]["messages"][0]["content"]
+    assert got == [cirevl_parse(a.split("\n\n")[0], instruction) for a in answers]
+    assert got == ["a short black dress", instruction, instruction, "a dress"] and exact.stats.fallbacks == 2
+    assert (exact.max_tokens, exact.retries) == (700, 59)
+    ours = server(*[(200, _completion(a), 0) for a in answers])
+    lenient = ChatRecomposer(ours.url, "gpt-3.5-turbo", prompt_file=tmp_path / "cirevl_fashion.txt")
+    assert lenient.recompose([caption] * 4, [instruction] * 4) == [
+        "a short black dress: long sleeves", "a short black dress", instruction, "a dress"]
+    body = ours.requests[0]["body"]
+    assert body["max_tokens"] == 128 and "stop" not in body
+    assert body["messages"][0]["content"].startswith(prompt.strip() + "\nImage Content:")
+
+
+def test_the_colon_parse():
+    answer = "Edited Description: a red dress: blue"
+    assert recompose.parse_answer(answer, exact=True) == "a red dress" == cirevl_parse(answer, "i")
+    assert recompose.parse_answer(answer) == "a red dress: blue"
+    assert recompose.parse_answer("no label here", exact=True) is None

@@ -190,6 +190,20 @@ def resize_and_crop(image: tf.Tensor, size: int) -> tf.Tensor:
     return tf.ensure_shape(image[top : top + size, left : left + size], (size, size, 3))
 
 
+def target_pad(image: tf.Tensor, ratio: float) -> tf.Tensor:
+    """uint8 [h, w, 3] padded with black, evenly on both sides, towards a `ratio` of longer to
+    shorter side, when its own is `ratio` or more (else unchanged): CIReVL's `TargetPad`
+    (Baldrati et al. 2022; `src/data_utils.py`), to be followed by `resize_and_crop`. As there,
+    each side gets int((max(h, w) / ratio - side) / 2) pixels, so a square needs a ratio of 1."""
+    shape = tf.shape(image)
+    h, w = tf.cast(shape[0], tf.float64), tf.cast(shape[1], tf.float64)
+    scaled = tf.maximum(h, w) / ratio
+    pad_w = tf.cast(tf.maximum(tf.math.floor((scaled - w) / 2), 0), tf.int32)
+    pad_h = tf.cast(tf.maximum(tf.math.floor((scaled - h) / 2), 0), tf.int32)
+    padded = tf.pad(image, tf.stack([tf.stack([pad_h, pad_h]), tf.stack([pad_w, pad_w]), [0, 0]]))
+    return tf.cond(tf.maximum(h, w) / tf.minimum(h, w) < ratio, lambda: image, lambda: padded)
+
+
 _SCALE = tuple(1 / (255 * s) for s in STD)
 _OFFSET = tuple(-m / s for m, s in zip(MEAN, STD, strict=True))
 
@@ -260,6 +274,8 @@ def _dataset(source: Source, pre: Preprocessing, batches: Iterator[tuple[np.ndar
             views = example["images"]
             image = tf.io.decode_image(views[seed % tf.cast(tf.size(views), tf.int64)], channels=3,
                                        expand_animations=False)
+            if pre.pad_ratio:
+                image = target_pad(image, pre.pad_ratio)
             out["images"] = normalize(resize_and_crop(image, pre.image_size))
             out["view"] = tf.cast(seed % tf.cast(tf.size(views), tf.int64), tf.int32)
         for group, field, _ in pre.tags:

@@ -25,6 +25,7 @@ class Preprocessing:
     tags: tuple[tuple[str, str, int], ...] = ()
     context_length: int = 77
     region_texts: str = "packed"  # how training batches carry the tags (region_texts.MODES)
+    pad_ratio: float = 0.0
 
     def fields(self) -> list[str]:
         """The text fields this preprocessing reads."""

@@ -20,11 +20,12 @@ from e2_jax.numerics import l2_normalize
 KS = (1, 5, 10, 50)
 
 
-def join_captions(first: str, second: str) -> str:
+def join_captions(first: str, second: str, keep_empty: bool = True) -> str:
     """FashionIQ's two modification captions as one instruction, as CIReVL joins them:
-    "is darker and has a logo" (each stripped of '.', '?', ',' and spaces at its ends)."""
+    "is darker and has a logo" (each stripped of '.', '?', ',' and spaces at its ends), even
+    when one is empty (" and is grey"); `keep_empty=False` leaves an empty one out ("is grey")."""
     parts = [c.strip(".?, ") for c in (first, second)]
-    return " and ".join(p for p in parts if p)
+    return " and ".join(p for p in parts if p or keep_empty)
 
 
 def target_ranks(queries: np.ndarray, gallery: np.ndarray, gallery_ids: Sequence[str],

@@ -11,11 +11,16 @@ CIReVL and CLIP4Cir read it:
 Two configs, built from the same files:
 
 - `fashion_iq/images`: one example per image of a split's image list (`product_id` the ASIN,
-  `category`, `images` with the one image): the retrieval gallery, readable by every e2_jax
-  tool that reads a dataset (the input pipeline, `search index --dataset`).
+  `category`, `index` its position in the list, `images` with the one image): the retrieval
+  gallery, readable by every e2_jax tool that reads a dataset (the input pipeline, `search
+  index --dataset`).
 - `fashion_iq/triplets`: one example per (reference, modification, target) triplet:
   `reference`, `target` (ASINs; empty on the test split, whose targets are not released),
-  `category`, `caption_1`, `caption_2` (the two annotators' modification texts).
+  `category`, `index` (its position in the caption file), `caption_1`, `caption_2` (the two
+  annotators' modification texts, as released: an empty one stays empty).
+
+TFDS stores examples in an order of its own; `index` gives back the files' order (the gallery's
+order breaks ties in ranking; `max_queries` takes a caption file's first triplets).
 
 Splits: `val`, and `train` and `test` when their files are there; categories: those with a
 `val` image list (the same layout with other categories builds too: SynthFashion-CIR). Left out, counted and named in
@@ -32,6 +37,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import tensorflow_datasets as tfds
 
 from e2_jax.data import synth_cir, synth_fashion
@@ -86,8 +92,11 @@ def image_path(root: Path, asin: str) -> Path | None:
 class FashionIQ(tfds.core.GeneratorBasedBuilder):
     """FashionIQ: dress, shirt and top/tee images, and relative captions between pairs of them."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "First version."}  # noqa: RUF012 (TFDS reads class attributes)
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {  # noqa: RUF012 (TFDS reads class attributes)
+        "1.0.0": "First version.",
+        "1.1.0": "Captions as released (an empty first caption was dropped); `index`: each image's position in its "
+                 "image list, each triplet's in its caption file."}
     BUILDER_CONFIGS = [  # noqa: RUF012
         tfds.core.BuilderConfig(name="images", description="The images of each split's image lists (galleries)."),
         tfds.core.BuilderConfig(name="triplets", description="Reference image, two modification captions, target."),
@@ -98,10 +107,12 @@ class FashionIQ(tfds.core.GeneratorBasedBuilder):
     def _info(self) -> tfds.core.DatasetInfo:
         if self.builder_config.name == "images":
             features = {"product_id": tfds.features.Text(), "category": tfds.features.Text(),
+                        "index": tfds.features.Scalar(dtype=np.int32),
                         "images": tfds.features.Sequence(tfds.features.Image(shape=(None, None, 3)))}
         else:
             features = {name: tfds.features.Text() for name in
                         ("reference", "target", "category", "caption_1", "caption_2")}
+            features["index"] = tfds.features.Scalar(dtype=np.int32)
         return self.dataset_info_from_configs(features=tfds.features.FeaturesDict(features),
                                               metadata=tfds.core.MetadataDict(),
                                               homepage=self.HOMEPAGE)
@@ -133,17 +144,22 @@ class FashionIQ(tfds.core.GeneratorBasedBuilder):
 
     def _images(self, root: Path, split: str) -> Iterator[tuple[str, dict[str, Any]]]:
         for category in self._categories:
-            for asin in dict.fromkeys(map(str, _read_list(split_file(root, category, split)))):
+            first: dict[str, int] = {}  # each ASIN once, at its first position in the list
+            for position, asin in enumerate(map(str, _read_list(split_file(root, category, split)))):
+                first.setdefault(asin, position)
+            for asin, position in first.items():
                 path = image_path(root, asin)
                 if path is None:
-                    self._skipped.add(split, asin, f"missing image ({asin}.png in {root / 'images'})")
+                    self._skipped.add(split, asin, f"missing image (no {asin}{', '.join(SUFFIXES)} in "
+                                                   f"{root / 'images'})")
                     continue
                 try:
                     data = checked_image(path.read_bytes())
                 except ValueError as error:
                     self._skipped.add(split, asin, f"undecodable image ({path.name}: {error})")
                     continue
-                yield f"{category}/{asin}", {"product_id": asin, "category": category, "images": [data]}
+                yield f"{category}/{asin}", {"product_id": asin, "category": category, "index": position,
+                                             "images": [data]}
 
     def _triplets(self, root: Path, split: str) -> Iterator[tuple[str, dict[str, Any]]]:
         for category in self._categories:
@@ -151,8 +167,8 @@ class FashionIQ(tfds.core.GeneratorBasedBuilder):
             for number, triplet in enumerate(_read_list(caption_file(root, category, split))):
                 name = f"{category}/{number}"
                 reference, target = str(triplet.get("candidate", "")), str(triplet.get("target", "") or "")
-                captions = [str(c).strip() for c in triplet.get("captions", []) if str(c).strip()]
-                if not reference or not captions or (split != "test" and not target):
+                captions = [str(c) for c in triplet.get("captions", [])]
+                if not reference or not "".join(captions).strip() or (split != "test" and not target):
                     self._skipped.add(split, name, "incomplete triplet (needs candidate, target and captions)")
                     continue
                 if image_path(root, reference) is None:
@@ -164,7 +180,7 @@ class FashionIQ(tfds.core.GeneratorBasedBuilder):
                 if target and target not in gallery:
                     self._skipped.add(split, name, f"target not in the image list ({target})")
                     continue
-                yield name, {"reference": reference, "target": target, "category": category,
+                yield name, {"reference": reference, "target": target, "category": category, "index": number,
                              "caption_1": captions[0], "caption_2": captions[1] if len(captions) > 1 else ""}
 
 
@@ -173,8 +189,9 @@ class SynthFashionCir(FashionIQ):
     validation products, written in FashionIQ's layout (under the download folder) and read by
     FashionIQ's code. No download."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "600 triplets of synth_fashion/medium 2.0.0's validation products."}  # noqa: RUF012
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {"1.0.0": "600 triplets of synth_fashion/medium 2.0.0's validation products.",  # noqa: RUF012
+                     "1.1.0": "FashionIQ's builder 1.1.0: `index` in files' order, captions as written."}
     MANUAL_DOWNLOAD_INSTRUCTIONS = None
     HOMEPAGE = ""  # (FashionIQ's page is not this dataset's)
 
