@@ -1,5 +1,6 @@
 """Test set-up: no hub access, quiet logs, and shared fixtures."""
 
+import collections
 import json
 import os
 import shutil
@@ -89,6 +90,19 @@ def trained_tiny(synth_tiny, tmp_path_factory):
 
     workdir = tmp_path_factory.mktemp("trained_tiny")
     return workdir, train.run(tiny_config(synth_tiny, **{"optim.grad_clip": 1.0}), workdir)
+
+
+def pytest_collection_modifyitems(config, items):
+    """A test on the session's trained model is `slow`: `-m "not slow"` skips its training. Then
+    the files whose tests are most often slow first (each in its own order), so that the two
+    pytest-xdist workers, which take a file at a time in this order (pyproject.toml), start on
+    the long ones and end together."""
+    for item in items:
+        if "trained_tiny" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
+    tests = collections.Counter(item.path for item in items)
+    slow = collections.Counter(item.path for item in items if item.get_closest_marker("slow"))
+    items.sort(key=lambda item: (-slow[item.path] / tests[item.path], -slow[item.path]))
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -56,6 +56,7 @@ def test_cached_decoding_equals_the_full_forward_pass():
             last = tokens[:, t]
 
 
+@pytest.mark.slow
 def test_greedy_is_argmax_and_beam_search_finds_the_best_sequence():
     config = _small(vocab=6, length=4)
     params = init_params(config, jax.random.key(3))
@@ -162,6 +163,7 @@ def test_detokenize_reattaches_punctuation():
         assert spaced != text and captioning.detokenize(spaced) == text
 
 
+@pytest.mark.slow
 def test_metrics_are_the_standard_ones():
     nltk_bleu = pytest.importorskip("nltk.translate.bleu_score")
     refs = ["A red coat with a logo at the chest.", "Blue slim-fit jeans in cotton denim.",

@@ -222,6 +222,7 @@ def test_the_catalog_config_is_the_papers_recipe_on_the_catalog():
         catalog_config("name=shop,groups=brand,method=e3")
 
 
+@pytest.mark.slow
 def test_the_catalog_config_trains_a_tiny_model_and_evaluates_it(example, tmp_path):
     """configs/e2_catalog.py:runlocal on the worked example: E² with three of the table's
     columns as region groups, trained a few steps and evaluated under every protocol."""

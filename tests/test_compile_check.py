@@ -51,6 +51,7 @@ def test_the_verdict_says_by_how_much_a_program_misses():
     assert not ok and line == "does not fit: step needs 17.000 GiB of 16 (over by 1.000 GiB)"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["v5e:4x4", "v5p:2x2x2"])
 def test_the_tiny_e2_run_compiles_for_a_slice(name):
     """Each stage's step and the evaluation encoders of the tiny E² config, compiled by libtpu
@@ -105,6 +106,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_the_command_prints_fits_and_the_table_and_no_libtpu_warnings():
     done = _cli("--config", "configs/e2_synth.py:runlocal", "--topology", "v5e-16")
     assert done.returncode == 0, done.stderr[-3000:]

@@ -19,6 +19,7 @@ from e2_jax.training import step, train
 from tests.test_train import tiny_config
 
 
+@pytest.mark.slow
 def test_a_group_of_three_tokens_with_its_own_tag_length_trains_and_an_ablation_removes_it(synth_tiny):
     c = tiny_config(synth_tiny, stages=("finetune",))
     c.e2.groups = (recipes.group("brand", tokens=3, tag_length=6), recipes.group("season", tag_length=5))

@@ -113,6 +113,7 @@ def test_open_clip_state_dict_needs_activation_and_converts(tmp_path, inputs, su
     assert_parity(flax_outputs(config, params, *inputs), open_clip_outputs(model, *inputs))
 
 
+@pytest.mark.slow
 def test_round_trip_flax_open_clip_flax_is_exact(tmp_path, inputs):
     config = get_config("tiny", image_size=64, patch_size=16, vision_width=96, vision_heads=3)
     params = pretrained.to_numpy(init_params(config, jax.random.key(3)))
@@ -212,6 +213,7 @@ def test_key_needed_for_inference_renamed(tmp_path, capsys):
     assert "visual.conv1.weight (found 'visual.conv.weight' instead?)" in err
 
 
+@pytest.mark.slow
 def test_vit_l_forced_into_b16(tmp_path, capsys):
     # The real ViT-L/14 key set and shapes; zero-stride tensors keep the file a few KB.
     meta = open_clip.create_model("ViT-L-14", pretrained=None, device="meta").state_dict()

@@ -9,6 +9,7 @@ import zipfile
 from pathlib import Path
 
 import ml_collections
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,6 +33,7 @@ sys.meta_path.insert(0, _DeviceMachine())
 '''
 
 
+@pytest.mark.slow
 def test_device_suite_runs_without_tensorflow_and_writes_its_report(tmp_path):
     wheels = tmp_path / "wheels"
     wheels.mkdir()

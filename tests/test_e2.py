@@ -85,6 +85,7 @@ def _loss(params, model, images, tokens, tags, key):
     return loss
 
 
+@pytest.mark.slow
 def test_gradient_reaches_fusion_projections(tiny_batch):
     model = E2Model(TINY, E2Config())
     params = init_e2_params(TINY, E2Config(), jax.random.key(0))

@@ -75,6 +75,7 @@ def test_each_mistake_is_one_error_paragraph_with_its_way_out(synth_tiny, traine
     assert _files(resumed) == before
 
 
+@pytest.mark.slow
 def test_the_traceback_is_there_when_asked_for(synth_tiny, tmp_path):
     process = _start(["--config", SYNTH, "--config.data.dataset=fashon_gen", "--workdir", str(tmp_path / "w")],
                      env={"E2_TRACEBACK": "1"})

@@ -27,6 +27,7 @@ def eval_config(data_dir: str):
     return c
 
 
+@pytest.mark.slow
 def test_every_protocol_on_one_and_two_processes(synth_tiny, tmp_path):
     (alone,) = run_workers(WORKER, 1, synth_tiny, tmp_path)
     first, second = run_workers(WORKER, 2, synth_tiny, tmp_path)

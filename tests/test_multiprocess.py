@@ -17,6 +17,7 @@ WORKER = Path(__file__).parent / "multiprocess" / "pipeline_worker.py"
 GLOBAL_BATCH, STEPS, RESUME_AT, SEED = 24, 8, 5, 5  # as in the worker
 
 
+@pytest.mark.slow
 def test_pipeline_on_two_processes(synth_tiny, tmp_path):
     first, second = run_workers(WORKER, 2, synth_tiny, tmp_path)
     # Devices of process 0, 1, 0, 1, ... hold 3 rows each: each process reads its 4 blocks of 3.

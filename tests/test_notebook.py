@@ -6,6 +6,7 @@ maps."""
 from pathlib import Path
 
 import nbformat
+import pytest
 from nbclient import NotebookClient
 
 from tests.processes import xla_flags
@@ -13,6 +14,7 @@ from tests.processes import xla_flags
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_colab_notebook_runs_in_smoke_mode(synth_tiny, tmp_path, monkeypatch):
     workdir = tmp_path / "run"
     for name, value in {"E2_NOTEBOOK_SMOKE": "1", "E2_NOTEBOOK_WORKDIR": str(workdir),

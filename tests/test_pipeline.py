@@ -146,6 +146,7 @@ def test_global_arrays_on_one_device(synth_tiny):
         batch_sharding(mesh, ("fsdp",))
 
 
+@pytest.mark.slow
 def test_errors_name_the_problem(synth_tiny, tmp_path):
     with pytest.raises(FileNotFoundError, match=r"not built in .*python -m e2_jax.data.build synth_fashion/small"):
         pl.Source("synth_fashion/small", "train", str(tmp_path))

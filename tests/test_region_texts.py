@@ -76,6 +76,7 @@ def test_processes_agree_on_shapes_and_each_finds_its_rows():
         Packing("dedupe")
 
 
+@pytest.mark.slow
 def test_trimmed_and_deduplicated_texts_embed_as_the_full_length_ones():
     config = get_config("tiny")
     params = init_params(config, jax.random.key(0))

@@ -52,6 +52,7 @@ def test_bad_config_is_named():
         SynthConfig(views=4)
 
 
+@pytest.mark.slow
 def test_tfds_builder_writes_every_product(tmp_path, monkeypatch):
     tfds = pytest.importorskip("tensorflow_datasets")
     import e2_jax.data.builders.synth_fashion  # noqa: F401  (registers the builder)
@@ -107,6 +108,7 @@ def test_every_product_shows_each_detail_in_the_views_designed_to():
         assert (boxes[~shown] == -1).all()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["default", "medium", "tiny"])
 def test_every_detail_reads_from_every_view_that_shows_it(variant):
     """docs/data.md's table: a linear classifier on the detail's pixels reads its value from

@@ -79,6 +79,7 @@ def test_two_stage_run_writes_everything(synth_tiny, trained_tiny):
     assert evaluated["eval"]["sumr"] == pytest.approx(best["eval/sumr"], abs=1e-4)
 
 
+@pytest.mark.slow
 def test_stage_one_leaves_every_clip_parameter_bit_identical(synth_tiny, tmp_path):
     # With bfloat16 compute and rematerialisation: parameters stay float32, frozen ones untouched.
     config = tiny_config(synth_tiny, stages=("warmup",), **{"model.compute_dtype": "bfloat16", "model.remat": True})
@@ -109,6 +110,7 @@ def _one_step(synth_tiny: str, accum: int):
     return jax.device_get(new_state["params"]), jax.device_get(metrics)
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_keeps_the_contrastive_batch_whole(synth_tiny):
     """GradCache with 4 micro-batches: the same loss and gradients as the whole batch at once
     (not the mean of 4 small-batch losses, whose negatives would be 4 times fewer)."""
@@ -120,6 +122,7 @@ def test_gradient_accumulation_keeps_the_contrastive_batch_whole(synth_tiny):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("nan_at", [2, 3, 4])
 def test_a_nan_stops_the_run_at_a_finite_checkpoint_and_the_restart_finishes(synth_tiny, tmp_path, nan_at):
     """Checkpoints every 4 steps; the step numbered `nan_at` (0-based) makes the state NaN, so
@@ -189,6 +192,7 @@ def test_config_errors_come_before_any_compile(synth_tiny, tmp_path):
     assert "python -m e2_jax.convert to-flax" in str(error)
 
 
+@pytest.mark.slow
 def test_packed_region_texts_give_the_per_item_loss_and_gradients(synth_tiny, tmp_path):
     """The trainer's step with each distinct tag encoded once, trimmed, in two text-tower calls
     equals the step that encodes every item's tag of every group (the authors' way)."""

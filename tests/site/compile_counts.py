@@ -55,11 +55,25 @@ def cpu_seconds() -> float:
     return times.user + times.system
 
 
+def _name() -> str:
+    """The process as the summary names it: its command line, or the pytest-xdist worker it is."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if worker and sys.argv[:1] == ["-c"] and "xdist" in sys.modules:  # not a pytest it started
+        return f"pytest worker {worker}"
+    return " ".join(sys.argv)[:200]
+
+
+_written = False
+
+
 def _write() -> None:
+    """This process's row, once (a pytest-xdist worker writes it at its session's end, before exit)."""
+    global _written
     out = os.environ.get("E2_TEST_CACHE_STATS")
-    if out:
+    if out and not _written:
+        _written = True
         with open(out, "a") as f:
-            f.write(json.dumps({"pid": os.getpid(), "argv": " ".join(sys.argv)[:200], "cpu_s": cpu_seconds(),
+            f.write(json.dumps({"pid": os.getpid(), "argv": _name(), "cpu_s": cpu_seconds(),
                                 **counts}) + "\n")
 
 
