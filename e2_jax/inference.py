@@ -36,7 +36,6 @@ from e2_jax import pretrained, sharding, workdir
 from e2_jax.data import pipeline
 from e2_jax.data.tensorflow_cpu import tf
 from e2_jax.data.tokenizer import CLIPTokenizer
-from e2_jax.evaluation import evaluate
 from e2_jax.images import ImageInput, load_image
 from e2_jax.models.clip import CLIPConfig
 from e2_jax.models.e2 import E2Config, E2Model
@@ -144,7 +143,7 @@ class Encoder:
 
             steps = pipeline.eval_steps(len(source) if items is None else len(items), global_batch)
             batches = tqdm(batches, total=steps, unit="batch", disable=jax.process_index() != 0, leave=False)
-        return evaluate.embed_split(embed, batches)
+        return pipeline.embed_split(embed, batches)
 
     def _batches(self, n: int):
         for start in range(0, n, self.batch_size):

@@ -24,8 +24,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
+import numpy as np
 from absl import logging
-from jax.experimental import mesh_utils
+from jax.experimental import mesh_utils, multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -169,3 +170,10 @@ def tree_shardings(abstract: Any, mesh: Mesh, rules: Sequence[tuple[str, str]] =
 def with_shardings(abstract: Any, shardings: Any) -> Any:
     """`abstract` (shapes and dtypes) carrying `shardings`: what restoring onto them takes."""
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+
+
+def host_array(x: jax.Array) -> np.ndarray:
+    """The whole of a (possibly sharded, multi-process) array, as numpy on this host."""
+    if jax.process_count() > 1 and not x.is_fully_addressable:
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)

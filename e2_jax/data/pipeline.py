@@ -35,7 +35,7 @@ from __future__ import annotations
 import functools
 import string
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import jax
 import numpy as np
@@ -53,6 +53,7 @@ from e2_jax.data.preprocessing import AMAZON_TEXT, FASHIONGEN_TEXT, MEAN, STD, P
 from e2_jax.data.tensorflow_cpu import tf
 from e2_jax.data.tokenizer import CLIPTokenizer
 from e2_jax.errors import ConfigError, DataError, MissingError, suggest
+from e2_jax.sharding import host_array
 
 
 class Source:
@@ -447,3 +448,18 @@ def eval_batches(source: Source, pre: Preprocessing, *, global_batch: int, shard
     rows = process_rows(sharding, global_batch)
     local = local_eval_batches(source, pre, global_batch=global_batch, rows=rows, items=items, images=images)
     return _global(local, sharding, global_batch, len(rows))
+
+
+def embed_split(embed: Callable[[dict], dict[str, jax.Array]], batches: Iterable[dict]) -> dict[str, np.ndarray]:
+    """Every output of `embed(batch)` ({name: [B, ...]}) for the valid rows of `eval_batches`,
+    in the batches' order, on every process; plus the batches' `index` (and `view`)."""
+    out: dict[str, list[np.ndarray]] = {}
+    for batch in batches:
+        valid = host_array(batch["valid"])
+        got = dict(embed(batch))
+        got["index"] = batch["index"]
+        if "view" in batch:
+            got["view"] = batch["view"]
+        for key, value in got.items():
+            out.setdefault(key, []).append(host_array(value)[valid])
+    return {k: np.concatenate(v) for k, v in out.items()}

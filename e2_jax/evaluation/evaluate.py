@@ -1,9 +1,9 @@
 """Evaluation of a model on a split: embeddings computed on the mesh, retrieval under every
 protocol (E2_METHOD.md section 6; the metrics are `e2_jax.evaluation.retrieval`), and the report.
 
-`embed_split` runs an embedding function over a pass of the pipeline, each (product, view)
-once across every device and process, padding dropped, and gathers the result on every
-process. `retrieval_report` computes what the config asks for:
+`pipeline.embed_split` runs an embedding function over a pass of the pipeline, each
+(product, view) once across every device and process, padding dropped, and gathers the result
+on every process. `retrieval_report` computes what the config asks for:
 
 - `full_candidate`: the first view and one global text per product, all against all;
 - `full_gallery`: every view of every product against one text per product;
@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import jax
@@ -30,7 +30,6 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from etils import epath
-from jax.experimental import multihost_utils
 
 from e2_jax import sharding, storage, workdir
 from e2_jax.checkpoints import Checkpoints
@@ -44,28 +43,6 @@ if TYPE_CHECKING:
     import ml_collections
 
 KS = retrieval.KS
-
-
-def _host(x: jax.Array) -> np.ndarray:
-    """The whole of a (possibly sharded, multi-process) array on this host."""
-    if jax.process_count() > 1 and not x.is_fully_addressable:
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(x)
-
-
-def embed_split(embed: Callable[[dict], dict[str, jax.Array]], batches: Iterable[dict]) -> dict[str, np.ndarray]:
-    """Every output of `embed(batch)` ({name: [B, ...]}) for the valid rows of `batches`,
-    in the batches' order, on every process; plus the batches' `index` (and `view`)."""
-    out: dict[str, list[np.ndarray]] = {}
-    for batch in batches:
-        valid = _host(batch["valid"])
-        got = dict(embed(batch))
-        got["index"] = batch["index"]
-        if "view" in batch:
-            got["view"] = batch["view"]
-        for key, value in got.items():
-            out.setdefault(key, []).append(_host(value)[valid])
-    return {k: np.concatenate(v) for k, v in out.items()}
 
 
 def sampled_views(views: np.ndarray, seed: int) -> np.ndarray:
@@ -88,7 +65,7 @@ def retrieval_report(source: pipeline.Source, pre: Preprocessing, protocols: Pro
     else:
         items = first
     batches = pipeline.eval_batches(source, pre, global_batch=global_batch, sharding=sharding, items=items)
-    got = embed_split(lambda b: {"image": embed_images(b)}, batches)
+    got = pipeline.embed_split(lambda b: {"image": embed_images(b)}, batches)
     image, image_product, image_view = got["image"], got["index"], got["view"]
     row = {(int(p), int(v)): r for r, (p, v) in enumerate(zip(image_product, image_view, strict=True))}
     first_rows = np.array([row[(i, 0)] for i in range(n)])
@@ -97,7 +74,7 @@ def retrieval_report(source: pipeline.Source, pre: Preprocessing, protocols: Pro
     for name, text_format in protocols.texts.items():
         text_pre = dataclasses.replace(pre, text_format=text_format)
         batches = pipeline.eval_batches(source, text_pre, global_batch=global_batch, sharding=sharding, images=False)
-        texts[name] = embed_split(lambda b: {"text": embed_texts(b)}, batches)["text"]
+        texts[name] = pipeline.embed_split(lambda b: {"text": embed_texts(b)}, batches)["text"]
 
     metrics: dict[str, float] = {}
     counts = {"products": n, "images": len(image)}
@@ -237,7 +214,7 @@ def picks_report(spec: RunSpec, source: pipeline.Source, params: dict) -> dict |
 
     batches = pipeline.eval_batches(source, spec.pre, global_batch=spec.config.eval.batch_size,
                                     sharding=sharding.batch_sharding(spec.mesh), items=items)
-    got = embed_split(lambda b: {"picks": picks(params, b)}, batches)
+    got = pipeline.embed_split(lambda b: {"picks": picks(params, b)}, batches)
     boxes = scan[DETAIL_BOXES][got["index"], got["view"]]
     groups = [(g.name, g.text_field, g.tokens) for g in e2.groups]
     return selection.picks_on_details(np.moveaxis(got["picks"], 1, 0), boxes, clip.image_size // clip.patch_size,

@@ -26,7 +26,7 @@ import numpy as np  # noqa: E402
 
 from e2_jax import spec  # noqa: E402
 from e2_jax.evaluation import evaluate  # noqa: E402
-from e2_jax.sharding import batch_sharding  # noqa: E402
+from e2_jax.sharding import batch_sharding, host_array  # noqa: E402
 from e2_jax.training import step  # noqa: E402
 from tests.test_evaluate import eval_config  # noqa: E402
 
@@ -40,7 +40,7 @@ seen = {}
 def keep(name, fn):
     def run(batch):
         x = fn(params, batch)
-        seen.setdefault(name, []).append(evaluate._host(x)[evaluate._host(batch["valid"])])
+        seen.setdefault(name, []).append(host_array(x)[host_array(batch["valid"])])
         return x
     return run
 
