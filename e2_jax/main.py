@@ -88,8 +88,16 @@ def main(argv: list[str], hooks: train.Hooks | None = None) -> None:
     finally:
         if jax.process_count() > 1:
             jax.distributed.shutdown()  # every process leaves together, now rather than at exit
-    if "eval" in result:
-        print(f"validation: {evaluate.format_retrieval(result['eval'])}", flush=True)
+    if line := summary(result):
+        print(line, flush=True)
+
+
+def summary(result: dict[str, Any]) -> str | None:
+    """The run's last line: the last validation of a run that stopped before its evaluation; none
+    after an evaluation, whose report is already printed (once)."""
+    if "eval" in result and "report" not in result:
+        return f"validation: {evaluate.format_retrieval(result['eval'])}"
+    return None
 
 
 if __name__ == "__main__":

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -13,6 +15,7 @@ import pytest
 from PIL import Image
 
 from e2_jax.data import catalog
+from e2_jax.data.builders.skipped import describe
 from e2_jax.data.catalog import TableOptions
 from e2_jax.errors import ConfigError, DataError
 
@@ -129,7 +132,7 @@ def test_bad_rows_are_skipped_counted_and_named(example, tmp_path):
     root, rows = example
     out = with_table(root, tmp_path / "bad", [], "products.jsonl")
     (out / "images" / "broken.png").write_bytes(png(np.zeros((8, 8, 3), np.uint8))[:40])  # truncated
-    good = rows[:6]
+    good = rows[:4]
     bad = [
         {**rows[6], "image": ["images/missing.png"]},  # its only image is missing: left out
         {**rows[7], "image": [rows[7]["image"][0], "images/broken.png"]},  # one view dropped, kept
@@ -137,25 +140,47 @@ def test_bad_rows_are_skipped_counted_and_named(example, tmp_path):
         {**rows[9], "id": ""},  # no id
         rows[10], {**rows[10], "title": "Another title"},  # one id, two texts: left out
         {**rows[11], "image": rows[11]["image"][:1]}, {**rows[11], "image": rows[11]["image"][1:]},  # merged
+        {**rows[4], "image": [rows[4]["image"][0], "../outside.png", "images/../images/" +
+                               rows[4]["image"][1].split("/")[-1]]},  # leaves the folder: refused
+        {**rows[5], "title": "  A\n  title\twith   gaps "},  # whitespace collapsed
     ]
+    (tmp_path / "outside.png").write_bytes(png(np.full((8, 8, 3), 200, np.uint8)))
     catalog.write_table(good + bad, out / "products.jsonl")
     options = TableOptions(fractions=(("train", 1.0),))
     builder = build(out, "bad", tmp_path / "tfds", options)
     kept = read(tmp_path / "tfds", "bad")["train"]
-    assert sorted(kept) == sorted([r["id"] for r in good] + [rows[7]["id"], rows[11]["id"]])
+    assert sorted(kept) == sorted([r["id"] for r in good] + [rows[i]["id"] for i in (7, 11, 4, 5)])
     assert len(kept[rows[7]["id"]]["images"]) == 1 and len(kept[rows[11]["id"]]["images"]) == 3
+    assert len(kept[rows[4]["id"]]["images"]) == 2  # its first, and the one whose ../ stays inside
+    assert kept[rows[5]["id"]]["title"] == "A title with gaps"
     skipped = json.loads((Path(builder.data_dir) / "metadata.json").read_text())["skipped"]["train"]
-    assert skipped["products"] == 4 and skipped["views"] == 1
-    assert sorted(skipped["product_ids"]) == sorted([rows[6]["id"], rows[8]["id"], "row 10", rows[10]["id"]])
+    assert skipped["products"] == 4 and skipped["views"] == 2
+    assert skipped["views_by_reason"] == {"undecodable image": 1, "outside the table's folder": 1}
+    said = describe(skipped)  # what the build command prints: products and views apart
+    assert said.startswith("skipped 4 products (") and " and 2 views of kept products (" in said, said
+    products_part, views_part = said.split(" and 2 views of kept products ")
+    assert "no id: 1" in products_part and "outside" not in products_part
+    assert views_part in ("(undecodable image: 1, outside the table's folder: 1)",
+                          "(outside the table's folder: 1, undecodable image: 1)")
+    assert describe({"products": 1, "views": 1, "by_reason": {"x": 1, "y": 1}, "views_by_reason": {"y": 1}}) == \
+        "skipped 1 product (x: 1) and 1 view of a kept product (y: 1)"
+    refused = next(e for e in skipped["examples"] if e.get("view") == "../outside.png")
+    assert "--outside-images" in refused["reason"]
+    # Asked for, a path outside the folder is read.
+    allowed = build(out, "bad_outside", tmp_path / "tfds", dataclasses.replace(options, outside=True))
+    assert len(read(tmp_path / "tfds", "bad_outside")["train"][rows[4]["id"]]["images"]) == 3
+    assert json.loads((Path(allowed.data_dir) / "metadata.json").read_text())["skipped"]["train"]["views"] == 1
+    assert sorted(skipped["product_ids"]) == sorted([rows[6]["id"], rows[8]["id"], "row 8", rows[10]["id"]])
     named = {(e["product"], e["reason"].split(" (")[0], e.get("view")) for e in skipped["examples"]}
     assert named == {
         (rows[6]["id"], "no usable image", None),
         (rows[7]["id"], "undecodable image", "images/broken.png"), (rows[8]["id"], "empty brand", None),
-        ("row 10", "no id", None), (rows[10]["id"], "duplicate id with conflicting texts", None)}
+        ("row 8", "no id", None), (rows[10]["id"], "duplicate id with conflicting texts", None),
+        (rows[4]["id"], "outside the table's folder", "../outside.png")}
     reasons = {e["product"]: e["reason"] for e in skipped["examples"] if "view" not in e}
     assert reasons[rows[6]["id"]] == "no usable image (missing image (images/missing.png))"
     conflict = next(e for e in skipped["examples"] if e["product"] == rows[10]["id"])
-    assert conflict["reason"] == "duplicate id with conflicting texts (rows 11 and 12)"
+    assert conflict["reason"] == "duplicate id with conflicting texts (rows 9 and 10)"
 
 
 def test_optional_fields_may_be_empty_but_a_config_that_uses_them_is_stopped(example, tmp_path):
@@ -223,7 +248,7 @@ def test_the_catalog_config_is_the_papers_recipe_on_the_catalog():
 
 
 @pytest.mark.slow
-def test_the_catalog_config_trains_a_tiny_model_and_evaluates_it(example, tmp_path):
+def test_the_catalog_config_trains_a_tiny_model_and_evaluates_it(example, tmp_path, capsys, caplog):
     """configs/e2_catalog.py:runlocal on the worked example: E² with three of the table's
     columns as region groups, trained a few steps and evaluated under every protocol."""
     from e2_jax import config as recipes
@@ -242,9 +267,18 @@ def test_the_catalog_config_trains_a_tiny_model_and_evaluates_it(example, tmp_pa
     wrong = recipes.config_module("configs/e2_catalog.py").get_config(arg.replace("+season", "+colour"))
     with pytest.raises(ConfigError, match=r"no text field \['colour'\] .*; it has \[.*'season'"):
         train.prepare(wrong)  # before anything is compiled or written
-    trained = main.run(c, tmp_path / "run")
+    trained = main.run(c, tmp_path / "run", mode="train_and_evaluate")
     assert trained["step"] == 8 and trained["eval"]["sumr"] > 0  # validated on the catalog as it trained
-    evaluated = main.run(c, tmp_path / "run", mode="evaluate")
+    capsys.readouterr()
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        evaluated = main.run(c, tmp_path / "run", mode="evaluate")
+    # The report once: printed, not logged as well, and no validation line after it.
+    printed = capsys.readouterr().out
+    assert printed.count("| protocol | text |") == 1 and printed.count("evaluation of") == 1, printed
+    assert not [r for r in caplog.records if "full_candidate" in r.getMessage()]
+    assert main.summary(evaluated) is None  # its report is printed
+    assert main.summary(trained).startswith("validation: ")  # training ends with its last validation
     report = json.loads((tmp_path / "run" / "eval" / "report.json").read_text())
     assert report["dataset"] == "catalog/shop" and set(report["texts"]) == {"tags", "description"}
     for protocol in ("full_candidate", "sample_100"):

@@ -60,10 +60,13 @@ def main(argv: list[str] | None = None) -> None:
                        "(default: %(default)s)")
     table.add_argument("--optional", default="", help="comma-separated text fields that may be empty (any other "
                        "empty text field leaves its product out)")
+    table.add_argument("--outside-images", action="store_true", help="read relative image paths that leave the "
+                       "table's folder (../x.jpg); without it they are refused, and counted as missing views")
     args = parser.parse_args(argv)
     options = catalog.TableOptions(args.id_column, args.image_column, args.split_column,
                                    catalog.parse_fractions(args.splits),
-                                   tuple(filter(None, (f.strip() for f in args.optional.split(",")))))
+                                   tuple(filter(None, (f.strip() for f in args.optional.split(",")))),
+                                   args.outside_images)
     builder = build(args.name, args.data_dir, args.manual_dir, options)
     info = builder.info
     print(f"{args.name}: {builder.data_dir}")

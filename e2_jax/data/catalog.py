@@ -40,13 +40,16 @@ SPLIT_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")  # what TFDS accepts as a sp
 class TableOptions:
     """How to read a product table. `fractions`: the hash split's (split, fraction) pairs, used
     when the table has no `split_column`; `optional`: text columns (field names) that may be
-    empty; a product with any other text column empty is skipped."""
+    empty; a product with any other text column empty is skipped; `outside`: read relative
+    image paths that leave the table's folder (`../x.jpg`), which are otherwise refused (a
+    table should not reach files beside it by accident)."""
 
     id_column: str = "id"
     image_column: str = "image"
     split_column: str = "split"
     fractions: tuple[tuple[str, float], ...] = (("train", 0.9), ("validation", 0.1))
     optional: tuple[str, ...] = ()
+    outside: bool = False  # read relative image paths that leave the table's folder (../)
 
     def __post_init__(self) -> None:
         names = [name for name, _ in self.fractions]
@@ -154,7 +157,8 @@ def columns(path: Path) -> list[str]:
 
 
 def text(value: Any) -> str:
-    """A cell as text: None and NaN empty, numbers as written, lists joined with ', '."""
+    """A cell as text: None and NaN empty, numbers as written, lists joined with ', ', and every
+    run of whitespace (spaces, tabs, newlines) as one space, none at the ends."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return ""
     if isinstance(value, bool):
@@ -166,8 +170,8 @@ def text(value: Any) -> str:
     if isinstance(value, dict):
         return json.dumps(value, ensure_ascii=False, sort_keys=True)
     if isinstance(value, bytes):
-        return value.decode("utf-8", errors="replace").strip()
-    return " ".join(str(value).split())
+        value = value.decode("utf-8", errors="replace")
+    return " ".join(str(value).split())  # whitespace collapsed: runs of spaces, tabs, newlines as one space
 
 
 def image_refs(value: Any) -> list[str | bytes]:

@@ -28,7 +28,6 @@ from typing import TYPE_CHECKING, Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import logging
 from etils import epath
 
 from e2_jax import sharding, storage, workdir
@@ -264,7 +263,6 @@ def evaluate_run(config: ml_collections.ConfigDict, directory: str | os.PathLike
     table = markdown_table(report["metrics"])
     if on_details is not None:
         table += "\nwhere the selection tokens look (percent of picks):\n" + selection.markdown_table(on_details)
-    logging.info("evaluation of %s:\n%s", where, table)
     print(f"evaluation of {where} ({report['counts']}):\n{table}report: {json_path}, {md_path}", flush=True)
     first = next(iter(report["texts"]))
     validation = {k.rsplit("/", 1)[-1]: v for k, v in report["metrics"].items()

@@ -8,7 +8,8 @@ is its builder config (`catalog/mystore`), made from the table by `for_table`; o
 read like any TFDS dataset from its files (`tfds.builder("catalog/mystore", data_dir=...)`),
 without the table. Left out, counted and named in `metadata.json` (`skipped`): rows without an
 id, products whose rows disagree (one id, different texts or splits), products with an empty
-text column (other than `--optional` ones), missing and undecodable image files, and products
+text column (other than `--optional` ones), missing and undecodable image files, relative image
+paths that leave the table's folder (unless built with `--outside-images`), and products
 left without an image. `metadata.json` also keeps how the table was read (`catalog`): columns
 and their fields, the optional fields and how many products of each split have them empty, and
 where the splits came from.
@@ -16,6 +17,7 @@ where the splits came from.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -47,8 +49,12 @@ def for_table(name: str, manual_dir: str | Path, options: TableOptions | None = 
 class Catalog(tfds.core.GeneratorBasedBuilder):
     """Your own products: images and text columns from a JSONL, CSV or Parquet table."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "First version."}  # noqa: RUF012 (TFDS reads class attributes)
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {  # noqa: RUF012 (TFDS reads class attributes)
+        "1.0.0": "First version.",
+        "1.1.0": "Relative image paths that leave the table's folder are refused unless --outside-images; text "
+                 "cells of bytes have their whitespace collapsed as other text cells do.",
+    }
     MANUAL_DOWNLOAD_INSTRUCTIONS = (f"The manual directory holds the product table ({', '.join(catalog.TABLES)}) and "
                                     "the images it names; see docs/catalog.md.")
 
@@ -123,7 +129,7 @@ class Catalog(tfds.core.GeneratorBasedBuilder):
             if blank:
                 self._skipped.add(split, product_id, f"empty {', '.join(blank)}")
                 continue
-            images, problems = self._images(root, refs)
+            images, problems = self._images(root, refs, options.outside)
             if not images:
                 why = "; ".join(why for _, why in problems) or "none named"
                 self._skipped.add(split, product_id, f"no usable image ({why})")
@@ -140,7 +146,8 @@ class Catalog(tfds.core.GeneratorBasedBuilder):
                             f"left out ({self._skipped.summary(split)['by_reason']}); see docs/catalog.md for what a "
                             "row needs")
 
-    def _images(self, root: Path, refs: list[tuple[str, str | bytes]]) -> tuple[list[bytes], list[tuple[str, str]]]:
+    def _images(self, root: Path, refs: list[tuple[str, str | bytes]],
+                outside: bool) -> tuple[list[bytes], list[tuple[str, str]]]:
         """The product's decodable images, and (view, why) for each missing or undecodable one."""
         out, problems = [], []
         for k, (where, ref) in enumerate(refs):
@@ -149,6 +156,10 @@ class Catalog(tfds.core.GeneratorBasedBuilder):
             else:
                 path = Path(ref) if Path(ref).is_absolute() else root / ref
                 name = ref
+                if not outside and not Path(ref).is_absolute() and os.path.normpath(ref).startswith(".."):
+                    problems.append((name, f"outside the table's folder ({ref}: build with --outside-images to "
+                                           "read it)"))
+                    continue
                 if not path.is_file():
                     problems.append((name, f"missing image ({ref})"))
                     continue

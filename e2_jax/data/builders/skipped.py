@@ -5,6 +5,7 @@ counts are logged when a split is done and stored in the dataset's `metadata.jso
 (`builder.info.metadata["skipped"]`), so they stay with the data:
 
     {"train": {"products": 1, "views": 1, "by_reason": {"blank image": 1, "empty description": 1},
+               "views_by_reason": {"blank image": 1},
                "product_ids": ["12346"],   (every product left out)
                "examples": [{"product": "12345", "reason": "blank image (row 17)", "view": "row 17"},
                             {"product": "12346", "reason": "empty description (row 18)"}, ...]}}
@@ -16,7 +17,6 @@ dropped and the product kept (counted in `views`, the view named).
 from __future__ import annotations
 
 import collections
-import json
 from typing import Any
 
 from absl import logging
@@ -48,8 +48,9 @@ class SkippedLog:
         entries = self._entries[split]
         # "blank image (row 17)" and "blank image (row 90)" are one reason.
         by_reason = collections.Counter(reason.split(" (")[0] for _, reason, _ in entries)
+        of_views = collections.Counter(reason.split(" (")[0] for _, reason, view in entries if view is not None)
         return {"products": self.count(split), "views": sum(view is not None for _, _, view in entries),
-                "by_reason": dict(by_reason),
+                "by_reason": dict(by_reason), "views_by_reason": dict(of_views),
                 "product_ids": [p for p, _, view in entries if view is None],  # every one
                 "examples": [{"product": p, "reason": r, **({"view": v} if v is not None else {})}
                              for p, r, v in entries[:MAX_LISTED]]}
@@ -65,6 +66,16 @@ class SkippedLog:
 
 
 def describe(summary: dict[str, Any]) -> str:
-    """'2 products and 3 views of kept products skipped: {...}' for a split's summary."""
-    return (f"{summary['products']} products and {summary['views']} views of kept products skipped: "
-            f"{json.dumps(summary['by_reason'])}")
+    """A split's summary in words, products and views apart: 'skipped 2 products (empty brand: 1,
+    no usable image: 1) and 1 view of a kept product (missing image: 1)'."""
+    of_views = collections.Counter(summary.get("views_by_reason", {}))
+    of_products = collections.Counter(summary["by_reason"]) - of_views
+    products, views = summary["products"], summary["views"]
+    parts = [f"{products:,} product{'s' * (products != 1)} ({_reasons(of_products)})" if products else "",
+             f"{views:,} view{'s' * (views != 1)} of {'a kept product' if views == 1 else 'kept products'} "
+             f"({_reasons(of_views)})" if views else ""]
+    return "skipped " + (" and ".join(filter(None, parts)) or "nothing")
+
+
+def _reasons(counts: collections.Counter) -> str:
+    return ", ".join(f"{reason}: {n}" for reason, n in counts.most_common())
