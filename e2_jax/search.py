@@ -5,6 +5,7 @@ fashion retrieval model.
     python -m e2_jax.search index --workdir workdirs/mystore --dataset catalog/mystore --split validation \\
         --out mystore.parquet [--views all] [--regions] [--raw]
     python -m e2_jax.search query --index catalog.npz "black leather biker jacket" "red silk dress" --top 5
+    python -m e2_jax.search query --index mystore.parquet photos/look.jpg [--every-view]
 
 `index` embeds, with the trained model (`--workdir`, its best parameters) or a converted CLIP
 (`--pretrained`), either every image under `--images` (recursively: .jpg, .jpeg, .png, .webp;
@@ -22,7 +23,9 @@ local device, with a progress bar. It writes, ready for a vector database:
 | file metadata `e2_jax` | `meta` | JSON: the model, its origin, the input, `normalized`, what was skipped |
 
 Embeddings are L2-normalised (cosine similarity is a dot product) unless `--raw`. `query`
-embeds each text with the same model and prints the best matches by cosine similarity.
+embeds each query with the same model, a text or an image file (a path ending in .jpg, .jpeg,
+.png or .webp; it says which it took), and prints the best matches by cosine similarity: one
+line per product, its best view shown, or every matching view with `--every-view`.
 """
 
 from __future__ import annotations
@@ -152,6 +155,7 @@ class Index(NamedTuple):
     ids: np.ndarray  # [N] str
     embeddings: np.ndarray  # [N, D] float32
     meta: dict
+    views: np.ndarray | None = None  # [N] int, each row's view within its product (a dataset's index)
 
 
 def load_index(path: str | Path) -> Index:
@@ -163,22 +167,59 @@ def load_index(path: str | Path) -> Index:
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
-        table = pq.read_table(path, columns=["id", "embedding"])
+        table = pq.read_table(path)
         meta = json.loads((table.schema.metadata or {}).get(b"e2_jax", b"{}"))
         column = table.column("embedding").combine_chunks()
         embeddings = column.values.to_numpy().reshape(len(table), column.type.list_size)
-        return Index(np.array(table.column("id").to_pylist()), embeddings.astype(np.float32), meta)
+        views = np.array(table.column("view").to_pylist()) if "view" in table.column_names else None
+        return Index(np.array(table.column("id").to_pylist()), embeddings.astype(np.float32), meta, views)
     with np.load(path) as data:
-        return Index(data["ids"] if "ids" in data else data["paths"], data["embeddings"], json.loads(str(data["meta"])))
+        return Index(data["ids"] if "ids" in data else data["paths"], data["embeddings"], json.loads(str(data["meta"])),
+                     data["views"] if "views" in data else None)
 
 
-def query(index: str | Path, texts: list[str], encoder, top: int = 5) -> list[list[tuple[str, float]]]:
-    """The `top` (id, cosine similarity) of the index for each text."""
-    ids, embeddings, _ = load_index(index)
-    embeddings = l2_normalize(embeddings)  # (a no-op unless written raw)
-    scores = encoder.encode_texts(texts) @ embeddings.T
-    order = np.argsort(-scores, axis=1, kind="stable")[:, :top]
-    return [[(str(ids[j]), float(s[j])) for j in row] for s, row in zip(scores, order, strict=True)]
+class Match(NamedTuple):
+    id: str  # the product id (a dataset) or the image's path (a folder)
+    score: float  # cosine similarity
+    view: int | None  # the matching view within its product (a dataset's index), else None
+
+
+def query_kind(text: str) -> str:
+    """The kind of a query: "image" where it names an image file (a path ending in .jpg, .jpeg,
+    .png or .webp), else "text"."""
+    if Path(text).suffix.lower() not in images.SUFFIXES:
+        return "text"
+    if not Path(text).is_file():
+        raise MissingError(f"query {text!r} names an image file that does not exist; give an image's path, or a "
+                           "text that does not end in " + ", ".join(images.SUFFIXES))
+    return "image"
+
+
+def query(index: str | Path, queries: list[str], encoder, top: int = 5, every_view: bool = False) -> list[list[Match]]:
+    """The `top` matches of the index for each query, a text or an image file (`query_kind`),
+    by cosine similarity: one per product (its best view) unless `every_view`."""
+    found = load_index(index)
+    embeddings = l2_normalize(found.embeddings)  # (a no-op unless written raw)
+    kinds = [query_kind(q) for q in queries]
+    wanted = np.zeros((len(queries), embeddings.shape[1]), np.float32)
+    for kind, embed in (("text", encoder.encode_texts), ("image", encoder.encode_images)):
+        rows = [i for i, k in enumerate(kinds) if k == kind]
+        if rows:
+            wanted[rows] = embed([queries[i] for i in rows])
+    scores = wanted @ embeddings.T
+    out = []
+    for row in scores:
+        matches, seen = [], set()
+        for j in np.argsort(-row, kind="stable"):
+            product = str(found.ids[j])
+            if not every_view and product in seen:
+                continue
+            seen.add(product)
+            matches.append(Match(product, float(row[j]), None if found.views is None else int(found.views[j])))
+            if len(matches) == top:
+                break
+        out.append(matches)
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -195,10 +236,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", required=True, help="the index file, .npz or .parquet")
     p.add_argument("--regions", action="store_true", help="also E²'s region embeddings, one per group")
     p.add_argument("--raw", action="store_true", help="embeddings before the L2 normalisation")
-    q = sub.add_parser("query", help="best matches for text queries")
+    q = sub.add_parser("query", help="best matches for text or image queries")
     q.add_argument("--index", required=True)
-    q.add_argument("texts", nargs="+")
+    q.add_argument("queries", nargs="+", help="texts, or image files (a path ending in .jpg, .jpeg, .png, .webp)")
     q.add_argument("--top", type=int, default=5)
+    q.add_argument("--every-view", action="store_true", help="list each matching view, not only each product's "
+                   "best one")
     for s in (p, q):
         s.add_argument("--workdir")
         s.add_argument("--pretrained")
@@ -220,10 +263,11 @@ def main(argv: list[str] | None = None) -> None:
         origin = load_index(args.index).meta["origin"]
         args.workdir, args.pretrained = origin.get("workdir"), origin.get("pretrained")
     encoder = _encoder(args.workdir, args.pretrained, args.batch_size)
-    for text, matches in zip(args.texts, query(args.index, args.texts, encoder, args.top), strict=True):
-        print(text)
-        for rank, (name, score) in enumerate(matches, 1):
-            print(f"  {rank}. {score:.3f}  {name}")
+    answers = query(args.index, args.queries, encoder, args.top, every_view=args.every_view)
+    for text, matches in zip(args.queries, answers, strict=True):
+        print(f"{query_kind(text)}: {text}")
+        for rank, match in enumerate(matches, 1):
+            print(f"  {rank}. {match.score:.3f}  {match.id}" + ("" if match.view is None else f"  (view {match.view})"))
 
 
 if __name__ == "__main__":

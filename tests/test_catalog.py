@@ -329,8 +329,26 @@ def test_the_embedding_export_round_trips_ids_and_vectors(example, trained_tiny,
     assert len(index.ids) == sum(len(files[i]) for i in built)
     raw = encoder.encode_images([files[i][v] for i, v in zip(index.ids, views, strict=True)], normalize=False)
     np.testing.assert_allclose(index.embeddings, raw, atol=1e-4)
-    got = search.query(tmp_path / "all.parquet", ["Red top"], encoder, top=3)[0]
+    assert index.views is not None and list(index.views) == list(views)
     scores = encoder.encode_texts(["Red top"])[0] @ (raw / np.linalg.norm(raw, axis=1, keepdims=True)).T
-    assert [s for _, s in got] == pytest.approx(sorted(scores, reverse=True)[:3], abs=1e-5)
+    every = search.query(tmp_path / "all.parquet", ["Red top"], encoder, top=3, every_view=True)[0]
+    assert [m.score for m in every] == pytest.approx(sorted(scores, reverse=True)[:3], abs=1e-5)
+    # By default one line per product, its best view.
+    got = search.query(tmp_path / "all.parquet", ["Red top"], encoder, top=3)[0]
+    best = {}
+    for product, view, score in zip(index.ids, views, scores, strict=True):
+        if product not in best or score > best[product][1]:
+            best[product] = (int(view), float(score))
+    want = sorted(best.items(), key=lambda kv: -kv[1][1])[:3]
+    assert [(m.id, m.view) for m in got] == [(p, v) for p, (v, _) in want]
+    assert [m.score for m in got] == pytest.approx([s for _, (_, s) in want], abs=1e-5)
+    # An image of the index, as a query, finds its own product (and view) first.
+    product = sorted(built)[0]
+    (hit,) = search.query(tmp_path / "all.parquet", [str(files[product][1])], encoder, top=1)[0]
+    assert (hit.id, hit.view) == (product, 1) and hit.score == pytest.approx(1.0, abs=1e-4)
+    capsys.readouterr()
+    search.main(["query", "--index", str(tmp_path / "all.parquet"), "Red top", "--top", "2", "--every-view"])
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0] == "text: Red top" and len(printed) == 3 and printed[1].endswith(f"(view {every[0].view})")
     with pytest.raises(ConfigError, match=r"\.npz or \.parquet"):
         search.main([*common, "--out", str(tmp_path / "index.csv")])

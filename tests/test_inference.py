@@ -7,6 +7,7 @@ from PIL import Image
 
 from e2_jax import errors, search, tagging, visualize
 from e2_jax.data import pipeline
+from e2_jax.errors import MissingError
 from e2_jax.evaluation import evaluate
 from e2_jax.inference import Encoder
 from e2_jax.sharding import batch_sharding
@@ -108,14 +109,20 @@ def test_index_a_folder_and_query_it(synth_tiny, trained_tiny, encoder, tmp_path
     search.main(["index", "--workdir", str(workdir), "--images", str(tmp_path / "catalog"),
                  "--out", str(tmp_path / "index.npz"), "--batch-size", "4"])
     assert "indexed 6 images" in capsys.readouterr().err
-    search.main(["query", "--index", str(tmp_path / "index.npz"), "red", "blue dress", "--top", "3"])
+    picture = folder / "item_4.png"
+    search.main(["query", "--index", str(tmp_path / "index.npz"), "red", "blue dress", str(picture), "--top", "3"])
     printed = capsys.readouterr().out.splitlines()
-    assert printed[0] == "red" and len(printed) == 8
+    assert printed[0] == "text: red" and printed[4] == "text: blue dress" and len(printed) == 12
+    # An image query says so, and an image of the index finds itself first.
+    assert printed[8] == f"image: {picture}" and printed[9].endswith(str(picture)) and " 1.000 " in printed[9]
     # The ranking is the cosine similarity of the text with each indexed image.
     got = search.query(tmp_path / "index.npz", ["blue dress"], encoder, top=6)[0]
     with np.load(tmp_path / "index.npz") as data:
         scores = encoder.encode_texts(["blue dress"])[0] @ data["embeddings"].T
-    assert [s for _, s in got] == pytest.approx(sorted(scores, reverse=True), abs=1e-6)
+    assert [m.score for m in got] == pytest.approx(sorted(scores, reverse=True), abs=1e-6)
+    assert all(m.view is None for m in got)  # a folder's images have no views
+    with pytest.raises(MissingError, match="names an image file that does not exist"):
+        search.query(tmp_path / "index.npz", ["missing.jpg"], encoder)
 
 
 def _mixed_folder(root, synth_tiny):
