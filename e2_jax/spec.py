@@ -21,8 +21,9 @@ import jax
 
 from e2_jax import optim, pretrained, sharding, storage
 from e2_jax.data import region_texts
-from e2_jax.data.preprocessing import FASHIONGEN_TEXT, Preprocessing
+from e2_jax.data.preprocessing import Preprocessing
 from e2_jax.errors import ConfigError, MissingError
+from e2_jax.evaluation.protocols import Protocols
 from e2_jax.models.clip import CLIPConfig, get_config
 from e2_jax.models.e2 import E2Config, E2Model, Group
 
@@ -43,58 +44,6 @@ class Stage:
     @property
     def end(self) -> int:
         return self.start + self.steps
-
-
-# --- Evaluation protocols (E2_METHOD.md section 6; e2_jax/evaluation/evaluate.py runs them) --------
-
-PROTOCOLS = ("full_candidate", "full_gallery", "sample_100")
-PROTOCOL_TEXT = {
-    "full_candidate": "one image (the first view) and one text per product, all against all (the authors')",
-    "full_gallery": "every image of every product against one text per product; for text->image any view of the "
-                    "product counts (FashionSAP's)",
-    "sample_100/ours": "{queries} query products, each against {negatives} negatives of the same {field} (topped "
-                       "up from others when too few), a random view as each product's image "
-                       "(FashionBERT/FashionSAP's)",
-    "sample_100/authors": "every product a query, each against at most {negatives} negatives of the same {field} "
-                          "(no top-up), a random view as each product's image (the E² authors' code)",
-}
-SAMPLE_DRAWS = ("ours", "authors")
-
-
-@dataclasses.dataclass(frozen=True)
-class Protocols:
-    """Which evaluations to run (the `eval` fields of the config)."""
-
-    protocols: tuple[str, ...] = ("full_candidate",)
-    texts: dict[str, str] = dataclasses.field(default_factory=lambda: {"tags": FASHIONGEN_TEXT})
-    sample_field: str = "subcategory"  # "" = negatives drawn from every other product
-    sample_queries: int = 1000
-    sample_negatives: int = 100
-    seed: int = 0
-    sample_draw: str = "ours"  # "authors": the E² authors' draw (retrieval.sample_100_candidates_authors)
-
-    def __post_init__(self) -> None:
-        unknown = [p for p in self.protocols if p not in PROTOCOLS]
-        if unknown:
-            raise ConfigError(f"unknown evaluation protocols {unknown}; known: {PROTOCOLS}")
-        if not self.texts:
-            raise ConfigError("no evaluation texts")
-        if self.sample_draw not in SAMPLE_DRAWS:
-            raise ConfigError(f"eval.sample_draw must be one of {SAMPLE_DRAWS}, got {self.sample_draw!r}")
-
-    def describe(self) -> dict[str, str]:
-        """What each protocol does, as configured (the report says what ran: evaluate.retrieval_report)."""
-        field = self.sample_field or "any category"
-        text = dict(PROTOCOL_TEXT, sample_100=PROTOCOL_TEXT[f"sample_100/{self.sample_draw}"])
-        return {p: text[p].format(queries=self.sample_queries, negatives=self.sample_negatives, field=field)
-                for p in self.protocols}
-
-    def fields(self) -> list[str]:
-        """The text fields these protocols read (their texts' and sample-100's)."""
-        named = [name for text in self.texts.values() for name in Preprocessing(text_format=text).fields()]
-        if "sample_100" in self.protocols and self.sample_field:
-            named.append(self.sample_field)
-        return list(dict.fromkeys(named))
 
 
 # --- The run --------------------------------------------------------------------------------------

@@ -108,8 +108,11 @@ def test_the_layers_point_down():
         "e2_jax.losses": ("e2_jax.models", "e2_jax.data", "e2_jax.training"),
         "e2_jax.data": ("e2_jax.models", "e2_jax.training", "e2_jax.evaluation", "e2_jax.losses"),
         "e2_jax.evaluation": ("e2_jax.training", "e2_jax.main"),
-        # Embedding a split (pipeline.embed_split) is below both inference and evaluation.
-        "e2_jax.inference": ("e2_jax.evaluation", "e2_jax.training", "e2_jax.main"),
+        # Embedding a split (pipeline.embed_split) is below both inference and evaluation's runner;
+        # the evaluation config and its protocols (evaluation.protocols) are below the run's spec.
+        "e2_jax.inference": ("e2_jax.evaluation.evaluate", "e2_jax.evaluation.selection", "e2_jax.training",
+                             "e2_jax.main"),
+        "e2_jax.evaluation.protocols": ("e2_jax.spec", "e2_jax.evaluation.evaluate", "e2_jax.data.pipeline"),
         "e2_jax.training": ("e2_jax.main", "e2_jax.inference", "e2_jax.visualize", "e2_jax.captioning"),
     }
     for layer, banned in forbidden.items():

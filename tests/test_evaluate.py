@@ -11,6 +11,7 @@ from e2_jax import config as recipes
 from e2_jax import spec
 from e2_jax.data import pipeline
 from e2_jax.evaluation import evaluate, retrieval, selection
+from e2_jax.evaluation.protocols import REGISTRY
 from e2_jax.training import step
 from tests.processes import run_workers
 
@@ -44,7 +45,7 @@ def test_every_protocol_on_one_and_two_processes(synth_tiny, tmp_path):
     assert report["protocols"]["sample_100"].startswith(
         f"16 query products (of 1,000 asked: the split has 16 products), each against 8 negatives of the same "
         f"subcategory; {short} of them topped up")
-    keys = {f"{p}/{t}/{m}" for p in evaluate.PROTOCOLS for t in ("tags", "description")
+    keys = {f"{p}/{t}/{m}" for p in REGISTRY for t in ("tags", "description")
             for m in ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "sumr")}
     assert set(report["metrics"]) == keys
     # Two processes: the same embeddings on both, equal to one process's, and the same numbers.
@@ -152,3 +153,31 @@ def test_picks_on_details_of_a_model_forced_to_pick_known_patches(synth_tiny):
             assert block["on_own"] == pytest.approx(100 * np.mean([overlaps(b, p) for b in shown for p in mine]))
     assert 0 < report["brand"]["blocks"][0]["on_own"] < 100  # patch 6 is on the logo in some views, 7 in fewer
     assert report["brand"]["blocks"][0]["on_own"] > report["brand"]["blocks"][0]["chance"]
+
+
+def test_a_protocol_registered_in_one_place_is_chosen_by_name_and_run(synth_tiny, monkeypatch):
+    """A protocol is one `register` in e2_jax/evaluation/protocols.py: the config names it, the
+    report runs it on what it asks for (first views only here) and says what it does."""
+    from e2_jax.errors import ConfigError
+    from e2_jax.evaluation import protocols
+
+    monkeypatch.setitem(protocols.REGISTRY, "first_views", None)  # restored after the test
+    protocols.register("first_views", every_view=False, describe=lambda p: f"first views, seed {p.seed}")(
+        lambda split, text, p: (retrieval.full_candidate(split.image, text), {"first_views_rows": len(split.image)}))
+    c = eval_config(synth_tiny)
+    c.eval.protocols = ("first_views",)
+    run = spec.resolve(c, stages=False)
+    source = evaluate.open_source(run.config, run.protocols)
+    # Each product's image and its texts embed to the product's own axis: every query finds itself.
+    def one_hot(batch):
+        return jax.nn.one_hot(batch["index"], 16)
+
+    report = evaluate.retrieval_report(source, run.pre, run.protocols, embed_images=one_hot, embed_texts=one_hot,
+                                       global_batch=40, sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+    assert report["counts"] == {"products": 16, "images": 16, "first_views_rows": 16}  # no view beyond the first
+    assert report["protocols"] == {"first_views": "first views, seed 0"}
+    assert {k: v for k, v in report["metrics"].items() if k.endswith("sumr")} == {
+        "first_views/tags/sumr": 600.0, "first_views/description/sumr": 600.0}
+    with pytest.raises(ConfigError, match=r"unknown evaluation protocols \['first_view'\]; known: .*'first_views'"):
+        c.eval.protocols = ("first_view",)
+        spec.resolve(c, stages=False)

@@ -35,18 +35,14 @@ from e2_jax.checkpoints import Checkpoints
 from e2_jax.data import pipeline, synth_fashion
 from e2_jax.data.preprocessing import Preprocessing
 from e2_jax.evaluation import retrieval, selection
+from e2_jax.evaluation.protocols import REGISTRY, Protocols, Split
 from e2_jax.models.e2 import E2Model
-from e2_jax.spec import PROTOCOLS, Protocols, RunSpec, resolve
+from e2_jax.spec import RunSpec, resolve
 
 if TYPE_CHECKING:
     import ml_collections
 
 KS = retrieval.KS
-
-
-def sampled_views(views: np.ndarray, seed: int) -> np.ndarray:
-    """One view per product, drawn from `seed` (sample-100's query and candidate images)."""
-    return np.random.default_rng([seed, 100]).integers(0, np.maximum(views, 1))
 
 
 def retrieval_report(source: pipeline.Source, pre: Preprocessing, protocols: Protocols, *,
@@ -59,15 +55,11 @@ def retrieval_report(source: pipeline.Source, pre: Preprocessing, protocols: Pro
     if np.any(views < 1):
         raise ValueError(f"{source.name}/{source.split}: products without images at {np.flatnonzero(views < 1)[:5]}")
     first = np.stack([np.arange(n), np.zeros(n, np.int64)], axis=1)
-    if {"full_gallery", "sample_100"} & set(protocols.protocols):
-        items = pipeline.every_view(views)
-    else:
-        items = first
+    every_view = any(REGISTRY[p].every_view for p in protocols.protocols)
+    items = pipeline.every_view(views) if every_view else first
     batches = pipeline.eval_batches(source, pre, global_batch=global_batch, sharding=sharding, items=items)
     got = pipeline.embed_split(lambda b: {"image": embed_images(b)}, batches)
-    image, image_product, image_view = got["image"], got["index"], got["view"]
-    row = {(int(p), int(v)): r for r, (p, v) in enumerate(zip(image_product, image_view, strict=True))}
-    first_rows = np.array([row[(i, 0)] for i in range(n)])
+    split = Split(got["image"], got["index"], got["view"], views, scan)
 
     texts = {}
     for name, text_format in protocols.texts.items():
@@ -76,53 +68,22 @@ def retrieval_report(source: pipeline.Source, pre: Preprocessing, protocols: Pro
         texts[name] = pipeline.embed_split(lambda b: {"text": embed_texts(b)}, batches)["text"]
 
     metrics: dict[str, float] = {}
-    counts = {"products": n, "images": len(image)}
+    counts = {"products": n, "images": len(split.image)}
     for name, text in texts.items():
         for protocol in protocols.protocols:
-            if protocol == "full_candidate":
-                result = retrieval.full_candidate(image[first_rows], text)
-            elif protocol == "full_gallery":
-                result = retrieval.full_gallery(image, image_product, text)
-            else:
-                category = scan[protocols.sample_field] if protocols.sample_field else np.zeros(n, np.int64)
-                if protocols.sample_draw == "authors":
-                    candidates = retrieval.sample_100_candidates_authors(category, negatives=protocols.sample_negatives,
-                                                                         seed=protocols.seed)
-                else:
-                    candidates = retrieval.sample_100_candidates(category, queries=protocols.sample_queries,
-                                                                 negatives=protocols.sample_negatives,
-                                                                 seed=protocols.seed)
-                chosen = sampled_views(views, protocols.seed)
-                sampled = image[[row[(i, int(v))] for i, v in enumerate(chosen)]]
-                result = retrieval.sample_100(sampled, text, candidates)
-                counts["sample_100_queries"] = len(candidates)
-                counts["sample_100_topped_up"] = retrieval.topped_up(category, candidates)
-                counts["sample_100_short"] = int((candidates[:, -1] < 0).sum())  # fewer negatives (authors' draw)
+            result, counted = REGISTRY[protocol].score(split, text, protocols)
+            counts.update(counted)
             metrics.update({f"{protocol}/{name}/{k}": v for k, v in result.items()})
     described = protocols.describe()
-    if "sample_100" in protocols.protocols:
-        described["sample_100"] = _sample_100_ran(protocols, counts)
+    for protocol in protocols.protocols:
+        if REGISTRY[protocol].ran is not None:
+            described[protocol] = REGISTRY[protocol].ran(protocols, counts)
     return {"metrics": metrics, "counts": counts, "protocols": described, "texts": dict(protocols.texts)}
-
-
-def _sample_100_ran(protocols: Protocols, counts: dict[str, int]) -> str:
-    """What sample-100 did on this split, from what ran (not what was asked)."""
-    field = protocols.sample_field or "any category"
-    queries, products = counts["sample_100_queries"], counts["products"]
-    if protocols.sample_draw == "authors":
-        return (f"every product ({queries:,}) a query, each against at most {protocols.sample_negatives} negatives "
-                f"of the same {field}, no top-up ({counts['sample_100_short']:,} queries had fewer); a random view "
-                "as each product's image (the E² authors' draw)")
-    asked = "" if queries == protocols.sample_queries else f" (of {protocols.sample_queries:,} asked: the split " \
-                                                           f"has {products:,} products)"
-    return (f"{queries:,} query products{asked}, each against {protocols.sample_negatives} negatives of the same "
-            f"{field}; {counts['sample_100_topped_up']:,} of them topped up from other values of {field} (too few "
-            "products of their own); a random view as each product's image (FashionBERT/FashionSAP's)")
 
 
 def markdown_table(metrics: dict[str, float]) -> str:
     """One row per protocol x text: I2T R@1/5/10, T2I R@1/5/10, SumR."""
-    keys = sorted({k.rsplit("/", 1)[0] for k in metrics}, key=lambda k: (PROTOCOLS.index(k.split("/")[0]), k))
+    keys = sorted({k.rsplit("/", 1)[0] for k in metrics}, key=lambda k: (list(REGISTRY).index(k.split("/")[0]), k))
     columns = [f"{d}_r{k}" for d in retrieval.DIRECTIONS for k in KS] + ["sumr"]
     lines = ["| protocol | text | I2T R@1 | R@5 | R@10 | T2I R@1 | R@5 | R@10 | SumR |",
              "|---|---|---|---|---|---|---|---|---|"]
