@@ -16,6 +16,8 @@ from __future__ import annotations
 import shutil
 from collections.abc import Sequence
 
+from e2_jax.evaluation import report as report_lib
+
 METRICS = ("BLEU@1", "BLEU@2", "BLEU@3", "BLEU@4", "METEOR", "ROUGE-L", "CIDEr")
 
 
@@ -61,7 +63,5 @@ def score(references: Sequence[str] | Sequence[Sequence[str]], candidates: Seque
 
 def markdown_table(scores: dict[str, dict[str, float]]) -> str:
     """Rows: decoding (greedy, beam...); columns: METRICS, in percent as papers print them."""
-    lines = ["| decoding | " + " | ".join(METRICS) + " |", "|---|" + "---|" * len(METRICS)]
-    for name, values in scores.items():
-        lines.append(f"| {name} | " + " | ".join(f"{100 * values[m]:.1f}" for m in METRICS) + " |")
-    return "\n".join(lines) + "\n"
+    return report_lib.markdown_table(("decoding", *METRICS), [
+        (name, *(f"{100 * values[m]:.1f}" for m in METRICS)) for name, values in scores.items()])

@@ -48,6 +48,7 @@ from e2_jax import caption_metrics, checkpoints, distributed, errors, images, in
 from e2_jax.data import pipeline
 from e2_jax.data.tokenizer import CLIPTokenizer
 from e2_jax.errors import ConfigError, DataError
+from e2_jax.evaluation import report as report_lib
 from e2_jax.metrics import Writer
 from e2_jax.models.caption_decoder import CaptionDecoder, DecoderConfig, init_cache, init_params
 from e2_jax.numerics import l2_normalize
@@ -410,8 +411,7 @@ def evaluate(settings, workdir: str | os.PathLike, log=print) -> dict:
     report = {"dataset": settings.dataset, "split": settings.eval_split, "products": count,
               "text_field": settings.text_field, "temperature": settings.temperature, "seconds": seconds,
               "metrics": scores}
-    (workdir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    (workdir / "report.md").write_text(caption_metrics.markdown_table(scores))
+    report_lib.write(workdir, report, caption_metrics.markdown_table(scores))
     log(caption_metrics.markdown_table(scores))
     return report
 

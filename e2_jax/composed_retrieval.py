@@ -42,6 +42,7 @@ from e2_jax.data import pipeline, synth_cir, synth_fashion
 from e2_jax.data.build import build
 from e2_jax.errors import ConfigError, DataError
 from e2_jax.evaluation import composed
+from e2_jax.evaluation import report as report_lib
 from e2_jax.numerics import l2_normalize
 
 DATASETS = ("fashion_iq", "synth_fashion_cir")
@@ -234,23 +235,18 @@ def run(c: ml_collections.ConfigDict, out: str | os.PathLike, log=print) -> dict
 
 
 def markdown(report: dict) -> str:
+    """One row per method: R@10 and R@50 per category, their means and average."""
     categories = [k for k in next(iter(report["metrics"].values())) if k != "mean"]
-    head = "| method | " + " | ".join(f"{c} R@10 | {c} R@50" for c in categories) + " | mean R@10 | mean R@50 | avg |"
-    lines = [head, "|---" * (2 * len(categories) + 4) + "|"]
-    for method, m in report["metrics"].items():
-        cells = [f"{m[c]['r10']:.1f} | {m[c]['r50']:.1f}" for c in categories]
-        lines.append(f"| {method} | " + " | ".join(cells) + f" | {m['mean']['r10']:.1f} | {m['mean']['r50']:.1f} | "
-                     f"{m['mean']['average']:.1f} |")
-    return "\n".join(lines) + "\n"
+    header = ("method", *(f"{c} R@{k}" for c in categories for k in (10, 50)), "mean R@10", "mean R@50", "avg")
+    return report_lib.markdown_table(header, [
+        (method, *(f"{m[c][f'r{k}']:.1f}" for c in categories for k in (10, 50)), f"{m['mean']['r10']:.1f}",
+         f"{m['mean']['r50']:.1f}", f"{m['mean']['average']:.1f}") for method, m in report["metrics"].items()])
 
 
 def _write(out, report, categories, indices, references, targets, instructions, captions, descriptions,
            ranks) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / "report.md").write_text(f"Composed retrieval on {report['dataset']}/{report['split']} with "
-                                   f"{report['encoder']} ({report['counts']['queries']} queries).\n\n"
-                                   + markdown(report))
+    report_lib.write(out, report, f"Composed retrieval on {report['dataset']}/{report['split']} with "
+                     f"{report['encoder']} ({report['counts']['queries']} queries).\n\n" + markdown(report))
     with (out / "queries.jsonl").open("w") as f:
         for i in range(len(targets)):
             f.write(json.dumps({"category": str(categories[i]), "index": int(indices[i]),

@@ -33,6 +33,7 @@ import optax
 
 from e2_jax import distributed, errors
 from e2_jax.data import pipeline
+from e2_jax.evaluation import report as report_lib
 from e2_jax.inference import Encoder
 
 PENALTIES = (1e-5, 1e-4, 1e-3, 1e-2)
@@ -134,11 +135,10 @@ def probe_models(encoders: dict, dataset: str, fields: Sequence[str], *, data_di
 
 
 def markdown_table(report: dict, fields: Sequence[str]) -> str:
-    lines = ["| model | " + " | ".join(fields) + " |", "|---|" + "---|" * len(fields)]
-    for name, results in report.items():
-        lines.append(f"| {name} | " + " | ".join(f"{results[f]['accuracy']:.1f} ({results[f]['classes']} classes)"
-                                              for f in fields) + " |")
-    return "\n".join(lines) + "\n"
+    """One row per model, one column per field: accuracy (classes)."""
+    return report_lib.markdown_table(("model", *fields), [
+        (name, *(f"{results[f]['accuracy']:.1f} ({results[f]['classes']} classes)" for f in fields))
+        for name, results in report.items()])
 
 
 def main(argv: list[str] | None = None) -> None:

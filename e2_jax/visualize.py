@@ -29,8 +29,11 @@ from etils import epath
 from e2_jax import distributed, errors, storage, workdir
 from e2_jax import images as images_lib
 from e2_jax.data import pipeline
+from e2_jax.data.preprocessing import Preprocessing
 from e2_jax.data.tensorflow_cpu import tf
 from e2_jax.errors import DataError
+from e2_jax.evaluation import report as report_lib
+from e2_jax.evaluation.evaluate import metrics_table
 from e2_jax.inference import Encoder
 from e2_jax.models.clip import CLIPConfig
 from e2_jax.models.e2 import E2Config
@@ -144,6 +147,86 @@ def run_selection_maps(directory: str | os.PathLike, source: pipeline.Source, cl
     out = storage.path(directory) / workdir.EVAL_DIR / "selection_maps"
     written = write_selection_maps(encoder, images, names, out)
     logging.info("%d selection maps in %s", len(written), written[0].parent)
+
+
+def _products(source: pipeline.Source, indices: Sequence[int], fields: Sequence[str]) -> list[tuple[np.ndarray, dict]]:
+    """Each product's first view (uint8) and its text `fields`, read from the split's records."""
+    features = source.features.tf_example_spec
+    spec = {k: features[k] for k in ("images", *fields) if k in features}
+    out = []
+    for record in source.read(list(indices)):
+        parsed = tf.io.parse_single_example(record, spec)
+        image = tf.io.decode_image(parsed.pop("images")[0], channels=3, expand_animations=False).numpy()
+        out.append((image, {k: v.numpy().decode("utf-8") if v.dtype == tf.string else str(v.numpy())
+                            for k, v in parsed.items()}))
+    return out
+
+
+def report_page(report: dict, source: pipeline.Source, text_format: str,
+                encoder: Encoder | None = None) -> tuple[str, list]:
+    """The blocks of an evaluation's `report.html`: its tables, then its example text queries
+    (each with its top 5 images, the product's own framed in green), the worst misses (with the
+    image they should have found), and, for a model with selection tokens and fusion blocks,
+    where its tokens look on those products."""
+    blocks = [report_lib.Text(f"Dataset {report.get('dataset', '?')}, split {report.get('split', '?')}: "
+                              + ", ".join(f"{v:,} {k.replace('_', ' ')}" for k, v in report["counts"].items())),
+              report_lib.Table(*metrics_table(report["metrics"]))]
+    blocks += [report_lib.Text(f"{p}: {text}") for p, text in report["protocols"].items()]
+    examples = report.get("examples")
+    if not examples:
+        return f"Evaluation of {report.get('checkpoint', '?')}", blocks
+    fields = ["product_id", *Preprocessing(text_format=text_format).fields()]
+    shown = examples["queries"] + examples["misses"]
+    wanted = sorted({i for e in shown for i in (e["product"], *(j for j, _ in e["top"]))})
+    read = dict(zip(wanted, _products(source, wanted, fields), strict=True))
+    size = 160
+
+    def name(i: int) -> str:
+        return read[i][1].get("product_id") or f"product {i}"
+
+    def gallery(example: dict, title: str) -> report_lib.Gallery:
+        own = example["product"]
+        figures = [report_lib.Figure(report_lib.png(read[j][0], size), f"{k}. {name(j)} ({score:.3f})", j == own)
+                   for k, (j, score) in enumerate(example["top"], 1)]
+        if own not in [j for j, _ in example["top"]]:
+            figures.append(report_lib.Figure(report_lib.png(read[own][0], size),
+                                             f"its own image: rank {example['rank'] + 1}", True))
+        return report_lib.Gallery(title, tuple(figures))
+
+    def query(example: dict) -> str:
+        fields_of = read[example["product"]][1]
+        try:
+            return text_format.format(**fields_of)
+        except KeyError:
+            return name(example["product"])
+
+    blocks.append(report_lib.Text(f"Text to image, {examples['text']} texts, first views (full-candidate)", 1))
+    blocks += [gallery(e, f"{name(e['product'])}: \"{query(e)}\"") for e in examples["queries"]]
+    blocks.append(report_lib.Text("The worst misses: the queries whose own image ranks lowest", 1))
+    blocks += [gallery(e, f"{name(e['product'])}: \"{query(e)}\" (own image at rank {e['rank'] + 1})")
+               for e in examples["misses"]]
+    if encoder is not None and encoder.e2.num_tokens and encoder.e2.fusion:
+        products = list(dict.fromkeys(e["product"] for e in shown))
+        picks = encoder.image_outputs([read[i][0] for i in products]).picks
+        groups = [(g.name, g.tokens) for g in encoder.e2.groups]
+        maps = [report_lib.Figure(report_lib.png(draw_selection_map(_display(read[i][0], encoder.clip.image_size),
+                                                                    pick, groups, encoder.clip.patch_size), 1120),
+                                  name(i)) for i, pick in zip(products, picks, strict=True)]
+        blocks.append(report_lib.Text("Where the selection tokens look on these products (one panel per group; "
+                                      "solid: fusion block 1, dashed: block 2)", 1))
+        blocks.append(report_lib.Gallery("", tuple(maps), width=560))
+    return f"Evaluation of {report.get('checkpoint', '?')}", blocks
+
+
+def write_report_page(directory: str | os.PathLike, report: dict, source: pipeline.Source, text_format: str,
+                      clip: CLIPConfig, e2: E2Config, params: dict, where: str) -> epath.Path | None:
+    """`--mode=evaluate`'s `report.html` in `<workdir>/eval`, beside report.json and report.md
+    (one process; with several, none)."""
+    if jax.process_count() > 1:
+        logging.info("report.html is written by one process: not on %d", jax.process_count())
+        return None
+    title, blocks = report_page(report, source, text_format, Encoder(clip, e2, params, source=where))
+    return report_lib.write(storage.path(directory) / workdir.EVAL_DIR, {}, page=(title, blocks))["html"]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -20,7 +20,6 @@ E²'s selection tokens look (`picks_report`, `selection`).
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -34,9 +33,11 @@ from e2_jax import sharding, storage, workdir
 from e2_jax.checkpoints import Checkpoints
 from e2_jax.data import pipeline, synth_fashion
 from e2_jax.data.preprocessing import Preprocessing
+from e2_jax.evaluation import report as report_lib
 from e2_jax.evaluation import retrieval, selection
 from e2_jax.evaluation.protocols import REGISTRY, Protocols, Split
 from e2_jax.models.e2 import E2Model
+from e2_jax.numerics import l2_normalize
 from e2_jax.spec import RunSpec, resolve
 
 if TYPE_CHECKING:
@@ -78,28 +79,48 @@ def retrieval_report(source: pipeline.Source, pre: Preprocessing, protocols: Pro
     for protocol in protocols.protocols:
         if REGISTRY[protocol].ran is not None:
             described[protocol] = REGISTRY[protocol].ran(protocols, counts)
-    return {"metrics": metrics, "counts": counts, "protocols": described, "texts": dict(protocols.texts)}
+    first_text = next(iter(texts))
+    shown = examples(split.image[split.rows(np.zeros(n, np.int64))], texts[first_text])
+    return {"metrics": metrics, "counts": counts, "protocols": described, "texts": dict(protocols.texts),
+            "examples": {"text": first_text, **shown}}
 
 
 def markdown_table(metrics: dict[str, float]) -> str:
     """One row per protocol x text: I2T R@1/5/10, T2I R@1/5/10, SumR."""
+    return report_lib.markdown_table(*metrics_table(metrics))
+
+
+def metrics_table(metrics: dict[str, float]) -> tuple[tuple[str, ...], tuple[tuple[str, ...], ...]]:
+    """(header, rows) of the metrics: one row per protocol x text."""
     keys = sorted({k.rsplit("/", 1)[0] for k in metrics}, key=lambda k: (list(REGISTRY).index(k.split("/")[0]), k))
     columns = [f"{d}_r{k}" for d in retrieval.DIRECTIONS for k in KS] + ["sumr"]
-    lines = ["| protocol | text | I2T R@1 | R@5 | R@10 | T2I R@1 | R@5 | R@10 | SumR |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for key in keys:
-        protocol, text = key.split("/")
-        lines.append(f"| {protocol} | {text} | " + " | ".join(f"{metrics[f'{key}/{c}']:.1f}" for c in columns) + " |")
-    return "\n".join(lines) + "\n"
+    header = ("protocol", "text", "I2T R@1", "R@5", "R@10", "T2I R@1", "R@5", "R@10", "SumR")
+    return header, tuple((*key.split("/"), *(f"{metrics[f'{key}/{c}']:.1f}" for c in columns)) for key in keys)
+
+
+def examples(image: np.ndarray, text: np.ndarray, queries: int = 4, misses: int = 4, top: int = 5) -> dict:
+    """Text-to-image examples for the report's page, on each product's first view and one text
+    format (full-candidate): `queries` products spread over the split, each with its `top`
+    images and the rank of its own; and the `misses` products whose own image ranks worst."""
+    n = len(text)
+    ranks = retrieval.ranks(image, text)["t2i"]
+    picked = np.unique(np.linspace(0, n - 1, min(queries, n)).round().astype(int))
+    worst = np.argsort(-ranks, kind="stable")[:misses]
+    image, text = l2_normalize(image), l2_normalize(text)
+
+    def example(i: int) -> dict:
+        scores = image @ text[i]
+        best = np.argsort(-scores, kind="stable")[:top]
+        return {"product": int(i), "rank": int(ranks[i]), "top": [[int(j), float(scores[j])] for j in best]}
+
+    return {"queries": [example(i) for i in picked], "misses": [example(i) for i in worst]}
 
 
 def write_report(report: dict, directory: str | os.PathLike) -> tuple[epath.Path, epath.Path]:
-    """`report.json` and `report.md` in `directory` (process 0 only)."""
+    """`report.json` and `report.md` in `directory` (process 0 only); `report.html`, with
+    pictures, is written beside them by `visualize.write_report_page`."""
     directory = storage.path(directory)
-    json_path, md_path = directory / "report.json", directory / "report.md"
     if jax.process_index() == 0:
-        directory.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
         lines = [f"# Evaluation of {report.get('checkpoint', '?')}", "",
                  f"Dataset `{report.get('dataset', '?')}`, split `{report.get('split', '?')}`: "
                  + ", ".join(f"{v:,} {k.replace('_', ' ')}" for k, v in report["counts"].items()) + ".", "",
@@ -108,9 +129,10 @@ def write_report(report: dict, directory: str | os.PathLike) -> tuple[epath.Path
         lines += ["", "Texts:", ""] + [f"- `{name}`: `{fmt}`" for name, fmt in report["texts"].items()]
         if "picks_on_details" in report:
             lines += ["", "Where the selection tokens look (every view; percent of each group's picks; "
-                      "`e2_jax/evaluation/selection.py`):", "", selection.markdown_table(report["picks_on_details"])]
-        md_path.write_text("\n".join(lines) + "\n")
-    return json_path, md_path
+                      "`e2_jax/evaluation/selection.py`):", "",
+                      report_lib.markdown_table(*selection.table(report["picks_on_details"]))]
+        report_lib.write(directory, report, "\n".join(lines) + "\n")
+    return directory / "report.json", directory / "report.md"
 
 
 # --- A trained model on the run's evaluation split ----------------------------------------------
@@ -223,7 +245,8 @@ def evaluate_run(config: ml_collections.ConfigDict, directory: str | os.PathLike
     json_path, md_path = write_report(report, storage.path(directory) / workdir.EVAL_DIR)
     table = markdown_table(report["metrics"])
     if on_details is not None:
-        table += "\nwhere the selection tokens look (percent of picks):\n" + selection.markdown_table(on_details)
+        table += "\nwhere the selection tokens look (percent of picks):\n" + report_lib.markdown_table(
+            *selection.table(on_details))
     print(f"evaluation of {where} ({report['counts']}):\n{table}report: {json_path}, {md_path}", flush=True)
     first = next(iter(report["texts"]))
     validation = {k.rsplit("/", 1)[-1]: v for k, v in report["metrics"].items()

@@ -71,14 +71,13 @@ def picks_on_details(picks: np.ndarray, boxes: np.ndarray, grid: int, groups: Se
     return report
 
 
-def markdown_table(report: dict[str, dict]) -> str:
-    """One row per group and fusion block."""
-    lines = ["| group | block | picks on its own detail | chance | views with it | picks on any detail | chance |",
-             "|---|---|---|---|---|---|---|"]
+def table(report: dict[str, dict]) -> tuple[tuple[str, ...], list[tuple[str, ...]]]:
+    """(header, rows) of `picks_on_details`: one row per group and fusion block."""
+    header = ("group", "block", "picks on its own detail", "chance", "views with it", "picks on any detail", "chance")
+    rows = []
     for name, entry in report.items():
         for b, row in enumerate(entry["blocks"]):
             own = ("no visual detail", "", "") if entry["detail"] is None else (
                 f"{row['on_own']:.1f}", f"{row['chance']:.1f}", f"{row['images']:,}")
-            lines.append(f"| {name} | {b + 1} | " + " | ".join(own) +
-                         f" | {row['on_any']:.1f} | {row['chance_any']:.1f} |")
-    return "\n".join(lines) + "\n"
+            rows.append((name, str(b + 1), *own, f"{row['on_any']:.1f}", f"{row['chance_any']:.1f}"))
+    return header, rows
