@@ -57,8 +57,9 @@ import numpy as np
 
 from e2_jax import config as recipes
 from e2_jax import main as trainer_main
-from e2_jax import pretrained, probe
+from e2_jax import pretrained
 from e2_jax.data.builders.synth_fashion import SynthFashion
+from e2_jax.evaluation import probe
 from e2_jax.inference import Encoder
 
 ROOT = Path(__file__).resolve().parent.parent

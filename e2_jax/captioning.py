@@ -44,10 +44,11 @@ from absl import app, flags
 from etils import epath
 from ml_collections import config_flags
 
-from e2_jax import caption_metrics, checkpoints, distributed, errors, images, inference, optim, sharding, storage
+from e2_jax import checkpoints, distributed, errors, images, inference, optim, sharding, storage
 from e2_jax.data import pipeline
 from e2_jax.data.tokenizer import CLIPTokenizer
 from e2_jax.errors import ConfigError, DataError
+from e2_jax.evaluation import caption_metrics
 from e2_jax.evaluation import report as report_lib
 from e2_jax.metrics import Writer
 from e2_jax.models.caption_decoder import CaptionDecoder, DecoderConfig, init_cache, init_params

@@ -15,7 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from e2_jax import caption_metrics, captioning
+from e2_jax import captioning
+from e2_jax.evaluation import caption_metrics
 from e2_jax.models.caption_decoder import CaptionDecoder, DecoderConfig, init_cache, init_params
 from tests.processes import xla_flags
 

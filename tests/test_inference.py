@@ -5,10 +5,10 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from e2_jax import errors, search, tagging, visualize
+from e2_jax import errors, search, visualize
 from e2_jax.data import pipeline
 from e2_jax.errors import MissingError
-from e2_jax.evaluation import evaluate
+from e2_jax.evaluation import evaluate, tagging
 from e2_jax.inference import Encoder
 from e2_jax.sharding import batch_sharding
 from e2_jax.training import train

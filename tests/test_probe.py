@@ -4,7 +4,7 @@ counted; and the probe runs end to end on a trained tiny model."""
 import numpy as np
 import pytest
 
-from e2_jax import probe
+from e2_jax.evaluation import probe
 
 
 def _clusters(n, classes, d=16, spread=0.3, seed=0):

@@ -8,8 +8,8 @@ import pytest
 from PIL import Image
 
 from e2_jax import config as recipes
-from e2_jax import tagging
 from e2_jax.data import pipeline
+from e2_jax.evaluation import tagging
 from e2_jax.inference import Encoder
 from tests.test_inference import _raw_first_views
 
