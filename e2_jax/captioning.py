@@ -412,8 +412,9 @@ def evaluate(settings, workdir: str | os.PathLike, log=print) -> dict:
     report = {"dataset": settings.dataset, "split": settings.eval_split, "products": count,
               "text_field": settings.text_field, "temperature": settings.temperature, "seconds": seconds,
               "metrics": scores}
-    report_lib.write(workdir, report, caption_metrics.markdown_table(scores))
-    log(caption_metrics.markdown_table(scores))
+    markdown = report_lib.markdown_table(*caption_metrics.table(scores))
+    report_lib.write(workdir, report, markdown)
+    log(markdown)
     return report
 
 

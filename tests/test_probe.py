@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from e2_jax.evaluation import probe
+from e2_jax.evaluation.report import markdown_table
 
 
 def _clusters(n, classes, d=16, spread=0.3, seed=0):
@@ -47,7 +48,7 @@ def test_probe_of_a_trained_model(synth_tiny, trained_tiny):
         r = report["e2"][field]
         assert r["train_examples"] + 0 <= 64 and r["eval_examples"] + r["eval_left_out"] == 16
         assert 0 <= r["accuracy"] <= 100
-    assert "| e2 |" in probe.markdown_table(report, ["season", "subcategory"])
+    assert "| e2 |" in markdown_table(*probe.table(report, ["season", "subcategory"]))
 
 
 def test_probe_embeds_the_view_it_is_asked_for(synth_tiny, trained_tiny):

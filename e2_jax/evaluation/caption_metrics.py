@@ -16,8 +16,6 @@ from __future__ import annotations
 import shutil
 from collections.abc import Sequence
 
-from e2_jax.evaluation import report as report_lib
-
 METRICS = ("BLEU@1", "BLEU@2", "BLEU@3", "BLEU@4", "METEOR", "ROUGE-L", "CIDEr")
 
 
@@ -61,7 +59,7 @@ def score(references: Sequence[str] | Sequence[Sequence[str]], candidates: Seque
     return out
 
 
-def markdown_table(scores: dict[str, dict[str, float]]) -> str:
-    """Rows: decoding (greedy, beam...); columns: METRICS, in percent as papers print them."""
-    return report_lib.markdown_table(("decoding", *METRICS), [
+def table(scores: dict[str, dict[str, float]]) -> tuple[tuple[str, ...], list[tuple[str, ...]]]:
+    """(header, rows): one row per decoding (greedy, beam...), METRICS in percent as papers print them."""
+    return (("decoding", *METRICS), [
         (name, *(f"{100 * values[m]:.1f}" for m in METRICS)) for name, values in scores.items()])

@@ -85,11 +85,6 @@ def retrieval_report(source: pipeline.Source, pre: Preprocessing, protocols: Pro
             "examples": {"text": first_text, **shown}}
 
 
-def markdown_table(metrics: dict[str, float]) -> str:
-    """One row per protocol x text: I2T R@1/5/10, T2I R@1/5/10, SumR."""
-    return report_lib.markdown_table(*metrics_table(metrics))
-
-
 def metrics_table(metrics: dict[str, float]) -> tuple[tuple[str, ...], tuple[tuple[str, ...], ...]]:
     """(header, rows) of the metrics: one row per protocol x text."""
     keys = sorted({k.rsplit("/", 1)[0] for k in metrics}, key=lambda k: (list(REGISTRY).index(k.split("/")[0]), k))
@@ -124,7 +119,7 @@ def write_report(report: dict, directory: str | os.PathLike) -> tuple[epath.Path
         lines = [f"# Evaluation of {report.get('checkpoint', '?')}", "",
                  f"Dataset `{report.get('dataset', '?')}`, split `{report.get('split', '?')}`: "
                  + ", ".join(f"{v:,} {k.replace('_', ' ')}" for k, v in report["counts"].items()) + ".", "",
-                 markdown_table(report["metrics"]), "Protocols:", ""]
+                 report_lib.markdown_table(*metrics_table(report["metrics"])), "Protocols:", ""]
         lines += [f"- `{p}`: {text}" for p, text in report["protocols"].items()]
         lines += ["", "Texts:", ""] + [f"- `{name}`: `{fmt}`" for name, fmt in report["texts"].items()]
         if "picks_on_details" in report:
@@ -243,7 +238,7 @@ def evaluate_run(config: ml_collections.ConfigDict, directory: str | os.PathLike
     if on_details is not None:
         report["picks_on_details"] = on_details
     json_path, md_path = write_report(report, storage.path(directory) / workdir.EVAL_DIR)
-    table = markdown_table(report["metrics"])
+    table = report_lib.markdown_table(*metrics_table(report["metrics"]))
     if on_details is not None:
         table += "\nwhere the selection tokens look (percent of picks):\n" + report_lib.markdown_table(
             *selection.table(on_details))

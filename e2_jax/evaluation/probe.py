@@ -134,9 +134,9 @@ def probe_models(encoders: dict, dataset: str, fields: Sequence[str], *, data_di
     return report
 
 
-def markdown_table(report: dict, fields: Sequence[str]) -> str:
-    """One row per model, one column per field: accuracy (classes)."""
-    return report_lib.markdown_table(("model", *fields), [
+def table(report: dict, fields: Sequence[str]) -> tuple[tuple[str, ...], list[tuple[str, ...]]]:
+    """(header, rows): one row per model, one column per field: accuracy (classes)."""
+    return (("model", *fields), [
         (name, *(f"{results[f]['accuracy']:.1f} ({results[f]['classes']} classes)" for f in fields))
         for name, results in report.items()])
 
@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> None:
     report = probe_models(encoders, args.dataset, fields, data_dir=args.data_dir, train_split=args.train_split,
                           eval_split=args.eval_split, max_train=args.max_train, min_count=args.min_count,
                           seed=args.seed, view=args.view)
-    print(markdown_table(report, fields))
+    print(report_lib.markdown_table(*table(report, fields)))
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
 
