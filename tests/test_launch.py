@@ -57,9 +57,9 @@ def _fake_python(tmp_path: Path) -> tuple[Path, Path]:
     fake.write_text(
         "#!/usr/bin/env bash\n"
         'id="${JAX_PROCESS_ID:-$SLURM_PROCID}"\n'
-        'echo "$*" > "$FAKE_LOG/$id.args"\n'
-        'env > "$FAKE_LOG/$id.env"\n'
         "for s in TERM USR1 USR2; do trap \"echo $s > \\\"$FAKE_LOG/$id.notice\\\"; exit 0\" $s; done\n"
+        'echo "$*" > "$FAKE_LOG/$id.args"\n'
+        'env > "$FAKE_LOG/$id.env"\n'  # last: the test waits for it, so a notice finds the traps set
         'if [[ "$id" == "${FAKE_FAIL_ID:-}" ]]; then sleep 0.5; exit 3; fi\n'
         "for _ in $(seq 600); do sleep 0.1; done\n")
     fake.chmod(0o755)
