@@ -61,8 +61,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, mode: str
         visualize.run_selection_maps(workdir, evaluated.source, evaluated.spec.clip, evaluated.spec.e2,
                                      evaluated.params, evaluated.where, config.eval.selection_maps)
         start = time.perf_counter()
-        page = visualize.write_report_page(workdir, evaluated.result["report"], evaluated.source,
-                                           next(iter(evaluated.spec.protocols.texts.values())), evaluated.spec.clip,
+        page = visualize.write_report_page(workdir, evaluated.result["report"], evaluated.source, evaluated.spec.clip,
                                            evaluated.spec.e2, evaluated.params, evaluated.where)
         if page is not None:
             print(f"report with pictures: {page} ({time.perf_counter() - start:.1f} s)", flush=True)

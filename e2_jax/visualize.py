@@ -122,13 +122,8 @@ def write_selection_maps(encoder, images: Sequence, names: Sequence[str], out: s
 
 def source_images(source: pipeline.Source, count: int) -> tuple[list[np.ndarray], list[str]]:
     """The first views of the first `count` products of a split."""
-    spec = {"images": source.features.tf_example_spec["images"]}
-    images, names = [], []
-    for i, record in enumerate(source.read(range(min(count, len(source))))):
-        views = tf.io.parse_single_example(record, spec)["images"]
-        images.append(tf.io.decode_image(views[0], channels=3, expand_animations=False).numpy())
-        names.append(f"{source.split}_{i:05d}")
-    return images, names
+    indices = range(min(count, len(source)))
+    return [image for image, _ in _products(source, indices, ())], [f"{source.split}_{i:05d}" for i in indices]
 
 
 def run_selection_maps(directory: str | os.PathLike, source: pipeline.Source, clip: CLIPConfig, e2: E2Config,
@@ -162,8 +157,7 @@ def _products(source: pipeline.Source, indices: Sequence[int], fields: Sequence[
     return out
 
 
-def report_page(report: dict, source: pipeline.Source, text_format: str,
-                encoder: Encoder | None = None) -> tuple[str, list]:
+def report_page(report: dict, source: pipeline.Source, encoder: Encoder) -> tuple[str, list]:
     """The blocks of an evaluation's `report.html`: its tables, then its example text queries
     (each with its top 5 images, the product's own framed in green), the worst misses (with the
     image they should have found), and, for a model with selection tokens and fusion blocks,
@@ -175,6 +169,7 @@ def report_page(report: dict, source: pipeline.Source, text_format: str,
     examples = report.get("examples")
     if not examples:
         return f"Evaluation of {report.get('checkpoint', '?')}", blocks
+    text_format = report["texts"][examples["text"]]
     fields = ["product_id", *Preprocessing(text_format=text_format).fields()]
     shown = examples["queries"] + examples["misses"]
     wanted = sorted({i for e in shown for i in (e["product"], *(j for j, _ in e["top"]))})
@@ -205,7 +200,7 @@ def report_page(report: dict, source: pipeline.Source, text_format: str,
     blocks.append(report_lib.Text("The worst misses: the queries whose own image ranks lowest", 1))
     blocks += [gallery(e, f"{name(e['product'])}: \"{query(e)}\" (own image at rank {e['rank'] + 1})")
                for e in examples["misses"]]
-    if encoder is not None and encoder.e2.num_tokens and encoder.e2.fusion:
+    if encoder.e2.num_tokens and encoder.e2.fusion:
         products = list(dict.fromkeys(e["product"] for e in shown))
         picks = encoder.image_outputs([read[i][0] for i in products]).picks
         groups = [(g.name, g.tokens) for g in encoder.e2.groups]
@@ -218,15 +213,15 @@ def report_page(report: dict, source: pipeline.Source, text_format: str,
     return f"Evaluation of {report.get('checkpoint', '?')}", blocks
 
 
-def write_report_page(directory: str | os.PathLike, report: dict, source: pipeline.Source, text_format: str,
-                      clip: CLIPConfig, e2: E2Config, params: dict, where: str) -> epath.Path | None:
+def write_report_page(directory: str | os.PathLike, report: dict, source: pipeline.Source, clip: CLIPConfig,
+                      e2: E2Config, params: dict, where: str) -> epath.Path | None:
     """`--mode=evaluate`'s `report.html` in `<workdir>/eval`, beside report.json and report.md
     (one process; with several, none)."""
     if jax.process_count() > 1:
         logging.info("report.html is written by one process: not on %d", jax.process_count())
         return None
-    title, blocks = report_page(report, source, text_format, Encoder(clip, e2, params, source=where))
-    return report_lib.write(storage.path(directory) / workdir.EVAL_DIR, {}, page=(title, blocks))["html"]
+    title, blocks = report_page(report, source, Encoder(clip, e2, params, source=where))
+    return report_lib.write(storage.path(directory) / workdir.EVAL_DIR, page=(title, blocks))["html"]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -9,6 +9,7 @@ file only.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 
 import numpy as np
@@ -29,10 +30,14 @@ class Split:
     views: np.ndarray  # [n] views per product
     scan: dict[str, np.ndarray]  # the split's scanned fields (sample-100's category)
 
+    @functools.cached_property
+    def _row(self) -> dict[tuple[int, int], int]:
+        """{(product, view): row}, built once for every protocol and text."""
+        return {(int(p), int(v)): r for r, (p, v) in enumerate(zip(self.product, self.view, strict=True))}
+
     def rows(self, views: np.ndarray) -> np.ndarray:
         """The rows of product i's view views[i], for every product."""
-        at = {(int(p), int(v)): r for r, (p, v) in enumerate(zip(self.product, self.view, strict=True))}
-        return np.array([at[(i, int(v))] for i, v in enumerate(views)])
+        return np.array([self._row[(i, int(v))] for i, v in enumerate(views)])
 
 
 Score = Callable[[Split, np.ndarray, "Protocols"], tuple[dict[str, float], dict[str, int]]]

@@ -106,14 +106,15 @@ def html_page(title: str, blocks: Sequence[Text | Table | Gallery]) -> str:
     return "\n".join(out) + "\n"
 
 
-def write(directory: str | os.PathLike, report: dict, markdown: str | None = None, *,
+def write(directory: str | os.PathLike, report: dict | None = None, markdown: str | None = None, *,
           page: tuple[str, Sequence[Text | Table | Gallery]] | None = None) -> dict[str, Any]:
-    """Writes what is given of `report.json`, `report.md` and `report.html` (`page`: its title
-    and blocks) into `directory` (a local folder or a bucket); returns their paths by suffix."""
+    """Writes what is given of `report.json` (`report`), `report.md` (`markdown`) and
+    `report.html` (`page`: its title and blocks) into `directory` (a local folder or a bucket);
+    returns their paths by suffix."""
     directory = storage.path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     written = {}
-    for suffix, text in (("json", json.dumps(report, indent=2, sort_keys=True) + "\n" if report else None),
+    for suffix, text in (("json", json.dumps(report, indent=2, sort_keys=True) + "\n" if report is not None else None),
                          ("md", markdown), ("html", html_page(*page) if page else None)):
         if text is not None:
             path = directory / f"report.{suffix}"

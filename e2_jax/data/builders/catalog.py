@@ -156,7 +156,7 @@ class Catalog(tfds.core.GeneratorBasedBuilder):
             else:
                 path = Path(ref) if Path(ref).is_absolute() else root / ref
                 name = ref
-                if not outside and not Path(ref).is_absolute() and os.path.normpath(ref).startswith(".."):
+                if not outside and not Path(ref).is_absolute() and Path(os.path.normpath(ref)).parts[:1] == ("..",):
                     problems.append((name, f"outside the table's folder ({ref}: build with --outside-images to "
                                            "read it)"))
                     continue
