@@ -7,9 +7,9 @@ this CPU machine (`e2_jax.compile_check`; `pip install -e .[tpu]`).
 
 `table`: for each (model, method, slice, layout), the largest per-chip batch whose training step
 (the config's last stage: every parameter trained, the most memory) fits the chip's HBM. The
-step is compiled at 8 and 16 examples per chip, its memory fitted as a line in the batch, the
-batch the line predicts (a multiple of 8) compiled, and stepped down by 8 until it fits; the
-row gives the largest batch that compiled within HBM, its memory, FLOPs and collectives.
+per-chip batch (a multiple of 8) is found by `e2_jax.compile_check.max_batch`: 8, 16, 32, ...
+until one does not fit, then bisected; the row gives the largest batch that compiled within
+HBM, its memory, FLOPs and collectives, and every batch tried.
 Layouts: `dp` (mesh data x all chips, parameters replicated), `fsdp` (parameters and optimizer
 state split over every chip), `remat` (fsdp with each transformer block's activations
 recomputed in the backward pass). Each row is appended to `--out` (JSON lines) when it is done
@@ -51,34 +51,20 @@ def stage_config(model: str, method: str, layout: str, global_batch: int):
     return c
 
 
-def compile_step(model: str, method: str, layout: str, per_chip: int, devices: list) -> compile_check.Program:
-    config = stage_config(model, method, layout, per_chip * len(devices))
-    (program,) = compile_check.run_programs(config, devices, evaluation=False)
-    return program
-
-
 def largest_batch(model: str, method: str, layout: str, tpu: compile_check.Slice, devices: list,
                   log=print) -> tuple[int, compile_check.Program | None, list[tuple[int, float]]]:
-    """(largest per-chip batch found to fit, its program, [(per-chip batch, GiB) compiled])."""
-    tried: dict[int, compile_check.Program] = {}
+    """(largest per-chip batch that fits, a multiple of 8; its program; [(per-chip batch, GiB)]
+    of every batch compiled), by `compile_check.max_batch`."""
+    tried: list[tuple[int, float]] = []
 
-    def at(per_chip: int) -> compile_check.Program:
-        if per_chip not in tried:
-            tried[per_chip] = compile_step(model, method, layout, per_chip, devices)
-            p = tried[per_chip]
-            log(f"    {per_chip}/chip: {p.total / compile_check.GIB:.2f} GiB ({p.compile_s:.0f} s to compile)")
-        return tried[per_chip]
+    def seen(batch: int, programs: list[compile_check.Program]) -> None:
+        (program,) = programs
+        tried.append((batch // len(devices), program.total / compile_check.GIB))
+        log(f"    {batch // len(devices)}/chip: {tried[-1][1]:.2f} GiB ({program.compile_s:.0f} s to compile)")
 
-    small, large = at(8), at(16)
-    if small.total > tpu.hbm_bytes:
-        return 0, None, [(b, p.total / compile_check.GIB) for b, p in sorted(tried.items())]
-    slope = max((large.total - small.total) / 8, 1.0)
-    guess = max(8, int((tpu.hbm_bytes - small.total) / slope + 8) // 8 * 8)
-    while guess > 8 and at(guess).total > tpu.hbm_bytes:
-        guess -= 8
-    fits = {b: p for b, p in tried.items() if p.total <= tpu.hbm_bytes}
-    best = max(fits)
-    return best, fits[best], [(b, p.total / compile_check.GIB) for b, p in sorted(tried.items())]
+    config = stage_config(model, method, layout, 8 * len(devices))
+    best, programs = compile_check.max_batch(config, devices, tpu, unit=8, tried=seen)
+    return best // len(devices), (programs[0] if programs else None), sorted(tried)
 
 
 def table(args: argparse.Namespace) -> None:

@@ -30,7 +30,7 @@ import os
 import re
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -444,17 +444,24 @@ def _budget(tpu: Slice) -> str:
     return f"{tpu.budget_bytes / GIB:.3g} GiB ({tpu.generation.usable:.0%} of {memory})"
 
 
-def max_batch(config, devices: Sequence[Any], tpu: Slice) -> tuple[int, list[Program]]:
-    """The largest global batch (a multiple of the batch shards and accum_steps, doubling, then
-    bisecting) whose stage steps fit the chip's HBM; (0, []) if even the smallest does not."""
+def max_batch(config, devices: Sequence[Any], tpu: Slice, unit: int = 1,
+              tried: Callable[[int, list[Program]], None] | None = None) -> tuple[int, list[Program]]:
+    """The largest global batch whose stage steps fit the chip's HBM: a multiple of `unit`
+    examples per batch shard (times accum_steps), found by doubling, then bisecting; (0, []) if
+    even the smallest does not fit. Only whether a compiled batch fits is used, never a line
+    through the memory of those tried (with remat it is no line at small batches). `tried(global
+    batch, programs)` sees each compiled batch (default: a line printed)."""
     shards = sharding.num_batch_shards(sharding.make_mesh(config.mesh, devices, config.mesh_dcn)) * config.accum_steps
 
-    def fits(per_shard: int) -> list[Program] | None:
+    def show(batch: int, programs: list[Program]) -> None:
+        print(f"  batch {batch}: largest {max(p.total for p in programs) / GIB:.2f} GiB", flush=True)
+
+    def fits(units: int) -> list[Program] | None:
         trial = config.copy_and_resolve_references()
         trial.unlock()
-        trial.batch_size = per_shard * shards
+        trial.batch_size = units * unit * shards
         programs = run_programs(trial, devices, evaluation=False)
-        print(f"  batch {trial.batch_size}: largest {max(p.total for p in programs) / GIB:.2f} GiB", flush=True)
+        (tried or show)(trial.batch_size, programs)
         return programs if all(p.total <= tpu.budget_bytes for p in programs) else None
 
     low, best = 0, None
@@ -467,7 +474,7 @@ def max_batch(config, devices: Sequence[Any], tpu: Slice) -> tuple[int, list[Pro
             low, best = middle, found
         else:
             high = middle
-    return low * shards, best or []
+    return low * unit * shards, best or []
 
 
 def main(argv: list[str] | None = None) -> None:
