@@ -23,8 +23,6 @@ Arguments (comma-separated; any field also by flag, `--config.recomposer.timeout
   `recomposer.stop`, `recomposer.retries` 59). docs/composed_retrieval.md lists them.
 """
 
-import ml_collections
-
 from e2_jax import config as recipes
 
 
@@ -35,23 +33,10 @@ def get_config(arg=None):
     if o.exact not in ("auto", "true", "false"):
         raise recipes.ConfigError(f"config argument exact is true, false or auto (true on fashion_iq), not {o.exact!r}")
     exact = o.dataset == "fashion_iq" if o.exact == "auto" else o.exact == "true"
-    c = ml_collections.ConfigDict()
+    c = recipes.cirevl(exact)
     c.encoder, c.pretrained = o.encoder, o.pretrained
     c.dataset, c.data_dir, c.split = o.dataset, o.data_dir, o.split
-    c.batch_size = 256
-    c.captioner = ml_collections.ConfigDict({"kind": o.captioner, "captions": o.captions, "decap": o.decap,
-                                             "beam_size": 1})
-    c.recomposer = ml_collections.ConfigDict({
-        "kind": o.recomposer, "url": o.url, "model": o.model, "api_key_env": "OPENAI_API_KEY",
-        "hf_model": o.hf_model, "prompt_file": o.prompt_file, "strict": False, "timeout": 60.0, "exact": exact,
-        "retries": 59 if exact else 3, "max_tokens": 700 if exact else 128,
-        "stop": ("\n\n", "<|endoftext|>") if exact else ()})
-    c.exact = exact  # (what the fields below were set from; they can be set one by one)
-    c.image_pad = 1.25 if exact else 0.0
-    c.keep_empty_caption = exact
-    # What each query's embedding is: `cirevl` the recomposed description's text embedding;
-    # `image` the reference image's; `late_fusion` the sum of the reference image's and the
-    # modification text's (both normalised); `instruction` the modification text's alone.
-    c.methods = ("cirevl", "image", "late_fusion", "instruction")
+    c.captioner.update(kind=o.captioner, captions=o.captions, decap=o.decap)
+    c.recomposer.update(kind=o.recomposer, url=o.url, model=o.model, hf_model=o.hf_model, prompt_file=o.prompt_file)
     c.max_queries = o.max_queries
     return c

@@ -10,32 +10,13 @@ projection temperature 0.01. FashionGen's captions are the products' description
 the paper's FashionGen captioning numbers score against).
 """
 
-import ml_collections
-
 from e2_jax import config as recipes
 
 
 def get_config(arg=None):
     options = recipes.parse_arg(arg, encoder="", pretrained="", dataset="fashion_gen", runlocal=False)
-    c = ml_collections.ConfigDict()
-    c.encoder = options.encoder  # a training workdir (CLIP-FT or E²)
-    c.pretrained = options.pretrained  # or a converted CLIP
-    c.encode_batch_size = 256
-    c.dataset = options.dataset
-    c.data_dir = ""
-    c.train_split, c.eval_split = "train", "validation"
-    c.text_field = "description"
-    c.max_captions = 0  # 0: every distinct caption of the training split
-    c.max_eval = 0  # 0: every evaluation product
-    c.temperature = 0.01
-    c.beam_size = 5
-    # vocabulary "clip": an output over CLIP's whole BPE, as DeCap; "corpus": only the ids the
-    # training captions use (the same captions, a far smaller output layer).
-    c.decoder = ml_collections.ConfigDict({"width": 768, "layers": 4, "heads": 4, "max_length": 77,
-                                           "vocabulary": "clip"})
-    c.train = ml_collections.ConfigDict({"steps": 20_000, "batch_size": 64, "lr": 1e-4, "warmup_steps": 500,
-                                         "weight_decay": 0.01, "noise_std": 0.0, "decap_mask": False, "seed": 0,
-                                         "log_every": 100})
+    c = recipes.decap()
+    c.encoder, c.pretrained, c.dataset = options.encoder, options.pretrained, options.dataset
     if c.dataset.startswith("synth_fashion"):
         # SynthFashion's descriptions are short and drawn from a small vocabulary: a smaller
         # decoder and budget that fit a CPU.

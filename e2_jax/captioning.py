@@ -44,7 +44,7 @@ from absl import app, flags
 from etils import epath
 from ml_collections import config_flags
 
-from e2_jax import checkpoints, distributed, errors, images, inference, optim, sharding, storage
+from e2_jax import checkpoints, distributed, errors, images, inference, optim, sharding, spec, storage
 from e2_jax.data import pipeline
 from e2_jax.data.tokenizer import CLIPTokenizer
 from e2_jax.errors import ConfigError, DataError
@@ -305,9 +305,7 @@ def load_decoder(directory: epath.Path) -> tuple[DecoderConfig, dict, np.ndarray
 
 
 def load_encoder(settings):
-    if bool(settings.encoder) == bool(settings.pretrained):
-        raise ValueError("set exactly one of config.encoder (a training workdir) or config.pretrained "
-                         "(a converted CLIP)")
+    spec.check_decap(settings)
     return inference.load_encoder(settings.encoder, settings.pretrained, batch_size=settings.encode_batch_size)
 
 
@@ -333,8 +331,6 @@ def train(settings, workdir: str | os.PathLike, log=print) -> dict:
         f"{time.perf_counter() - start:.0f} s")
     tokenizer = CLIPTokenizer(settings.decoder.max_length)
     tokens = tokenizer(texts)  # longer captions are cut, their end token kept
-    if settings.decoder.vocabulary not in ("clip", "corpus"):
-        raise ValueError(f"decoder.vocabulary must be 'clip' (DeCap) or 'corpus', not {settings.decoder.vocabulary!r}")
     vocab = np.arange(tokenizer.vocab_size) if settings.decoder.vocabulary == "clip" else corpus_vocabulary(
         tokens, tokenizer)
     decoder = DecoderConfig(prefix_dim=memory.shape[1], width=settings.decoder.width, layers=settings.decoder.layers,
@@ -449,6 +445,7 @@ def main(argv: list[str] | None = None) -> None:
         if len(args) > 1:
             raise app.UsageError(f"unexpected arguments: {args[1:]}")
         settings, workdir = config_flag.value, storage.path(workdir_flag.value)
+        spec.check_decap(settings)
         log = lambda message: print(message, flush=True)
         if mode_flag.value == "train":
             log(json.dumps(train(settings, workdir, log)))

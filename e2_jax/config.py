@@ -1,4 +1,4 @@
-"""Training configs: the schema every config starts from, and the paper's recipe.
+"""Configs: the schemas every config starts from (training, DeCap, CIReVL), and the paper's recipe.
 
 Config files (`configs/*.py`) define `get_config(arg=None)` and return `base()` with fields
 changed. `base()` is locked: setting a field it does not have raises at once, naming the field,
@@ -13,8 +13,11 @@ Config arguments (`--config configs/e2_b32.py:dataset=amazon_fashion,ablation=no
 comma-separated `key=value` or bare flags, read by `parse_arg` against typed defaults (an
 unknown or mistyped argument is an error); `fashion_recipe` reads `dataset`, `ablation` and
 `runlocal` (shrinks any config to a CPU smoke run: tiny model, SynthFashion/tiny, a few steps).
-This module reads nothing else: `e2_jax.spec` resolves a config into the typed objects the
-rest of the code takes.
+`decap()` and `cirevl()` are the schemas of `python -m e2_jax.captioning` and `python -m
+e2_jax.composed_retrieval` (configs/decap.py, configs/cirevl.py), locked the same way; their
+values are checked by `spec.check_decap` and `spec.check_cirevl`, as the trainer's by
+`spec.check`, before any work. This module reads nothing else: `e2_jax.spec` resolves a config
+into the typed objects the rest of the code takes.
 """
 
 from __future__ import annotations
@@ -132,6 +135,63 @@ def base() -> ml_collections.ConfigDict:
     c.log_every_steps = 10
     c.distributed = "auto"
     c.peak_flops = 0.0  # per device, for MFU; 0: from the device kind (TPU, NVIDIA)
+    c.lock()
+    return c
+
+
+DECAP_VOCABULARIES = ("clip", "corpus")
+CIREVL_DATASETS = ("fashion_iq", "synth_fashion_cir")
+CIREVL_METHODS = ("cirevl", "image", "late_fusion", "instruction")
+CAPTIONERS = ("file", "decap")
+RECOMPOSERS = ("template", "chat", "hf")
+
+
+def decap() -> ml_collections.ConfigDict:
+    """DeCap captioning's schema with DeCap's settings (Li et al., 2023): a 4-layer, 4-head,
+    width-768 decoder over CLIP's BPE, projection temperature 0.01; locked."""
+    c = ml_collections.ConfigDict()
+    c.encoder = ""  # a training workdir (CLIP-FT or E²)
+    c.pretrained = ""  # or a converted CLIP
+    c.encode_batch_size = 256
+    c.dataset = "fashion_gen"
+    c.data_dir = ""
+    c.train_split, c.eval_split = "train", "validation"
+    c.text_field = "description"
+    c.max_captions = 0  # 0: every distinct caption of the training split
+    c.max_eval = 0  # 0: every evaluation product
+    c.temperature = 0.01
+    c.beam_size = 5
+    # vocabulary "clip": an output over CLIP's whole BPE, as DeCap; "corpus": only the ids the
+    # training captions use (the same captions, a far smaller output layer).
+    c.decoder = ml_collections.ConfigDict({"width": 768, "layers": 4, "heads": 4, "max_length": 77,
+                                           "vocabulary": "clip"})
+    c.train = ml_collections.ConfigDict({"steps": 20_000, "batch_size": 64, "lr": 1e-4, "warmup_steps": 500,
+                                         "weight_decay": 0.01, "noise_std": 0.0, "decap_mask": False, "seed": 0,
+                                         "log_every": 100})
+    c.lock()
+    return c
+
+
+def cirevl(exact: bool) -> ml_collections.ConfigDict:
+    """CIReVL composed retrieval's schema; `exact`: CIReVL's released behaviour where it changes
+    the numbers (configs/cirevl.py lists the fields it sets); locked."""
+    c = ml_collections.ConfigDict()
+    c.encoder, c.pretrained = "", ""
+    c.dataset, c.data_dir, c.split = "fashion_iq", "", "val"
+    c.batch_size = 256
+    c.captioner = ml_collections.ConfigDict({"kind": "file", "captions": "", "decap": "", "beam_size": 1})
+    c.recomposer = ml_collections.ConfigDict({
+        "kind": "template", "url": "", "model": "", "api_key_env": "OPENAI_API_KEY", "hf_model": "",
+        "prompt_file": "", "strict": False, "timeout": 60.0, "exact": exact, "retries": 59 if exact else 3,
+        "max_tokens": 700 if exact else 128, "stop": ("\n\n", "<|endoftext|>") if exact else ()})
+    c.exact = exact  # (what the fields below were set from; they can be set one by one)
+    c.image_pad = 1.25 if exact else 0.0
+    c.keep_empty_caption = exact
+    # What each query's embedding is: `cirevl` the recomposed description's text embedding;
+    # `image` the reference image's; `late_fusion` the sum of the reference image's and the
+    # modification text's (both normalised); `instruction` the modification text's alone.
+    c.methods = CIREVL_METHODS
+    c.max_queries = 0
     c.lock()
     return c
 

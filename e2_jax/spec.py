@@ -19,10 +19,11 @@ from typing import TYPE_CHECKING, Any
 
 import jax
 
+from e2_jax import config as recipes
 from e2_jax import optim, pretrained, sharding, storage
 from e2_jax.data import region_texts
 from e2_jax.data.preprocessing import Preprocessing
-from e2_jax.errors import ConfigError, MissingError
+from e2_jax.errors import ConfigError, MissingError, suggest
 from e2_jax.evaluation.protocols import Protocols
 from e2_jax.models.clip import CLIPConfig, get_config
 from e2_jax.models.e2 import E2Config, E2Model, Group
@@ -177,16 +178,52 @@ def _stages(config: ml_collections.ConfigDict, steps_per_epoch: float) -> tuple[
     return tuple(out)
 
 
+def choice(config: ml_collections.ConfigDict, name: str, known: Sequence[str]) -> None:
+    """A field that takes one of `known`: the same error line for every config."""
+    value = config[name.split(".")[0]][name.split(".")[1]] if "." in name else config[name]
+    if value not in known:
+        raise ConfigError(f"{name} must be one of {tuple(known)}, got {value!r}{suggest(str(value), known)}")
+
+
 def check(config: ml_collections.ConfigDict) -> None:
-    """The config's own consistency (no devices, no data)."""
-    if config.data.region_texts not in region_texts.MODES:
-        raise ConfigError(f"data.region_texts must be one of {region_texts.MODES}, got {config.data.region_texts!r}")
-    if config.optim.name not in optim.OPTIMIZERS:
-        raise ConfigError(f"optim.name must be one of {optim.OPTIMIZERS}, got {config.optim.name!r}")
+    """The training config's own consistency (no devices, no data)."""
+    choice(config, "data.region_texts", region_texts.MODES)
+    choice(config, "optim.name", optim.OPTIMIZERS)
     for name in ("stages", "e2.groups", "e2.fusion_layers", "eval.protocols", "eval.texts"):
         node, key = (config, name) if "." not in name else (config[name.split(".")[0]], name.split(".")[1])
         if isinstance(node[key], str):
             raise ConfigError(f"{name} is a tuple, not a comma string: got {node[key]!r}")
+
+
+def _one_encoder(config: ml_collections.ConfigDict) -> None:
+    if bool(config.encoder) == bool(config.pretrained):
+        raise ConfigError("set exactly one of encoder= (a training workdir) or pretrained= (a converted CLIP), "
+                          f"got encoder={config.encoder!r}, pretrained={config.pretrained!r}")
+
+
+def check_decap(config: ml_collections.ConfigDict) -> None:
+    """A DeCap config (`e2_jax.config.decap`), as `check` a training config's."""
+    _one_encoder(config)
+    choice(config, "decoder.vocabulary", recipes.DECAP_VOCABULARIES)
+
+
+def check_cirevl(config: ml_collections.ConfigDict) -> None:
+    """A CIReVL config (`e2_jax.config.cirevl`), as `check` a training config's."""
+    _one_encoder(config)
+    choice(config, "dataset", recipes.CIREVL_DATASETS)
+    choice(config, "captioner.kind", recipes.CAPTIONERS)
+    choice(config, "recomposer.kind", recipes.RECOMPOSERS)
+    unknown = [m for m in config.methods if m not in recipes.CIREVL_METHODS]
+    if isinstance(config.methods, str) or unknown:
+        raise ConfigError(f"methods is a tuple of {recipes.CIREVL_METHODS}, got {config.methods!r}")
+    needs = {"chat": {"url": "the API root, e.g. http://127.0.0.1:8000/v1", "model": "the name the server serves"},
+             "hf": {"hf_model": "a local model folder or a cached hub name"}}.get(config.recomposer.kind, {})
+    if missing := [n for n in needs if not config.recomposer[n]]:
+        raise ConfigError(f"the {config.recomposer.kind} recomposer needs {' and '.join(f'{n}=' for n in needs)} ("
+                          + "; ".join(f"recomposer.{n}: {why}" for n, why in needs.items()) + f"); empty: {missing}")
+    field = {"file": "captions", "decap": "decap"}[config.captioner.kind]
+    if not config.captioner[field]:
+        raise ConfigError(f"the {config.captioner.kind} captioner needs captioner.{field} (config argument {field}=)")
 
 
 def resolve(config: ml_collections.ConfigDict, train_examples: int | None = None,

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from e2_jax import config as recipes
-from e2_jax import workdir
+from e2_jax import spec, workdir
+from e2_jax.errors import ConfigError
 from tests.processes import xla_flags
 from tests.test_train import tiny_config
 
@@ -101,3 +102,48 @@ def test_a_resume_may_change_only_where_and_how_often(synth_tiny, trained_tiny):
     assert workdir.config_changes(directory, other) == {"optim.grad_clip": (1.0, 0.5), "warmup.steps": (3, 4)}
     with pytest.raises(ValueError, match=r"resuming it would change optim.grad_clip: 1.0 -> 0.5; warmup.steps: 3 -> 4"):
         workdir.check_start(directory, other, *workdir.model_configs(directory))
+
+
+def test_the_decap_and_cirevl_configs_are_locked_and_checked_as_the_trainers_is(tmp_path):
+    """One config mechanism: the three schemas are locked, a choice field's mistake is the same
+    `error:` line from each checker, and the commands print it (and a typo'd field) as the
+    trainer does, before any work."""
+    configs = {name: recipes.config_module(f"configs/{name}.py").get_config(arg)
+               for name, arg in (("e2_synth", None), ("decap", "encoder=w"), ("cirevl", "encoder=w,captions=c.json"))}
+    for c in configs.values():
+        with pytest.raises(AttributeError, match="cannot be added since the config is locked"):
+            c.batch_sise = 32
+    mistakes = [(spec.check, configs["e2_synth"], "data.region_texts", "packd",
+                 "data.region_texts must be one of ('packed', 'per_item'), got 'packd' (did you mean 'packed'?)"),
+                (spec.check_decap, configs["decap"], "decoder.vocabulary", "corpse",
+                 "decoder.vocabulary must be one of ('clip', 'corpus'), got 'corpse' (did you mean 'corpus'?)"),
+                (spec.check_cirevl, configs["cirevl"], "recomposer.kind", "chatt",
+                 "recomposer.kind must be one of ('template', 'chat', 'hf'), got 'chatt' (did you mean 'chat'?)")]
+    for check, c, field, value, message in mistakes:
+        check(c)  # as the config file gives it
+        bad = c.copy_and_resolve_references()
+        bad[field.split(".")[0]][field.split(".")[1]] = value
+        with pytest.raises(ConfigError) as raised:
+            check(bad)
+        assert str(raised.value) == message
+    chat = configs["cirevl"].copy_and_resolve_references()
+    chat.recomposer.kind = "chat"
+    with pytest.raises(ConfigError, match=r"the chat recomposer needs url= and model= \(recomposer.url: the API root"):
+        spec.check_cirevl(chat)
+    # The command lines: a bad choice and a typo'd field, each one error line, exit 2, nothing written.
+    env = os.environ | {"XLA_FLAGS": xla_flags(), "JAX_PLATFORMS": "cpu"}
+    commands = {
+        "decoder.vocabulary must be one of ('clip', 'corpus'), got 'corpse'": [
+            "e2_jax.captioning", "--config", "configs/decap.py:encoder=w", "--config.decoder.vocabulary=corpse"],
+        "no config field 'timeuot' (did you mean 'timeout'?)": [
+            "e2_jax.composed_retrieval", "--config", "configs/cirevl.py:encoder=w", "--config.recomposer.timeuot=9"]}
+    out = {"e2_jax.captioning": "--workdir", "e2_jax.composed_retrieval": "--out"}
+    started = {message: subprocess.Popen([sys.executable, "-m", *args, out[args[0]], str(tmp_path / "w")], cwd=ROOT,
+                                         env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+               for message, args in commands.items()}
+    for message, process in started.items():
+        output = process.communicate(timeout=300)[0]
+        lines = output.strip().splitlines()
+        assert process.returncode == 2 and "Traceback" not in output, output[-3000:]
+        assert lines[-1].startswith("error: ") and message in lines[-1], output[-3000:]
+    assert not (tmp_path / "w").exists()
