@@ -91,6 +91,7 @@ def base() -> ml_collections.ConfigDict:
         "eval_gumbel_noise": False,  # the authors' quirk 4
         "reference_quirks": False,  # the authors' quirks 2, 3 and sqrt(768)
         "proj_cls_from_clip": False,
+        "selection_sees_patches": True,  # False: the masked-selection variant (docs/model.md)
     })
     c.data = ml_collections.ConfigDict({
         "dataset": "fashion_gen",  # a TFDS name, built with python -m e2_jax.data.build

@@ -16,6 +16,7 @@ from e2_jax.models.e2 import (
     E2Model,
     count_new_params,
     fusion_layers_for,
+    gumbel_noise_shape,
     init_e2_params,
     straight_through_gumbel,
 )
@@ -203,3 +204,35 @@ def test_new_parameter_count_matches_the_authors_code():
     # E2_METHOD.md: 5,913,600 new parameters without the two unused modules, for B/32.
     assert count_new_params(get_config("ViT-B-32"), E2Config()) == (5_913_600, 151_277_313)
     assert count_new_params(get_config("ViT-B-16"), E2Config()) == (5_913_600, 149_620_737)
+
+
+def test_masked_selection_variant_is_off_by_default_and_hides_the_patches_when_on(tiny_batch):
+    """`selection_sees_patches` (a variant beyond the paper): at its default the forward is E²'s,
+    bit for bit; off, a block's selection-token rows do not depend on the patch rows."""
+    images = tiny_batch[0]
+    params = init_e2_params(TINY, E2Config(), jax.random.key(0))
+    noise = jax.random.gumbel(jax.random.key(1), gumbel_noise_shape(TINY, E2Config(), images.shape[0]))
+
+    def forward(e2):
+        return E2Model(TINY, e2).apply({"params": params}, images, True, noise, method=E2Model.encode_image)
+
+    paper, default_off, masked = forward(E2Config()), forward(E2Config(selection_sees_patches=True)), \
+        forward(E2Config(selection_sees_patches=False))
+    for a, b in zip(jax.tree.leaves(paper), jax.tree.leaves(default_off), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert not np.allclose(paper.region_embeddings, masked.region_embeddings)
+    assert np.isfinite(masked.region_embeddings).all()
+    # One block with the mask the variant uses: 3 selection rows, CLS, then patches.
+    k, length, width = 3, 9, TINY.vision_width
+    block = ResidualAttentionBlock(width, TINY.vision_heads, 4.0, "quick_gelu")
+    x = jax.random.normal(jax.random.key(2), (2, length, width))
+    other = x.at[:, k + 1:].set(jax.random.normal(jax.random.key(3), (2, length - k - 1, width)))
+    mask = ~((jnp.arange(length)[:, None] < k) & (jnp.arange(length)[None, :] >= k + 1))[None, None]
+    block_params = block.init(jax.random.key(4), x)
+    hidden, moved = (block.apply(block_params, y, None, mask) for y in (x, other))
+    np.testing.assert_array_equal(hidden[:, :k], moved[:, :k])  # selection rows: the patches are hidden
+    assert not np.allclose(hidden[:, k:], moved[:, k:])
+    unmasked = [block.apply(block_params, y) for y in (x, other)]
+    assert not np.allclose(unmasked[0][:, :k], unmasked[1][:, :k])  # without it they are seen
+    with pytest.raises(ValueError, match="needs the fusion blocks"):
+        E2Config(selection_sees_patches=False, fusion=False)

@@ -209,7 +209,8 @@ class MultiHeadAttention(nn.Module):
     """`torch.nn.MultiheadAttention` with a packed `in_proj`, through the fused XLA/cuDNN op.
 
     With `pool` ([B] row indices), only those rows are queried: the output is [B, 1, width],
-    the same numbers as the full attention's rows, for a fraction of the work.
+    the same numbers as the full attention's rows, for a fraction of the work. `mask` ([1, 1,
+    L, L] or broadcastable, True where a query may see a key) restricts the full attention.
     """
 
     width: int
@@ -220,15 +221,16 @@ class MultiHeadAttention(nn.Module):
     attention: str = "auto"
 
     @nn.compact
-    def __call__(self, x: Array, pool: Array | None = None) -> Array:
+    def __call__(self, x: Array, pool: Array | None = None, mask: Array | None = None) -> Array:
         batch, length, _ = x.shape
         head_dim, w = self.width // self.heads, self.width
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         in_proj = Linear(3 * w, name="in_proj", **kw)
         if pool is None:
             q, k, v = jnp.split(in_proj(x).reshape(batch, length, 3 * self.heads, head_dim), 3, axis=2)
-            y = _attend(q, k, v, self.attention, causal=self.causal)
+            y = _attend(q, k, v, self.attention, causal=self.causal, mask=mask)
         else:
+            assert mask is None, "a mask with pool is not supported"
             rows = jnp.take_along_axis(x, pool[:, None, None], axis=1)
             q = in_proj(rows, slice(0, w)).reshape(batch, 1, self.heads, head_dim)
             k, v = jnp.split(in_proj(x, slice(w, 3 * w)).reshape(batch, length, 2 * self.heads, head_dim),
@@ -271,10 +273,10 @@ class ResidualAttentionBlock(nn.Module):
     attention: str = "auto"
 
     @nn.compact
-    def __call__(self, x: Array, pool: Array | None = None) -> Array:
+    def __call__(self, x: Array, pool: Array | None = None, mask: Array | None = None) -> Array:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         y = MultiHeadAttention(self.width, self.heads, self.causal, name="attn", attention=self.attention, **kw)(
-            LayerNorm(self.param_dtype, name="ln_1")(x), pool)
+            LayerNorm(self.param_dtype, name="ln_1")(x), pool, mask)
         if pool is not None:
             x = jnp.take_along_axis(x, pool[:, None, None], axis=1)
         x = x + y
@@ -288,7 +290,8 @@ class Transformer(nn.Module):
 
     `start`/`stop` run a slice of the stack, so that an encoder can insert its own blocks
     between layers (E²'s fusion blocks) while keeping one parameter tree. `pool` ([B] row
-    indices) makes the last block of the slice return only those rows, [B, width].
+    indices) makes the last block of the slice return only those rows, [B, width]; `mask`
+    (see MultiHeadAttention) is every block's attention mask.
     """
 
     width: int
@@ -311,10 +314,10 @@ class Transformer(nn.Module):
         ]
 
     def __call__(self, x: Array, start: int = 0, stop: int | None = None,
-                 pool: Array | None = None) -> Array:
+                 pool: Array | None = None, mask: Array | None = None) -> Array:
         blocks = self.resblocks[start:stop]
         for block in blocks[:-1] if pool is not None else blocks:
-            x = block(x)
+            x = block(x) if mask is None else block(x, None, mask)
         return blocks[-1](x, pool)[:, 0] if pool is not None else x
 
 

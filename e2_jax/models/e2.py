@@ -80,6 +80,10 @@ class E2Config:
     reference_quirks: bool = False
     # Initialise `proj_cls` from CLIP's `visual.proj` rather than at random (authors: random).
     proj_cls_from_clip: bool = False
+    # Beyond the paper (docs/model.md): False masks the patches from the selection tokens in
+    # the transformer's self-attention (they see the class token and each other), so what they
+    # know of the patches comes only through their fusion-block picks.
+    selection_sees_patches: bool = True
 
     def __post_init__(self) -> None:
         names = [g.name for g in self.groups]
@@ -89,6 +93,8 @@ class E2Config:
             raise ValueError("E² with selection tokens needs at least one group")
         if self.gumbel_tau <= 0:
             raise ValueError(f"gumbel_tau must be positive, got {self.gumbel_tau}")
+        if not self.selection_sees_patches and not self.fusion:
+            raise ValueError("selection_sees_patches=False needs the fusion blocks (the tokens would see no patch)")
         if self.reference_quirks and (len(self.groups) < 2 or self.groups[-1].tokens < 2):
             raise ValueError("reference_quirks needs at least two groups, the last with >= 2 tokens")
 
@@ -253,9 +259,14 @@ class E2VisionTransformer(VisionTransformer):
                 if gumbel_noise is None:
                     gumbel_noise = jax.random.gumbel(self.make_rng("gumbel"), gumbel_noise_shape(c, e2, x.shape[0]))
                 noise = (gumbel_noise[:, 0], gumbel_noise[:, 1])
-            x = self.transformer(x, 0, first)
+            mask = None
+            if not e2.selection_sees_patches:  # selection-token queries see CLS and the tokens only
+                length, seen = x.shape[1], e2.num_tokens + 1
+                mask = ~((jnp.arange(length)[:, None] < e2.num_tokens) & (jnp.arange(length)[None, :] >= seen))
+                mask = mask[None, None]
+            x = self.transformer(x, 0, first, mask=mask)
             x, picks_1 = self.fusion_1(x, noise[0])
-            x = self.transformer(x, first, second)
+            x = self.transformer(x, first, second, mask=mask)
             x, picks_2 = self.fusion_2(x, noise[1])  # patches dropped: K + 1 tokens remain
             x = self.transformer(x, second, None)
             picks = jnp.stack([picks_1, picks_2])
