@@ -317,7 +317,7 @@ class Transformer(nn.Module):
                  pool: Array | None = None, mask: Array | None = None) -> Array:
         blocks = self.resblocks[start:stop]
         for block in blocks[:-1] if pool is not None else blocks:
-            x = block(x) if mask is None else block(x, None, mask)
+            x = block(x, None, mask)
         return blocks[-1](x, pool)[:, 0] if pool is not None else x
 
 
