@@ -88,6 +88,7 @@ def base() -> ml_collections.ConfigDict:
         "fusion": True,
         "fusion_layers": (),  # (8, 11); () scales the paper's (8, 11) of 12 layers with the depth
         "gumbel_tau": 1.0,
+        "gumbel_tau_end": 0.0,  # > 0: annealed from gumbel_tau to this over the run (docs/model.md)
         "eval_gumbel_noise": False,  # the authors' quirk 4
         "reference_quirks": False,  # the authors' quirks 2, 3 and sqrt(768)
         "proj_cls_from_clip": False,

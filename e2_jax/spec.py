@@ -123,7 +123,7 @@ def model_configs(config: ml_collections.ConfigDict) -> tuple[CLIPConfig, E2Conf
     e = config.e2
     fusion_layers = tuple(int(x) for x in e.fusion_layers) or None
     e2 = E2Config(groups=tuple(g for g, _ in groups(config, clip.context_length)), fusion_layers=fusion_layers,
-                  gumbel_tau=e.gumbel_tau, fusion=e.fusion, selection_tokens=e.enabled,
+                  gumbel_tau=e.gumbel_tau, gumbel_tau_end=e.gumbel_tau_end, fusion=e.fusion, selection_tokens=e.enabled,
                   eval_gumbel_noise=e.eval_gumbel_noise, reference_quirks=e.reference_quirks,
                   proj_cls_from_clip=e.proj_cls_from_clip, selection_sees_patches=e.selection_sees_patches)
     return clip, e2

@@ -14,6 +14,7 @@ from e2_jax.models.e2 import (
     PAPER_GROUPS,
     E2Config,
     E2Model,
+    annealed_tau,
     count_new_params,
     fusion_layers_for,
     gumbel_noise_shape,
@@ -236,3 +237,37 @@ def test_masked_selection_variant_is_off_by_default_and_hides_the_patches_when_o
     assert not np.allclose(unmasked[0][:, :k], unmasked[1][:, :k])  # without it they are seen
     with pytest.raises(ValueError, match="needs the fusion blocks"):
         E2Config(selection_sees_patches=False, fusion=False)
+
+
+def test_annealed_temperature_variant_is_off_by_default_and_changes_only_the_gradient(tiny_batch):
+    """`gumbel_tau_end` (a variant beyond the paper): at its default (0) the trainer passes no
+    temperature and the forward is E²'s, bit for bit; annealed, the temperature goes
+    geometrically from `gumbel_tau` to `gumbel_tau_end` over the run, the picks and embeddings
+    are the same at every temperature (the pick is argmax(logits + noise)), and the gradient is
+    not."""
+    images = tiny_batch[0]
+    params = init_e2_params(TINY, E2Config(), jax.random.key(0))
+    noise = jax.random.gumbel(jax.random.key(1), gumbel_noise_shape(TINY, E2Config(), images.shape[0]))
+
+    def forward(params, e2, tau=None):
+        return E2Model(TINY, e2).apply({"params": params}, images, True, noise, tau, method=E2Model.encode_image)
+
+    assert annealed_tau(E2Config(), jnp.int32(5), 100) is None  # the trainer passes none at the default
+    # and without a temperature passed, the field changes nothing in the model
+    paper, default_off = forward(params, E2Config()), forward(params, E2Config(gumbel_tau_end=0.5))
+    for a, b in zip(jax.tree.leaves(paper), jax.tree.leaves(default_off), strict=True):
+        np.testing.assert_array_equal(a, b)
+    annealed = E2Config(gumbel_tau=4.0, gumbel_tau_end=0.5)
+    taus = [float(annealed_tau(annealed, jnp.int32(s), 101)) for s in (0, 50, 100, 150)]
+    np.testing.assert_allclose(taus, [4.0, 2**0.5, 0.5, 0.5], rtol=1e-6)
+    hot, cold = forward(params, annealed, jnp.float32(4.0)), forward(params, annealed, jnp.float32(0.5))
+    for a, b in zip(jax.tree.leaves(hot), jax.tree.leaves(cold), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+    def grad(tau):
+        loss = lambda p: jnp.sum(forward(p, annealed, tau).region_embeddings ** 2)
+        return jax.grad(loss)(params)["visual"]["fusion_1"]["proj_q"]
+
+    assert not np.allclose(grad(jnp.float32(4.0)), grad(jnp.float32(0.5)))
+    with pytest.raises(ValueError, match="gumbel_tau_end"):
+        E2Config(gumbel_tau_end=-1.0)

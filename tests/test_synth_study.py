@@ -30,6 +30,8 @@ def test_every_variant_has_the_same_budget_and_initial_weights():
     assert e2.stages == ("warmup", "finetune") and e2.warmup.trainable == "e2_new" and e2.finetune.trainable == "all"
     assert _steps(e2) == {"warmup": study.STEPS // 5, "finetune": study.STEPS - study.STEPS // 5}
     assert not configs["no_fusion"].e2.fusion and configs["no_region_loss"].loss.region_weight == 0
+    assert not configs["masked_selection"].e2.selection_sees_patches
+    assert (configs["annealed_tau"].e2.gumbel_tau, configs["annealed_tau"].e2.gumbel_tau_end) == (4.0, 0.5)
     names = [g["name"] for g in e2.e2.groups]
     for group in names:
         kept = [g["name"] for g in configs[f"without_{group}"].e2.groups]

@@ -68,6 +68,11 @@ class E2Config:
     # (8, 11) of 12 with the depth (see `fusion_layers_for`).
     fusion_layers: tuple[int, int] | None = None
     gumbel_tau: float = 1.0
+    # Beyond the paper (docs/model.md): > 0 anneals the temperature geometrically from
+    # `gumbel_tau` at the run's first step to this at its last (the trainer passes each step's);
+    # 0 keeps it at `gumbel_tau`. The pick is argmax(logits + noise) at any temperature: only
+    # the gradient through the soft weights changes.
+    gumbel_tau_end: float = 0.0
     # Ablations (the paper's table): no fusion blocks (the tokens go through every layer); no
     # selection tokens at all (plain CLIP, our CLIP-FT baseline).
     fusion: bool = True
@@ -93,6 +98,8 @@ class E2Config:
             raise ValueError("E² with selection tokens needs at least one group")
         if self.gumbel_tau <= 0:
             raise ValueError(f"gumbel_tau must be positive, got {self.gumbel_tau}")
+        if self.gumbel_tau_end < 0:
+            raise ValueError(f"gumbel_tau_end must be positive (annealed) or 0 (constant), got {self.gumbel_tau_end}")
         if not self.selection_sees_patches and not self.fusion:
             raise ValueError("selection_sees_patches=False needs the fusion blocks (the tokens would see no patch)")
         if self.reference_quirks and (len(self.groups) < 2 or self.groups[-1].tokens < 2):
@@ -184,7 +191,8 @@ class FusionBlock(nn.Module):
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: Array, noise: Array | None) -> tuple[Array, Array]:
+    def __call__(self, x: Array, noise: Array | None, tau: Array | None = None) -> tuple[Array, Array]:
+        """`tau`: the temperature of this call (a traced scalar), else the module's `tau`."""
         k_tokens = self.num_tokens
         init = nn.initializers.normal(stddev=self.width**-0.5)
         w = {name: self.param(name, init, (self.width, self.width), self.param_dtype).astype(self.dtype)
@@ -193,7 +201,7 @@ class FusionBlock(nn.Module):
         q, k, v = selection @ w["proj_q"], patches @ w["proj_k"], patches @ w["proj_v"]
         scale = math.sqrt(768 if self.literal_768_scale else self.width)
         logits = jnp.einsum("bkd,bpd->bkp", q, k) / scale
-        weights, picked = straight_through_gumbel(logits, self.tau, noise)
+        weights, picked = straight_through_gumbel(logits, self.tau if tau is None else tau, noise)
         selection = (jnp.einsum("bkp,bpd->bkd", weights.astype(self.dtype), v) + selection) / 2
         parts = [selection, cls] if self.drop_patches else [selection, cls, patches]
         return jnp.concatenate(parts, axis=1), picked
@@ -246,7 +254,7 @@ class E2VisionTransformer(VisionTransformer):
                              for g in e2.groups]
 
     def __call__(self, images: Array, train: bool = False,  # type: ignore[override]
-                 gumbel_noise: Array | None = None) -> E2ImageOutput:
+                 gumbel_noise: Array | None = None, gumbel_tau: Array | None = None) -> E2ImageOutput:
         c, e2 = self.config, self.e2
         x = self.embed(images)  # CLS + patches, with positions
         tokens = jnp.broadcast_to(self.selection_tokens.astype(x.dtype), (x.shape[0], *self.selection_tokens.shape))
@@ -265,9 +273,9 @@ class E2VisionTransformer(VisionTransformer):
                 mask = ~((jnp.arange(length)[:, None] < e2.num_tokens) & (jnp.arange(length)[None, :] >= seen))
                 mask = mask[None, None]
             x = self.transformer(x, 0, first, mask=mask)
-            x, picks_1 = self.fusion_1(x, noise[0])
+            x, picks_1 = self.fusion_1(x, noise[0], gumbel_tau)
             x = self.transformer(x, first, second, mask=mask)
-            x, picks_2 = self.fusion_2(x, noise[1])  # patches dropped: K + 1 tokens remain
+            x, picks_2 = self.fusion_2(x, noise[1], gumbel_tau)  # patches dropped: K + 1 tokens remain
             x = self.transformer(x, second, None)
             picks = jnp.stack([picks_1, picks_2])
         else:
@@ -288,10 +296,12 @@ class E2VisionTransformer(VisionTransformer):
 class E2Model(nn.Module):
     """E² (or, with `e2.selection_tokens=False`, plain CLIP for the CLIP-FT baseline).
 
-    `encode_image(images, train, gumbel_noise=None)` -> E2ImageOutput; `encode_text(tokens)` ->
-    [B, D]. Training draws the fusion blocks' Gumbel noise from the "gumbel" RNG stream, or takes
-    it as `gumbel_noise` [B, 2, K, patches] (`gumbel_noise_shape`): the trainer draws it for the
-    whole global batch, so that splitting the batch (devices, accumulation) changes nothing.
+    `encode_image(images, train, gumbel_noise=None, gumbel_tau=None)` -> E2ImageOutput;
+    `encode_text(tokens)` -> [B, D]. Training draws the fusion blocks' Gumbel noise from the
+    "gumbel" RNG stream, or takes it as `gumbel_noise` [B, 2, K, patches] (`gumbel_noise_shape`):
+    the trainer draws it for the whole global batch, so that splitting the batch (devices,
+    accumulation) changes nothing. `gumbel_tau`, a scalar, replaces `e2.gumbel_tau` for this
+    call (the annealed-temperature variant: the trainer passes it at each step).
     """
 
     config: CLIPConfig
@@ -306,16 +316,26 @@ class E2Model(nn.Module):
         self.logit_scale = self.param("logit_scale", nn.initializers.constant(math.log(1 / 0.07)), (),
                                       _DTYPES[self.config.param_dtype])
 
-    def encode_image(self, images: Array, train: bool = False, gumbel_noise: Array | None = None) -> E2ImageOutput:
+    def encode_image(self, images: Array, train: bool = False, gumbel_noise: Array | None = None,
+                     gumbel_tau: Array | None = None) -> E2ImageOutput:
         if not self.e2.selection_tokens:
             return E2ImageOutput(self.visual(images), None, None)
-        return self.visual(images, train, gumbel_noise)
+        return self.visual(images, train, gumbel_noise, gumbel_tau)
 
     def encode_text(self, tokens: Array) -> Array:
         return self.text(tokens)
 
     def __call__(self, images: Array, tokens: Array, train: bool = False) -> tuple[E2ImageOutput, Array]:
         return self.encode_image(images, train), self.encode_text(tokens)
+
+
+def annealed_tau(e2: E2Config, step: Array, total_steps: int) -> Array | None:
+    """The Gumbel temperature at global `step` of a run of `total_steps`: geometric from
+    `e2.gumbel_tau` to `e2.gumbel_tau_end`; None where it is not annealed (the model's own)."""
+    if not e2.gumbel_tau_end:
+        return None
+    progress = jnp.clip(step / max(total_steps - 1, 1), 0.0, 1.0)
+    return e2.gumbel_tau * (e2.gumbel_tau_end / e2.gumbel_tau) ** progress
 
 
 def gumbel_noise_shape(config: CLIPConfig, e2: E2Config, batch: int) -> tuple[int, int, int, int]:

@@ -22,7 +22,7 @@ import numpy as np
 import optax
 
 from e2_jax import losses, optim, pretrained, sharding
-from e2_jax.models.e2 import E2Model, gumbel_noise_shape, init_e2_params
+from e2_jax.models.e2 import E2Model, annealed_tau, gumbel_noise_shape, init_e2_params
 from e2_jax.spec import RunSpec, Stage, pretrained_path
 
 StepFn = Callable[[dict, dict], tuple[dict, dict]]
@@ -56,9 +56,12 @@ def make_train_step(spec: RunSpec, stage: Stage, tx: optax.GradientTransformatio
     noisy = e2.selection_tokens and e2.fusion
     accum = config.accum_steps
 
-    def embeddings(params: dict, batch: dict, noise: jax.Array | None) -> dict[str, jax.Array]:
+    run_steps = max(s.end for s in spec.stages)
+
+    def embeddings(params: dict, batch: dict, noise: jax.Array | None,
+                   tau: jax.Array | None = None) -> dict[str, jax.Array]:
         """The per-item embeddings (the region texts' are `region_text`'s)."""
-        out = model.apply({"params": params}, batch["images"], True, noise, method=E2Model.encode_image)
+        out = model.apply({"params": params}, batch["images"], True, noise, tau, method=E2Model.encode_image)
         emb = {"image": out.global_embedding,
                "text": model.apply({"params": params}, batch["text"], method=E2Model.encode_text)}
         if regions:
@@ -81,10 +84,12 @@ def make_train_step(spec: RunSpec, stage: Stage, tx: optax.GradientTransformatio
         trainable, frozen = optim.partition(state["params"], pattern)
         key = jax.random.fold_in(jax.random.key(config.seed), state["step"])
         inputs = {k: batch[k] for k in ("images", "text")}
-        noise = None
+        noise, tau = None, None
         if noisy:
             noise = jax.random.gumbel(key, gumbel_noise_shape(spec.clip, e2, batch["images"].shape[0]))
             noise = jax.lax.with_sharding_constraint(noise, batch_spec)
+            tau = annealed_tau(e2, state["step"], run_steps)
+        embed = embeddings if tau is None else functools.partial(embeddings, tau=tau)
         whole = (lambda params: region_text(params, batch)) if regions else None
 
         def total(t, emb):
@@ -92,7 +97,7 @@ def make_train_step(spec: RunSpec, stage: Stage, tx: optax.GradientTransformatio
 
         def one_pass(t):
             params = optim.merge(t, frozen)
-            emb = embeddings(params, inputs, noise)
+            emb = embed(params, inputs, noise)
             if whole is not None:
                 emb["region_text"] = whole(params)
             return total(t, emb)
@@ -100,12 +105,14 @@ def make_train_step(spec: RunSpec, stage: Stage, tx: optax.GradientTransformatio
         if accum == 1:
             (loss, metrics), grads = jax.value_and_grad(one_pass, has_aux=True)(trainable)
         else:
-            loss, metrics, grads = _gradcache(trainable, frozen, inputs, noise, accum, embeddings, whole, total,
+            loss, metrics, grads = _gradcache(trainable, frozen, inputs, noise, accum, embed, whole, total,
                                               batch_spec)
         updates, opt_state = tx.update(grads, state["opt_state"], trainable)
         trainable = optax.apply_updates(trainable, updates)
         metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads),
                    "learning_rate": schedule(state["step"] - stage.start)}
+        if tau is not None:
+            metrics["gumbel_tau"] = tau
         return {"step": state["step"] + 1, "params": optim.merge(trainable, frozen), "opt_state": opt_state}, metrics
 
     return step
