@@ -17,7 +17,7 @@ local device, with a progress bar. It writes, ready for a vector database:
 | `.parquet` column | `.npz` array | what |
 |---|---|---|
 | `id` | `ids` [N] | the product id (a dataset) or the image's path (a folder) |
-| `view` | `views` [N] | the view's index within its product (a dataset) |
+| `view` | `views` [N] | the view's position in its product's image list (a catalog counts dropped views) |
 | `embedding` | `embeddings` [N, D] | the global image embedding, float32 |
 | `region_<group>` | `regions` [N, G, D], `groups` [G] | E²'s region embeddings, with `--regions` |
 | file metadata `e2_jax` | `meta` | JSON: the model, its origin, the input, `normalized`, what was skipped |
@@ -103,14 +103,15 @@ def index_split(encoder, dataset: str, split: str, out: str | Path, *, data_dir:
     if views not in ("first", "all"):
         raise ConfigError(f"--views is first or all, not {views!r}")
     source = pipeline.Source(dataset, split, data_dir)
-    scan = source.scan(["product_id"] if "product_id" in source.features.keys() else [])
+    scan = source.scan([f for f in ("product_id", "image_positions") if f in source.features.keys()])
     n = len(source)
     ids = scan["product_id"].astype(str) if "product_id" in scan else np.arange(n).astype(str)
     items = pipeline.every_view(scan["views"]) if views == "all" else None  # None: each first view
     got = encoder.split_outputs(source, items, batch_size=batch_size, normalize=normalize, progress=progress)
     meta = {"model": encoder.source, "origin": encoder.origin, "dataset": dataset, "split": split,
             "data_dir": data_dir, "views": views, "normalized": normalize, "skipped": []}
-    write_index(out, ids[got["index"]], got["global"], meta, views=got["view"],
+    views_in_table = pipeline.table_views(scan, got["index"], got["view"])
+    write_index(out, ids[got["index"]], got["global"], meta, views=views_in_table,
                 regions=got.get("regions") if regions else None, groups=_groups(encoder, regions))
     return {"indexed": len(got["global"]), "products": n, "skipped": [], "out": str(out)}
 

@@ -48,7 +48,8 @@ def read(data_dir: Path, name: str) -> dict[str, dict[str, dict]]:
         for i in range(len(records)):
             example = records[i]
             product_id = example["product_id"].decode()
-            out[split][product_id] = {k: [np.asarray(x) for x in v] if k == "images" else v.decode()
+            out[split][product_id] = {k: [np.asarray(x) for x in v] if k == "images" else
+                                      [int(x) for x in v] if k == "image_positions" else v.decode()
                                       for k, v in example.items()}
     return out
 
@@ -152,6 +153,18 @@ def test_bad_rows_are_skipped_counted_and_named(example, tmp_path):
     assert sorted(kept) == sorted([r["id"] for r in good] + [rows[i]["id"] for i in (7, 11, 4, 5)])
     assert len(kept[rows[7]["id"]]["images"]) == 1 and len(kept[rows[11]["id"]]["images"]) == 3
     assert len(kept[rows[4]["id"]]["images"]) == 2  # its first, and the one whose ../ stays inside
+    # A kept view keeps its position in the product's image list: its third image is view 2.
+    assert kept[rows[4]["id"]]["image_positions"] == [0, 2] and kept[rows[7]["id"]]["image_positions"] == [0]
+    assert kept[rows[11]["id"]]["image_positions"] == [0, 1, 2]  # over its two rows, in table order
+    from e2_jax.data import pipeline
+
+    source = pipeline.Source("catalog/bad", "train", str(tmp_path / "tfds"))
+    scan = source.scan(["product_id", "image_positions"])
+    items = pipeline.every_view(scan["views"])  # the (product, stored view) pairs an index visits
+    named = pipeline.table_views(scan, items[:, 0], items[:, 1])
+    fourth = list(scan["product_id"]).index(rows[4]["id"])
+    assert list(named[items[:, 0] == fourth]) == [0, 2] and list(items[items[:, 0] == fourth, 1]) == [0, 1]
+    assert list(pipeline.table_views({"views": scan["views"]}, items[:, 0], items[:, 1])) == list(items[:, 1])
     assert kept[rows[5]["id"]]["title"] == "A title with gaps"
     skipped = json.loads((Path(builder.data_dir) / "metadata.json").read_text())["skipped"]["train"]
     assert skipped["products"] == 4 and skipped["views"] == 2
@@ -169,6 +182,7 @@ def test_bad_rows_are_skipped_counted_and_named(example, tmp_path):
     # Asked for, a path outside the folder is read.
     allowed = build(out, "bad_outside", tmp_path / "tfds", dataclasses.replace(options, outside=True))
     assert len(read(tmp_path / "tfds", "bad_outside")["train"][rows[4]["id"]]["images"]) == 3
+    assert read(tmp_path / "tfds", "bad_outside")["train"][rows[4]["id"]]["image_positions"] == [0, 1, 2]
     assert json.loads((Path(allowed.data_dir) / "metadata.json").read_text())["skipped"]["train"]["views"] == 1
     assert sorted(skipped["product_ids"]) == sorted([rows[6]["id"], rows[8]["id"], "row 8", rows[10]["id"]])
     named = {(e["product"], e["reason"].split(" (")[0], e.get("view")) for e in skipped["examples"]}

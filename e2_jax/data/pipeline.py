@@ -85,9 +85,10 @@ class Source:
 
     def scan(self, fields: Sequence[str] = (), chunk: int = 1024) -> dict[str, np.ndarray]:
         """Every example's number of views (`views`, int64; 0 in a dataset without images) and the
-        `fields` (text as str, integers as int64, floats as they are), read from the records
-        without decoding any image."""
-        spec = {k: v for k, v in self.features.tf_example_spec.items() if k in ("images", *fields)}
+        `fields` (text as str, integers as int64, floats as they are, a sequence as an object
+        array of int64 arrays), read from the records without decoding any image."""
+        spec = {k: tf.io.RaggedFeature(v.dtype) if k != "images" and isinstance(v, tf.io.FixedLenSequenceFeature)
+                else v for k, v in self.features.tf_example_spec.items() if k in ("images", *fields)}
         missing = [f for f in fields if f not in spec]
         if missing:
             raise ConfigError(f"{self.name}: no field {missing}; it has {sorted(self.features.keys())}")
@@ -106,6 +107,11 @@ class Source:
         for start in range(0, len(self), chunk):
             got = parse(tf.constant(self.read(range(start, min(start + chunk, len(self))))))
             for key, value in got.items():
+                if isinstance(value, tf.RaggedTensor):
+                    rows = np.empty(value.shape[0], object)
+                    rows[:] = [np.asarray(r, np.int64) for r in value.numpy()]
+                    out[key].append(rows)
+                    continue
                 value = value.numpy()
                 out[key].append(np.array([v.decode("utf-8") for v in value], dtype=str) if value.dtype == object
                                 else value if value.dtype.kind == "f" else value.astype(np.int64))
@@ -439,6 +445,16 @@ def every_view(views: np.ndarray) -> np.ndarray:
     """[M, 2] (example index, view) of every view of every example (`views`: each one's count),
     in order: the `items` of an evaluation pass over all images."""
     return np.concatenate([np.stack([np.full(v, i), np.arange(v)], axis=1) for i, v in enumerate(views)])
+
+
+def table_views(scan: dict[str, np.ndarray], index: np.ndarray, view: np.ndarray) -> np.ndarray:
+    """Each (example `index`, `view`)'s position in its product's image list as the dataset's
+    source gave it: a catalog keeps it (`image_positions`, from `scan`), for a view left out
+    before it shifts the stored ones; elsewhere a view's position is its index."""
+    if "image_positions" not in scan:
+        return np.asarray(view, np.int64)
+    positions = scan["image_positions"]
+    return np.array([positions[i][v] for i, v in zip(index, view, strict=True)], np.int64)
 
 
 def eval_batches(source: Source, pre: Preprocessing, *, global_batch: int, sharding: jax.sharding.Sharding,

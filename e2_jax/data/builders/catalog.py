@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import tensorflow_datasets as tfds
 
 from e2_jax.data import catalog
@@ -49,11 +50,13 @@ def for_table(name: str, manual_dir: str | Path, options: TableOptions | None = 
 class Catalog(tfds.core.GeneratorBasedBuilder):
     """Your own products: images and text columns from a JSONL, CSV or Parquet table."""
 
-    VERSION = tfds.core.Version("1.1.0")
+    VERSION = tfds.core.Version("1.2.0")
     RELEASE_NOTES = {  # noqa: RUF012 (TFDS reads class attributes)
         "1.0.0": "First version.",
         "1.1.0": "Relative image paths that leave the table's folder are refused unless --outside-images; text "
                  "cells of bytes have their whitespace collapsed as other text cells do.",
+        "1.2.0": "image_positions: each kept image's position in the product's image list, so that a view is named "
+                 "by its place in the table even where an earlier image was left out.",
     }
     MANUAL_DOWNLOAD_INSTRUCTIONS = (f"The manual directory holds the product table ({', '.join(catalog.TABLES)}) and "
                                     "the images it names; see docs/catalog.md.")
@@ -68,6 +71,8 @@ class Catalog(tfds.core.GeneratorBasedBuilder):
         features = {
             "product_id": tfds.features.Text(),
             "images": tfds.features.Sequence(tfds.features.Image(shape=(None, None, 3))),
+            # each kept image's position in the product's image list (its rows' cells in table order)
+            "image_positions": tfds.features.Sequence(np.int32),
             **{field: tfds.features.Text() for field in fields.values()},
         }
         return self.dataset_info_from_configs(features=tfds.features.FeaturesDict(features),
@@ -129,7 +134,7 @@ class Catalog(tfds.core.GeneratorBasedBuilder):
             if blank:
                 self._skipped.add(split, product_id, f"empty {', '.join(blank)}")
                 continue
-            images, problems = self._images(root, refs, options.outside)
+            images, positions, problems = self._images(root, refs, options.outside)
             if not images:
                 why = "; ".join(why for _, why in problems) or "none named"
                 self._skipped.add(split, product_id, f"no usable image ({why})")
@@ -139,7 +144,7 @@ class Catalog(tfds.core.GeneratorBasedBuilder):
             for field in options.optional:
                 empty[field] += not texts[field]
             kept += 1
-            yield product_id, {"product_id": product_id, "images": images, **texts}
+            yield product_id, {"product_id": product_id, "images": images, "image_positions": positions, **texts}
         self._skipped.finish(split, self.info.metadata)
         if not kept:  # (TFDS cannot write an empty split)
             raise DataError(f"catalog: no usable product in split {split!r} of {plan.path}: each of its rows was "
@@ -147,9 +152,10 @@ class Catalog(tfds.core.GeneratorBasedBuilder):
                             "row needs")
 
     def _images(self, root: Path, refs: list[tuple[str, str | bytes]],
-                outside: bool) -> tuple[list[bytes], list[tuple[str, str]]]:
-        """The product's decodable images, and (view, why) for each missing or undecodable one."""
-        out, problems = [], []
+                outside: bool) -> tuple[list[bytes], list[int], list[tuple[str, str]]]:
+        """The product's decodable images, their positions in `refs`, and (view, why) for each
+        missing or undecodable one."""
+        out, positions, problems = [], [], []
         for k, (where, ref) in enumerate(refs):
             if isinstance(ref, bytes):
                 name, data = f"image {k} (bytes, {where})", ref
@@ -166,6 +172,7 @@ class Catalog(tfds.core.GeneratorBasedBuilder):
                 data = path.read_bytes()
             try:
                 out.append(checked_image(data))
+                positions.append(k)
             except ValueError as error:
                 problems.append((name, f"undecodable image ({name}: {error})"))
-        return out, problems
+        return out, positions, problems
