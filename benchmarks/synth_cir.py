@@ -34,10 +34,11 @@ import statistics
 import time
 from pathlib import Path
 
-from e2_jax import captioning, composed_retrieval
+from e2_jax import captioning
 from e2_jax import config as recipes
 from e2_jax.data import synth_cir, synth_fashion
 from e2_jax.data.build import build
+from e2_jax.evaluation import composed_retrieval
 
 ROWS = (("cirevl", "decap", "CIReVL (DeCap captions)"), ("cirevl", "true", "CIReVL (true captions)"),
         ("image", "decap", "image only"), ("late_fusion", "decap", "image + text"),

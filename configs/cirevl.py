@@ -13,7 +13,7 @@ Arguments (comma-separated; any field also by flag, `--config.recomposer.timeout
 - `recomposer`: `chat` (an OpenAI-compatible endpoint: `url=`, `model=`, the key from
   `$OPENAI_API_KEY` if set), `hf` (a local Hugging Face causal LM: `hf_model=`) or `template`
   (rules, offline; not CIReVL). `prompt_file=`: CIReVL's prompt saved to a file (default: ours,
-  `e2_jax/recompose_prompt.txt`).
+  `e2_jax/evaluation/recompose_prompt.txt`).
 - `max_queries`: the first N triplets of each category's caption file (0: all).
 - `exact` (`true`, `false`; default: true on FashionIQ, false on SynthFashion-CIR): CIReVL's
   released behaviour where it changes the numbers, each also a field of its own: images padded

@@ -15,9 +15,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from e2_jax import captioning
 from e2_jax.evaluation import caption_metrics
+from e2_jax.evaluation import captioning as captioner
 from e2_jax.models.caption_decoder import CaptionDecoder, DecoderConfig, init_cache, init_params
+from e2_jax.training import decap
 from tests.processes import xla_flags
 
 EOT = 5  # the end id of the small vocabularies below
@@ -65,7 +66,7 @@ def test_greedy_is_argmax_and_beam_search_finds_the_best_sequence():
     params = jax.tree.map(lambda p: p * 6.0, params)
     rng = np.random.default_rng(1)
     prefixes = jnp.asarray(rng.standard_normal((4, 6)), jnp.float32)
-    greedy = np.asarray(captioning.generate(params, config, prefixes, 1, EOT))
+    greedy = np.asarray(captioner.generate(params, config, prefixes, 1, EOT))
     for b in range(4):
         ids: list[int] = []
         for _ in range(4):  # argmax step by step with the full forward pass; padding after the end
@@ -78,7 +79,7 @@ def test_greedy_is_argmax_and_beam_search_finds_the_best_sequence():
         np.testing.assert_array_equal(greedy[b], ids)
     # With as many beams as there are sequences (781 end where they may), beam search prunes
     # nothing: it must find the sequence of highest mean log-probability among all of them.
-    beam = np.asarray(captioning.generate(params, config, prefixes, 6**4, EOT))
+    beam = np.asarray(captioner.generate(params, config, prefixes, 6**4, EOT))
     seqs = np.array([q for q in itertools.product(range(6), repeat=4)
                      if EOT not in q or not any(q[q.index(EOT) + 1:])])  # after the end only padding
     assert len(seqs) == 781
@@ -94,11 +95,11 @@ def test_memory_projection():
     # temperature is small, and as the (normalised) mean of the rows when it is large.
     memory = jnp.eye(4)[:3]
     query = jnp.asarray([[2.0, 0.0, 0.0, 0.0]])
-    np.testing.assert_allclose(captioning.project_to_memory(query, memory, 0.01), [[1, 0, 0, 0]], atol=1e-6)
-    np.testing.assert_allclose(captioning.project_to_memory(query, memory, 1e6), [[3**-0.5] * 3 + [0]], atol=1e-5)
+    np.testing.assert_allclose(captioner.project_to_memory(query, memory, 0.01), [[1, 0, 0, 0]], atol=1e-6)
+    np.testing.assert_allclose(captioner.project_to_memory(query, memory, 1e6), [[3**-0.5] * 3 + [0]], atol=1e-5)
     # softmax(q . m / T) with q . m = (1, 0, 0) at T = 1: weights e/(e+2), 1/(e+2), 1/(e+2).
     w = np.array([np.e, 1, 1]) / (np.e + 2)
-    np.testing.assert_allclose(captioning.project_to_memory(query, memory, 1.0)[0, :3], w / np.linalg.norm(w),
+    np.testing.assert_allclose(captioner.project_to_memory(query, memory, 1.0)[0, :3], w / np.linalg.norm(w),
                                atol=1e-6)
     # DeCap's formula on random data, and chunking changes nothing.
     rng = np.random.default_rng(0)
@@ -109,14 +110,14 @@ def test_memory_projection():
     want = (weights / weights.sum(1, keepdims=True)) @ mn
     want /= np.linalg.norm(want, axis=1, keepdims=True)
     for chunk in (1, 8, 1024):
-        np.testing.assert_allclose(captioning.project_to_memory(jnp.asarray(q), jnp.asarray(m), 0.05, chunk=chunk),
+        np.testing.assert_allclose(captioner.project_to_memory(jnp.asarray(q), jnp.asarray(m), 0.05, chunk=chunk),
                                    want, atol=1e-5)
 
 
 def test_target_mask_keeps_the_end_token_and_a_zero_id_inside_the_caption():
     tokens = jnp.asarray([[49406, 0, 320, 49407, 0, 0]])  # id 0 is "!" inside the caption, padding after
-    np.testing.assert_array_equal(captioning.target_mask(tokens, 49407), [[True, True, True, True, False, False]])
-    np.testing.assert_array_equal(captioning.target_mask(tokens, 49407, nonzero=True),  # DeCap's
+    np.testing.assert_array_equal(decap.target_mask(tokens, 49407), [[True, True, True, True, False, False]])
+    np.testing.assert_array_equal(decap.target_mask(tokens, 49407, nonzero=True),  # DeCap's
                                   [[True, False, True, True, False, False]])
 
 
@@ -141,16 +142,16 @@ def test_decoder_learns_to_write_captions_back_from_their_embeddings(trained_tin
     embeddings = encoder.encode_texts(CORPUS)
     config = DecoderConfig(prefix_dim=embeddings.shape[1], width=64, layers=2, heads=2, max_length=24)
     tokenizer = CLIPTokenizer(config.max_length)
-    settings = captioning.TrainSettings(steps=200, batch_size=8, lr=3e-3, warmup_steps=20, log_every=1000)
+    settings = decap.TrainSettings(steps=200, batch_size=8, lr=3e-3, warmup_steps=20, log_every=1000)
     tokens = tokenizer(CORPUS)
-    vocab = captioning.corpus_vocabulary(tokens, tokenizer)  # the decoder writes only these CLIP ids
+    vocab = decap.corpus_vocabulary(tokens, tokenizer)  # the decoder writes only these CLIP ids
     assert vocab[0] == 0 and tokenizer.eot_id in vocab and len(vocab) < 80
     config = dataclasses.replace(config, vocab_size=len(vocab))
-    params, losses = captioning.train_decoder(config, embeddings, np.searchsorted(vocab, tokens), settings,
+    params, losses = decap.train_decoder(config, embeddings, np.searchsorted(vocab, tokens), settings,
                                               int(np.searchsorted(vocab, tokenizer.eot_id)), log=lambda m: None)
     assert losses[-1] < 0.05 < losses[0]
-    greedy = captioning.caption_embeddings(params, config, embeddings, tokenizer, vocab, beam_size=1, batch_size=8)
-    beam = captioning.caption_embeddings(params, config, embeddings, tokenizer, vocab, beam_size=3, batch_size=8)
+    greedy = captioner.caption_embeddings(params, config, embeddings, tokenizer, vocab, beam_size=1, batch_size=8)
+    beam = captioner.caption_embeddings(params, config, embeddings, tokenizer, vocab, beam_size=3, batch_size=8)
     want = [t.lower() for t in CORPUS]  # CLIP's tokenizer lower-cases
     assert greedy == want and beam == want
 
@@ -161,7 +162,7 @@ def test_detokenize_reattaches_punctuation():
     tokenizer = CLIPTokenizer()
     for text in ["slim-fit coat, 100% wool.", "women's t-shirt (cotton/linen): ribbed cuffs!", "a/b test?"]:
         spaced = tokenizer.decode(tokenizer(text)[0])
-        assert spaced != text and captioning.detokenize(spaced) == text
+        assert spaced != text and captioner.detokenize(spaced) == text
 
 
 @pytest.mark.slow
@@ -243,9 +244,9 @@ def test_captioning_command_end_to_end(synth_tiny, trained_tiny, tmp_path):
 def test_a_corpus_smaller_than_a_batch_and_a_run_shorter_than_its_warmup():
     config = _small(vocab=8, length=4)
     tokens = np.array([[1, 2, EOT, 0], [3, EOT, 0, 0], [4, 4, 4, EOT]])
-    settings = captioning.TrainSettings(steps=3, batch_size=8, warmup_steps=100, log_every=100)
-    _, losses = captioning.train_decoder(config, np.random.default_rng(0).standard_normal((3, 6)), tokens, settings,
+    settings = decap.TrainSettings(steps=3, batch_size=8, warmup_steps=100, log_every=100)
+    _, losses = decap.train_decoder(config, np.random.default_rng(0).standard_normal((3, 6)), tokens, settings,
                                          EOT, log=lambda m: None)
     assert len(losses) == 3 and all(np.isfinite(losses))
     with pytest.raises(ValueError, match="more than the decoder's max_length"):
-        captioning.train_decoder(config, np.ones((3, 6)), np.zeros((3, 5), int), settings, EOT)
+        decap.train_decoder(config, np.ones((3, 6)), np.zeros((3, 5), int), settings, EOT)

@@ -172,10 +172,11 @@ def test_composed_retrieval_end_to_end_on_synth_fashion_cir(synth_tiny, trained_
     import subprocess
     import sys
 
-    from e2_jax import captioning, composed_retrieval
+    from e2_jax import captioning
     from e2_jax import config as recipes
     from e2_jax.data import synth_cir, synth_fashion
-    from e2_jax.recompose import TemplateRecomposer
+    from e2_jax.evaluation import composed_retrieval
+    from e2_jax.evaluation.recompose import TemplateRecomposer
 
     workdir, _ = trained_tiny
     data_dir = tmp_path / "tfds"  # empty: the command builds SynthFashion-CIR on first use
@@ -216,10 +217,10 @@ def test_fashion_iq_queries_follow_the_caption_files_and_the_gallery_the_image_l
     `max_queries` the caption file's first scorable triplets, each query's `index` its position
     in that file; `exact` by default on FashionIQ (the empty caption kept in the join); a missing
     caption names plain image ids."""
-    from e2_jax import composed_retrieval
     from e2_jax import config as recipes
     from e2_jax.data.build import build
     from e2_jax.errors import DataError
+    from e2_jax.evaluation import composed_retrieval
 
     workdir, _ = trained_tiny
     root, data_dir = tmp_path / "fashion_iq", str(tmp_path / "tfds")

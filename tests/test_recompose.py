@@ -9,8 +9,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from e2_jax import recompose
-from e2_jax.recompose import ChatRecomposer, RecomposeError, TemplateRecomposer
+from e2_jax.evaluation import recompose
+from e2_jax.evaluation.recompose import ChatRecomposer, RecomposeError, TemplateRecomposer
 
 
 class _Server:

@@ -22,7 +22,7 @@ byte (CIReVL's FashionIQ prompt ends with a newline, so its requests have a blan
 60 tries) and its parsing (the text between the label and the next colon); `exact=False` keeps
 ours (the file stripped, 128 tokens without stop sequences, the whole line after the label:
 docs/composed_retrieval.md says why). The prompt is one file,
-`e2_jax/recompose_prompt.txt`, written for this project in CIReVL's format with fashion
+`e2_jax/evaluation/recompose_prompt.txt`, written for this project in CIReVL's format with fashion
 examples; CIReVL's own FashionIQ prompt (`structural_modifier_prompt_fashion` in its
 `src/prompts.py`), which the paper's numbers used, can be saved to a file and given as
 `prompt_file` (docs/composed_retrieval.md).
