@@ -123,7 +123,7 @@ def write_selection_maps(encoder, images: Sequence, names: Sequence[str], out: s
 def source_images(source: pipeline.Source, count: int) -> tuple[list[np.ndarray], list[str]]:
     """The first views of the first `count` products of a split."""
     indices = range(min(count, len(source)))
-    return [image for image, _ in _products(source, indices, ())], [f"{source.split}_{i:05d}" for i in indices]
+    return [image for image, _ in source.first_views(indices)], [f"{source.split}_{i:05d}" for i in indices]
 
 
 def run_selection_maps(directory: str | os.PathLike, source: pipeline.Source, clip: CLIPConfig, e2: E2Config,
@@ -144,19 +144,6 @@ def run_selection_maps(directory: str | os.PathLike, source: pipeline.Source, cl
     logging.info("%d selection maps in %s", len(written), written[0].parent)
 
 
-def _products(source: pipeline.Source, indices: Sequence[int], fields: Sequence[str]) -> list[tuple[np.ndarray, dict]]:
-    """Each product's first view (uint8) and its text `fields`, read from the split's records."""
-    features = source.features.tf_example_spec
-    spec = {k: features[k] for k in ("images", *fields) if k in features}
-    out = []
-    for record in source.read(list(indices)):
-        parsed = tf.io.parse_single_example(record, spec)
-        image = tf.io.decode_image(parsed.pop("images")[0], channels=3, expand_animations=False).numpy()
-        out.append((image, {k: v.numpy().decode("utf-8") if v.dtype == tf.string else str(v.numpy())
-                            for k, v in parsed.items()}))
-    return out
-
-
 def report_page(report: dict, source: pipeline.Source, encoder: Encoder) -> tuple[str, list]:
     """The blocks of an evaluation's `report.html`: its tables, then its example text queries
     (each with its top 5 images, the product's own framed in green), the worst misses (with the
@@ -173,7 +160,7 @@ def report_page(report: dict, source: pipeline.Source, encoder: Encoder) -> tupl
     fields = ["product_id", *Preprocessing(text_format=text_format).fields()]
     shown = examples["queries"] + examples["misses"]
     wanted = sorted({i for e in shown for i in (e["product"], *(j for j, _ in e["top"]))})
-    read = dict(zip(wanted, _products(source, wanted, fields), strict=True))
+    read = dict(zip(wanted, source.first_views(wanted, fields), strict=True))
     size = 160
 
     def name(i: int) -> str:

@@ -3,6 +3,7 @@ a search, the memory projection is DeCap's formula, a decoder learns to write ca
 from their embeddings, the metrics are the standard ones; and the command runs end to end."""
 
 import dataclasses
+import html
 import itertools
 import json
 import os
@@ -19,6 +20,7 @@ from e2_jax.evaluation import caption_metrics
 from e2_jax.evaluation import captioning as captioner
 from e2_jax.models.caption_decoder import CaptionDecoder, DecoderConfig, init_cache, init_params
 from e2_jax.training import decap
+from tests.browser import images_loaded
 from tests.processes import xla_flags
 
 EOT = 5  # the end id of the small vocabularies below
@@ -229,6 +231,12 @@ def test_captioning_command_end_to_end(synth_tiny, trained_tiny, tmp_path):
     assert set(report["metrics"]["greedy"]) == set(caption_metrics.METRICS)
     rows = [json.loads(line) for line in (out / "captions.jsonl").read_text().splitlines()]
     assert len(rows) == 16 and all(r["reference"] and isinstance(r["greedy"], str) for r in rows)
+    # The page: the scores, then 8 products' images with their reference and captions.
+    page = (out / "report.html").read_text()
+    assert "<td>greedy</td>" in page and page.count("<img ") == 8 and report["page_seconds"] < 30
+    for row in rows[:8]:
+        assert html.escape(f"reference: {row['reference']}") in page and html.escape(f"beam2: {row['beam2']}") in page
+    assert images_loaded(page, tmp_path) == (8, 8)
     images = tmp_path / "images"
     images.mkdir()
     for i in range(3):

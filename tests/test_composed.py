@@ -169,6 +169,7 @@ def test_composed_retrieval_end_to_end_on_synth_fashion_cir(synth_tiny, trained_
     """The command on SynthFashion-CIR (built on first use, no download) with the tiny trained
     model, a tiny DeCap captioner on it and the template recomposer: every method scored, each
     query's description the recomposer's, the report's recalls those of the ranks it lists."""
+    import html
     import subprocess
     import sys
 
@@ -177,6 +178,7 @@ def test_composed_retrieval_end_to_end_on_synth_fashion_cir(synth_tiny, trained_
     from e2_jax.data import synth_cir, synth_fashion
     from e2_jax.evaluation import composed_retrieval
     from e2_jax.evaluation.recompose import TemplateRecomposer
+    from tests.browser import images_loaded
 
     workdir, _ = trained_tiny
     data_dir = tmp_path / "tfds"  # empty: the command builds SynthFashion-CIR on first use
@@ -206,6 +208,17 @@ def test_composed_retrieval_end_to_end_on_synth_fashion_cir(synth_tiny, trained_
         assert metrics["mean"]["r10"] == pytest.approx(np.mean([metrics[k]["r10"] for k in ("bottoms", "layers",
                                                                                              "tops")]))
     assert "| cirevl |" in (tmp_path / "out" / "report.md").read_text()
+    # The page: the metrics, then the first query of each category: reference, instruction,
+    # caption, recomposed description, and its top 5 (the target framed, or after them with its rank).
+    page = (tmp_path / "out" / "report.html").read_text()
+    assert "<td>cirevl</td>" in page and "Example queries, ranked by cirevl" in page
+    firsts = [next(r for r in rows if r["category"] == c) for c in ("bottoms", "layers", "tops")]
+    for row in firsts:
+        for said in (f"instruction: {row['instruction']}", f"recomposed: {row['description']}", row["caption"]):
+            assert html.escape(said) in page, said
+    missed = sum(row["ranks"]["cirevl"] > 5 for row in firsts)
+    assert page.count("<img ") == 3 * 6 + missed and page.count("class='marked'") == 3
+    assert images_loaded(page, tmp_path) == (3 * 6 + missed,) * 2
     wrong = recipes.config_module("configs/cirevl.py").get_config(f"encoder={workdir},recomposer=chat")
     with pytest.raises(ValueError, match="needs url="):
         composed_retrieval.run(wrong, tmp_path / "never")

@@ -5,16 +5,13 @@ installed."""
 import json
 import re
 import shutil
-import subprocess
 
 import numpy as np
-import pytest
 
 from e2_jax import main
 from e2_jax.evaluation import report
+from tests.browser import images_loaded
 from tests.test_train import tiny_config
-
-LOADED = re.compile(r"<div id=\"e2-loaded\">(\d+)/(\d+)</div>")
 
 
 def test_markdown_and_html_from_one_set_of_blocks(tmp_path):
@@ -31,10 +28,6 @@ def test_markdown_and_html_from_one_set_of_blocks(tmp_path):
     assert sorted(written) == ["html", "json", "md"]
     assert json.loads(written["json"].read_text()) == {"sumr": 350.0}
     assert report.png(np.zeros((400, 200, 3), np.uint8), size=100)[:8] == b"\x89PNG\r\n\x1a\n"
-
-
-def _browser() -> str | None:
-    return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 
 
 def test_evaluate_writes_a_page_with_pictures_that_a_browser_loads(synth_tiny, trained_tiny, tmp_path, capsys):
@@ -55,19 +48,4 @@ def test_evaluate_writes_a_page_with_pictures_that_a_browser_loads(synth_tiny, t
     images = page.count("<img ")
     assert images >= 8 * 5 + 8 - found  # top 5 of each, plus the own image of each not found
     assert not re.search(r"src=['\"](?!data:)", page)  # self-contained
-    browser = _browser()
-    if browser is None:
-        pytest.skip("no Chromium to load report.html in (Debian: apt-get install chromium); the page was checked "
-                    "as text only")
-    # A copy with a script that counts the images the browser decoded, read back from the DOM.
-    probe = tmp_path / "probe.html"
-    probe.write_text(page.replace("</body>", "<script>window.addEventListener('load', () => {"
-                                  "const all = [...document.images];"
-                                  "const ok = all.filter(i => i.complete && i.naturalWidth > 0).length;"
-                                  "document.body.insertAdjacentHTML('beforeend', "
-                                  "`<div id=\"e2-loaded\">${ok}/${all.length}</div>`);});</script></body>"))
-    dom = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=5000",
-                          "--dump-dom", probe.as_uri()], capture_output=True, text=True, timeout=120).stdout
-    got = LOADED.search(dom)
-    assert got, dom[-2000:]
-    assert int(got.group(1)) == int(got.group(2)) == images
+    assert images_loaded(page, tmp_path) == (images, images)

@@ -83,6 +83,19 @@ class Source:
     def read(self, indices: Sequence[int]) -> list[bytes]:
         return self._records.__getitems__([int(i) for i in indices])
 
+    def first_views(self, indices: Sequence[int], fields: Sequence[str] = ()) -> list[tuple[np.ndarray, dict]]:
+        """Each example's first view (uint8 [H, W, 3]) and its text `fields`, read and decoded
+        from the records: for pictures of a few products (reports, selection maps)."""
+        features = self.features.tf_example_spec
+        spec = {k: features[k] for k in ("images", *fields) if k in features}
+        out = []
+        for record in self.read(list(indices)):
+            parsed = tf.io.parse_single_example(record, spec)
+            image = tf.io.decode_image(parsed.pop("images")[0], channels=3, expand_animations=False).numpy()
+            out.append((image, {k: v.numpy().decode("utf-8") if v.dtype == tf.string else str(v.numpy())
+                                for k, v in parsed.items()}))
+        return out
+
     def scan(self, fields: Sequence[str] = (), chunk: int = 1024) -> dict[str, np.ndarray]:
         """Every example's number of views (`views`, int64; 0 in a dataset without images) and the
         `fields` (text as str, integers as int64, floats as they are, a sequence as an object

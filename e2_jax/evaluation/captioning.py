@@ -247,10 +247,34 @@ def evaluate(settings, workdir: str | os.PathLike, log=print) -> dict:
     report = {"dataset": settings.dataset, "split": settings.eval_split, "products": count,
               "text_field": settings.text_field, "temperature": settings.temperature, "seconds": seconds,
               "metrics": scores}
-    markdown = report_lib.markdown_table(*caption_metrics.table(scores))
-    report_lib.write(workdir, report, markdown)
+    header, rows = caption_metrics.table(scores)
+    markdown = report_lib.markdown_table(header, rows)
+    start = time.perf_counter()
+    page = report_page(report, source, refs, captions, header, rows)
+    report["page_seconds"] = time.perf_counter() - start
+    report_lib.write(workdir, report, markdown, page=page)
     log(markdown)
     return report
+
+
+EXAMPLES = 8  # products shown on the report page
+
+
+def report_page(report: dict, source: pipeline.Source, references: list[str], captions: dict[str, list[str]],
+                header: Sequence[str], rows: Sequence[Sequence]) -> tuple[str, list]:
+    """`report.html`'s blocks: the scores, then the first products' images, each with its
+    reference and its generated captions."""
+    shown = range(min(EXAMPLES, len(references)))
+    figures = tuple(report_lib.Figure(report_lib.png(image, 256), "\n".join(
+        [f"reference: {references[i]}", *(f"{name}: {caps[i]}" for name, caps in captions.items())]))
+        for i, (image, _) in zip(shown, source.first_views(shown), strict=True))
+    return (f"Captioning on {report['dataset']}/{report['split']}", [
+        report_lib.Text(f"{report['products']} products (their first views) captioned from the memory of "
+                        f"training captions (temperature {report['temperature']}), scored against their "
+                        f"{report['text_field']!r} text."),
+        report_lib.Table(tuple(header), tuple(tuple(r) for r in rows)),
+        report_lib.Gallery(f"The first {len(figures)} products: image, reference and generated captions", figures,
+                           width=224)])
 
 
 def caption_folder(settings, workdir: str | os.PathLike, folder: str, out: str | None, log=print) -> list[dict]:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -215,25 +216,74 @@ def run(c: ml_collections.ConfigDict, out: str | os.PathLike, log=print) -> dict
                    "per_category": {k: int((categories == k).sum()) for k in sorted(set(categories))}},
         "metrics": metrics,
     }
+    start = time.perf_counter()
+    page = report_page(report, gallery, embeddings, queries, categories, references, targets, instructions, captions,
+                       descriptions, ranks)
+    report["page_seconds"] = time.perf_counter() - start
     _write(storage.path(out), report, categories, triplets["index"][keep], triplets["reference"][keep], targets,
-           instructions, captions, descriptions, ranks)
+           instructions, captions, descriptions, ranks, page)
     log(markdown(report))
     return report
 
 
-def markdown(report: dict) -> str:
+EXAMPLES = 4  # queries shown on the report page
+
+
+def report_page(report: dict, gallery: dict, embeddings: np.ndarray, queries: dict[str, np.ndarray],
+                categories: np.ndarray, references: np.ndarray, targets: np.ndarray, instructions: list[str],
+                captions: list[str] | None, descriptions: list[str] | None,
+                ranks: dict[str, np.ndarray]) -> tuple[str, list]:
+    """`report.html`'s blocks: the metrics, then the first query of each category (up to
+    `EXAMPLES`): its reference image, instruction, caption and recomposed description (CIReVL),
+    and the top 5 of the category's gallery by CIReVL's query (else the first method's), the
+    target framed in green (and shown after them with its rank when it is not among them)."""
+    method = "cirevl" if "cirevl" in queries else next(iter(queries))
+    shown = [int(np.flatnonzero(categories == c)[0]) for c in sorted(set(categories))][:EXAMPLES]
+    tops = {}
+    for q in shown:
+        theirs = np.flatnonzero(gallery["categories"] == categories[q])
+        tops[q] = theirs[np.argsort(-(embeddings[theirs] @ queries[method][q]), kind="stable")[:5]]
+    wanted = sorted({int(r) for q in shown for r in (references[q], *tops[q])} |
+                    {int(np.flatnonzero((gallery["ids"] == targets[q]) & (gallery["categories"] == categories[q]))[0])
+                     for q in shown})
+    pictures = dict(zip(wanted, (image for image, _ in gallery["source"].first_views(gallery["rows"][wanted])),
+                        strict=True))
+    figure = lambda row, caption, marked=False: report_lib.Figure(report_lib.png(pictures[row], 192), caption, marked)
+    blocks = [report_lib.Text(f"{report['counts']['queries']} queries against a gallery of "
+                              f"{report['counts']['gallery']} images, encoder {report['encoder']}; recall in %."),
+              metrics_table(report),
+              report_lib.Text(f"Example queries, ranked by {method}", heading=2)]
+    for q in shown:
+        said = [f"instruction: {instructions[q]}"]
+        if captions is not None and descriptions is not None:
+            said += [f"caption: {captions[q]}", f"recomposed: {descriptions[q]}"]
+        figures = [figure(int(references[q]), "reference\n" + "\n".join(said))]
+        figures += [figure(int(r), f"{k}. {gallery['ids'][r]}", gallery["ids"][r] == targets[q])
+                    for k, r in enumerate(tops[q], 1)]
+        if targets[q] not in gallery["ids"][tops[q]]:
+            target = int(np.flatnonzero((gallery["ids"] == targets[q]) & (gallery["categories"] == categories[q]))[0])
+            figures.append(figure(target, f"target {targets[q]}, rank {int(ranks[method][q])}", True))
+        blocks.append(report_lib.Gallery(f"{categories[q]}: {instructions[q]}", tuple(figures), width=160))
+    return f"Composed retrieval on {report['dataset']}/{report['split']}", blocks
+
+
+def metrics_table(report: dict) -> report_lib.Table:
     """One row per method: R@10 and R@50 per category, their means and average."""
     categories = [k for k in next(iter(report["metrics"].values())) if k != "mean"]
     header = ("method", *(f"{c} R@{k}" for c in categories for k in (10, 50)), "mean R@10", "mean R@50", "avg")
-    return report_lib.markdown_table(header, [
+    return report_lib.Table(header, tuple(
         (method, *(f"{m[c][f'r{k}']:.1f}" for c in categories for k in (10, 50)), f"{m['mean']['r10']:.1f}",
-         f"{m['mean']['r50']:.1f}", f"{m['mean']['average']:.1f}") for method, m in report["metrics"].items()])
+         f"{m['mean']['r50']:.1f}", f"{m['mean']['average']:.1f}") for method, m in report["metrics"].items()))
+
+
+def markdown(report: dict) -> str:
+    return metrics_table(report).markdown()
 
 
 def _write(out, report, categories, indices, references, targets, instructions, captions, descriptions,
-           ranks) -> None:
+           ranks, page) -> None:
     report_lib.write(out, report, f"Composed retrieval on {report['dataset']}/{report['split']} with "
-                     f"{report['encoder']} ({report['counts']['queries']} queries).\n\n" + markdown(report))
+                     f"{report['encoder']} ({report['counts']['queries']} queries).\n\n" + markdown(report), page=page)
     with (out / "queries.jsonl").open("w") as f:
         for i in range(len(targets)):
             f.write(json.dumps({"category": str(categories[i]), "index": int(indices[i]),

@@ -47,7 +47,7 @@ class Table:
 @dataclasses.dataclass(frozen=True)
 class Figure:
     png: bytes
-    caption: str
+    caption: str  # a line break in it is one on the page
     marked: bool = False  # the right answer
 
 
@@ -75,7 +75,7 @@ _STYLE = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px;co
 table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}
 th{background:#f4f4f4}td:first-child,td:nth-child(2){text-align:left}
 .gallery{display:flex;gap:10px;flex-wrap:wrap;margin:0.5em 0 1.5em}
-figure{margin:0;text-align:center;font-size:12px}
+figure{margin:0;text-align:center;font-size:12px}figcaption{overflow-wrap:anywhere}
 figure img{border:4px solid #ddd;display:block;margin:auto;image-rendering:pixelated}
 figure.marked img{border-color:#2a2}"""
 
@@ -99,8 +99,9 @@ def html_page(title: str, blocks: Sequence[Text | Table | Gallery]) -> str:
                 data = base64.b64encode(figure.png).decode("ascii")
                 caption = html.escape(figure.caption)
                 out.append(f"<figure class='{'marked' if figure.marked else ''}' style='width:{block.width + 8}px'>"
-                           f"<img alt='{caption}' width='{block.width}' src='data:image/png;base64,{data}'>"
-                           f"<figcaption>{caption}</figcaption></figure>")
+                           f"<img alt='{caption.splitlines()[0] if caption else ''}' width='{block.width}' "
+                           f"src='data:image/png;base64,{data}'>"
+                           f"<figcaption>{caption.replace(chr(10), '<br>')}</figcaption></figure>")
             out.append("</div>")
     out.append("</body></html>")
     return "\n".join(out) + "\n"
