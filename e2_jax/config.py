@@ -106,7 +106,9 @@ def base() -> ml_collections.ConfigDict:
         "region_texts": "packed",
         "build_if_missing": False,  # build the dataset first if it is not (SynthFashion only)
     })
-    c.loss = ml_collections.ConfigDict({"global_weight": 0.5, "region_weight": 0.5})
+    # pick_weight > 0: a variant beyond the paper (docs/model.md), each fusion block's picked
+    # patches contrasted with their group's tag text too
+    c.loss = ml_collections.ConfigDict({"global_weight": 0.5, "region_weight": 0.5, "pick_weight": 0.0})
     c.optim = ml_collections.ConfigDict({"name": "adam_l2", "b1": 0.9, "b2": 0.999, "eps": 1e-8,
                                          "weight_decay": 1e-4, "grad_clip": 0.0, "warmup_steps": 100})
     c.stages = ("warmup", "finetune")

@@ -64,22 +64,39 @@ def contrastive_loss(a: Array, b: Array, logit_scale: Array, axis_name: AxisName
 
 def e2_loss(image: Array, text: Array, region_image: Array | None, region_text: Array | None,
             logit_scale: Array, *, global_weight: float = 0.5, region_weight: float = 0.5,
+            pick_image: Array | None = None, pick_weight: float = 0.0,
             axis_name: AxisName = None) -> tuple[Array, dict[str, Array]]:
     """E²'s loss. `image`, `text`: [n, D] global embeddings; `region_image`, `region_text`:
     [n, G, D] (region embeddings and the embeddings of the items' tag texts), or None for plain
     CLIP fine-tuning. Returns (loss, metrics) with `loss_global` and `loss_region` ([G]). The
     global pair and the G region pairs are stacked and contrasted together
-    (`contrastive_losses`): one all-gather of each side in all (docs/benchmarks.md)."""
+    (`contrastive_losses`): one all-gather of each side in all (docs/benchmarks.md).
+    `pick_image` [n, fusion blocks, G, D] (a variant beyond the paper, `pick_weight` > 0): each
+    block's picked patches through the region heads, each contrasted with its group's tag text
+    too (`loss_pick`, [blocks, G]), in the same stack."""
     metrics = {"logit_scale": jnp.exp(logit_scale)}
     if region_image is None or region_weight == 0:  # CLIP fine-tuning; the "without region loss" ablation
         loss_global = contrastive_loss(image, text, logit_scale, axis_name)
         loss = loss_global if region_image is None else global_weight * loss_global
         return loss, {**metrics, "loss_global": loss_global, "loss": loss}
-    stack = lambda one, groups: jnp.concatenate([one[:, None].astype(jnp.float32), groups.astype(jnp.float32)], 1)
-    terms = contrastive_losses(stack(image, region_image), stack(text, region_text), logit_scale, axis_name)
-    loss_global, per_group = terms[0], terms[1:]
+    picks = pick_image is not None and pick_weight > 0
+    images = [image[:, None], region_image]
+    texts = [text[:, None], region_text]
+    if picks:
+        blocks = pick_image.shape[1]
+        images.append(pick_image.reshape(pick_image.shape[0], -1, pick_image.shape[-1]))
+        texts += [region_text] * blocks
+    stack = lambda parts: jnp.concatenate([p.astype(jnp.float32) for p in parts], 1)
+    terms = contrastive_losses(stack(images), stack(texts), logit_scale, axis_name)
+    groups = region_image.shape[1]
+    loss_global, per_group = terms[0], terms[1 : 1 + groups]
     loss = global_weight * loss_global + region_weight * jnp.mean(per_group)
-    return loss, {**metrics, "loss_global": loss_global, "loss_region": per_group, "loss": loss}
+    metrics = {**metrics, "loss_global": loss_global, "loss_region": per_group}
+    if picks:
+        per_pick = terms[1 + groups :].reshape(blocks, groups)
+        loss = loss + pick_weight * jnp.mean(per_pick)
+        metrics["loss_pick"] = per_pick
+    return loss, {**metrics, "loss": loss}
 
 
 def sharded(loss_fn: Callable[..., tuple[Array, dict]], mesh: Mesh, batch_axes: Sequence[str],

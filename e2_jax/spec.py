@@ -125,7 +125,8 @@ def model_configs(config: ml_collections.ConfigDict) -> tuple[CLIPConfig, E2Conf
     e2 = E2Config(groups=tuple(g for g, _ in groups(config, clip.context_length)), fusion_layers=fusion_layers,
                   gumbel_tau=e.gumbel_tau, gumbel_tau_end=e.gumbel_tau_end, fusion=e.fusion, selection_tokens=e.enabled,
                   eval_gumbel_noise=e.eval_gumbel_noise, reference_quirks=e.reference_quirks,
-                  proj_cls_from_clip=e.proj_cls_from_clip, selection_sees_patches=e.selection_sees_patches)
+                  proj_cls_from_clip=e.proj_cls_from_clip, selection_sees_patches=e.selection_sees_patches,
+                  pick_embeddings=config.loss.pick_weight > 0)
     return clip, e2
 
 
@@ -193,6 +194,9 @@ def check(config: ml_collections.ConfigDict) -> None:
         node, key = (config, name) if "." not in name else (config[name.split(".")[0]], name.split(".")[1])
         if isinstance(node[key], str):
             raise ConfigError(f"{name} is a tuple, not a comma string: got {node[key]!r}")
+    if config.loss.pick_weight > 0 and not (config.e2.enabled and config.e2.fusion and config.loss.region_weight > 0):
+        raise ConfigError("loss.pick_weight > 0 contrasts the fusion blocks' picks with the tag texts: it needs "
+                          "e2.enabled, e2.fusion and loss.region_weight > 0")
 
 
 def _one_encoder(config: ml_collections.ConfigDict) -> None:

@@ -57,6 +57,14 @@ def test_group_entries_are_checked():
         spec.resolve(c)
     with pytest.raises(ValueError, match="no group 'logo'"):
         recipes.without(recipes.AUTHORS_GROUPS, "logo")
+    c.stages = ("finetune",)
+    c.loss.pick_weight = 0.25  # the pick term (a variant) contrasts picks: none without fusion blocks
+    for field, value in (("e2.fusion", False), ("loss.region_weight", 0.0), ("e2.enabled", False)):
+        bad = c.copy_and_resolve_references()
+        bad[field.split(".")[0]][field.split(".")[1]] = value
+        with pytest.raises(ValueError, match="loss.pick_weight > 0 contrasts the fusion blocks' picks"):
+            spec.resolve(bad)
+    assert spec.resolve(c, stages=False).e2.pick_embeddings
 
 
 def test_config_arguments_are_typed():

@@ -14,6 +14,7 @@ from e2_jax.models.e2 import (
     PAPER_GROUPS,
     E2Config,
     E2Model,
+    FusionBlock,
     annealed_tau,
     count_new_params,
     fusion_layers_for,
@@ -271,3 +272,47 @@ def test_annealed_temperature_variant_is_off_by_default_and_changes_only_the_gra
     assert not np.allclose(grad(jnp.float32(4.0)), grad(jnp.float32(0.5)))
     with pytest.raises(ValueError, match="gumbel_tau_end"):
         E2Config(gumbel_tau_end=-1.0)
+
+
+def test_pick_embeddings_are_off_by_default_and_carry_the_picks_gradient(tiny_batch):
+    """`pick_embeddings` (for `loss.pick_weight`, a variant beyond the paper): off, the output has
+    none and the forward is E²'s; on, the other outputs are unchanged, each block's picked values
+    go through each group's region head, and a loss on them reaches the selection logits (the
+    straight-through gradient of the hard pick)."""
+    images = tiny_batch[0]
+    params = init_e2_params(TINY, E2Config(), jax.random.key(0))
+    noise = jax.random.gumbel(jax.random.key(1), gumbel_noise_shape(TINY, E2Config(), images.shape[0]))
+
+    def forward(params, e2):
+        return E2Model(TINY, e2).apply({"params": params}, images, True, noise, method=E2Model.encode_image)
+
+    paper, picking = forward(params, E2Config()), forward(params, E2Config(pick_embeddings=True))
+    assert paper.pick_embeddings is None
+    for name in ("global_embedding", "region_embeddings", "picks"):
+        np.testing.assert_array_equal(getattr(paper, name), getattr(picking, name))
+    groups = len(E2Config().groups)
+    assert picking.pick_embeddings.shape == (images.shape[0], 2, groups, TINY.embed_dim)
+    # Each token's picked value is the patch value (by the block's own projection) at its pick...
+    x = jax.random.normal(jax.random.key(2), (2, 3 + 1 + 4, TINY.vision_width))
+    block = FusionBlock(num_tokens=3, width=TINY.vision_width)
+    block_params = block.init(jax.random.key(3), x, None)
+    _, picked, chosen = block.apply(block_params, x, None)
+    values = x[:, 4:] @ block_params["params"]["proj_v"]
+    np.testing.assert_allclose(chosen, np.take_along_axis(values, picked[..., None], axis=1), rtol=1e-6, atol=1e-6)
+    # ... and block 2's values of the first group, pooled through its region head, are its pick embedding.
+    _, caught = E2Model(TINY, E2Config(pick_embeddings=True)).apply(
+        {"params": params}, images, True, noise, method=E2Model.encode_image, capture_intermediates=True)
+    chosen_2 = caught["intermediates"]["visual"]["fusion_2"]["__call__"][0][2]
+    head = params["visual"]["region_" + E2Config().groups[0].name]
+    pooled = chosen_2[:, : E2Config().groups[0].tokens]
+    normed = (pooled - pooled.mean(-1, keepdims=True)) / np.sqrt(pooled.var(-1, keepdims=True) + 1e-5)
+    want = (normed * head["ln"]["scale"] + head["ln"]["bias"]).mean(axis=1) @ head["proj"]
+    np.testing.assert_allclose(picking.pick_embeddings[:, 1, 0], want, rtol=1e-4, atol=1e-5)
+
+    def pick_loss(p):
+        return jnp.sum(forward(p, E2Config(pick_embeddings=True)).pick_embeddings ** 2)
+
+    grads = jax.grad(pick_loss)(params)["visual"]
+    assert np.abs(grads["fusion_1"]["proj_q"]).max() > 0 and np.abs(grads["fusion_2"]["proj_k"]).max() > 0
+    with pytest.raises(ValueError, match="pick embeddings need the fusion blocks"):
+        E2Config(pick_embeddings=True, fusion=False)

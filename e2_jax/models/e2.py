@@ -89,6 +89,10 @@ class E2Config:
     # the transformer's self-attention (they see the class token and each other), so what they
     # know of the patches comes only through their fusion-block picks.
     selection_sees_patches: bool = True
+    # Beyond the paper: True also returns `pick_embeddings`, each group's picked patch values
+    # (pooled over its tokens, per fusion block) through the group's region head, for the loss
+    # term that contrasts them with the tag text (`loss.pick_weight`, docs/model.md).
+    pick_embeddings: bool = False
 
     def __post_init__(self) -> None:
         names = [g.name for g in self.groups]
@@ -102,6 +106,8 @@ class E2Config:
             raise ValueError(f"gumbel_tau_end must be positive (annealed) or 0 (constant), got {self.gumbel_tau_end}")
         if not self.selection_sees_patches and not self.fusion:
             raise ValueError("selection_sees_patches=False needs the fusion blocks (the tokens would see no patch)")
+        if self.pick_embeddings and not (self.fusion and self.selection_tokens):
+            raise ValueError("pick embeddings need the fusion blocks (there is no pick without them)")
         if self.reference_quirks and (len(self.groups) < 2 or self.groups[-1].tokens < 2):
             raise ValueError("reference_quirks needs at least two groups, the last with >= 2 tokens")
 
@@ -179,7 +185,8 @@ class FusionBlock(nn.Module):
 
     Single head, no bias, no MLP, no LayerNorm (E2_METHOD.md, "Fusion block"). The class token
     is never a candidate and is not changed. Returns the new sequence (without the patches if
-    `drop_patches`) and the picked patch index of every token, [B, K].
+    `drop_patches`), the picked patch index of every token, [B, K], and the picked values
+    [B, K, width] (one-hot weights times the patches' values; the straight-through gradient).
     """
 
     num_tokens: int
@@ -191,7 +198,7 @@ class FusionBlock(nn.Module):
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: Array, noise: Array | None, tau: Array | None = None) -> tuple[Array, Array]:
+    def __call__(self, x: Array, noise: Array | None, tau: Array | None = None) -> tuple[Array, Array, Array]:
         """`tau`: the temperature of this call (a traced scalar), else the module's `tau`."""
         k_tokens = self.num_tokens
         init = nn.initializers.normal(stddev=self.width**-0.5)
@@ -202,9 +209,10 @@ class FusionBlock(nn.Module):
         scale = math.sqrt(768 if self.literal_768_scale else self.width)
         logits = jnp.einsum("bkd,bpd->bkp", q, k) / scale
         weights, picked = straight_through_gumbel(logits, self.tau if tau is None else tau, noise)
-        selection = (jnp.einsum("bkp,bpd->bkd", weights.astype(self.dtype), v) + selection) / 2
+        chosen = jnp.einsum("bkp,bpd->bkd", weights.astype(self.dtype), v)
+        selection = (chosen + selection) / 2
         parts = [selection, cls] if self.drop_patches else [selection, cls, patches]
-        return jnp.concatenate(parts, axis=1), picked
+        return jnp.concatenate(parts, axis=1), picked, chosen
 
 
 class RegionHead(nn.Module):
@@ -225,11 +233,13 @@ class RegionHead(nn.Module):
 
 class E2ImageOutput(NamedTuple):
     """`global_embedding` [B, D]; `region_embeddings` [B, G, D] (None without selection
-    tokens); `picks` [fusion blocks, B, K] patch indices (None without fusion)."""
+    tokens); `picks` [fusion blocks, B, K] patch indices (None without fusion);
+    `pick_embeddings` [B, fusion blocks, G, D] (only with `E2Config.pick_embeddings`)."""
 
     global_embedding: Array
     region_embeddings: Array | None
     picks: Array | None
+    pick_embeddings: Array | None = None
 
 
 class E2VisionTransformer(VisionTransformer):
@@ -273,9 +283,9 @@ class E2VisionTransformer(VisionTransformer):
                 mask = ~((jnp.arange(length)[:, None] < e2.num_tokens) & (jnp.arange(length)[None, :] >= seen))
                 mask = mask[None, None]
             x = self.transformer(x, 0, first, mask=mask)
-            x, picks_1 = self.fusion_1(x, noise[0], gumbel_tau)
+            x, picks_1, chosen_1 = self.fusion_1(x, noise[0], gumbel_tau)
             x = self.transformer(x, first, second, mask=mask)
-            x, picks_2 = self.fusion_2(x, noise[1], gumbel_tau)  # patches dropped: K + 1 tokens remain
+            x, picks_2, chosen_2 = self.fusion_2(x, noise[1], gumbel_tau)  # patches dropped: K + 1 tokens remain
             x = self.transformer(x, second, None)
             picks = jnp.stack([picks_1, picks_2])
         else:
@@ -290,7 +300,12 @@ class E2VisionTransformer(VisionTransformer):
             if ln_head is not heads[g] and self.is_initializing():
                 heads[g].ln(x[:, start:stop])  # create the unused LayerNorm, as the authors' ln_s5
             regions.append(heads[g](ln_head.ln(x[:, start:stop]).mean(axis=1)))
-        return E2ImageOutput(global_embedding, jnp.stack(regions, axis=1), picks)
+        pick_embeddings = None
+        if e2.pick_embeddings:  # each block's picked values, per group, through the group's head
+            pick_embeddings = jnp.stack([jnp.stack([heads[g](heads[g].ln(chosen[:, start:stop]).mean(axis=1))
+                                                    for g, (start, stop) in enumerate(group_slices(e2))], axis=1)
+                                         for chosen in (chosen_1, chosen_2)], axis=1)
+        return E2ImageOutput(global_embedding, jnp.stack(regions, axis=1), picks, pick_embeddings)
 
 
 class E2Model(nn.Module):

@@ -47,7 +47,13 @@ def make_train_step(spec: RunSpec, stage: Stage, tx: optax.GradientTransformatio
     batch_spec = sharding.batch_sharding(mesh)
     regions = spec.region_loss
     weights = dict(global_weight=config.loss.global_weight, region_weight=config.loss.region_weight)
-    if regions:
+    picks = regions and config.loss.pick_weight > 0  # a variant beyond the paper (docs/model.md)
+    if picks:
+        with_picks = lambda image, text, region_image, region_text, pick_image, scale, axis_name: losses.e2_loss(
+            image, text, region_image, region_text, scale, pick_image=pick_image, pick_weight=config.loss.pick_weight,
+            axis_name=axis_name, **weights)
+        sharded_loss = losses.sharded(with_picks, mesh, axes, num_batch_args=5)
+    elif regions:
         sharded_loss = losses.sharded(functools.partial(losses.e2_loss, **weights), mesh, axes, num_batch_args=4)
     else:  # CLIP-FT, or E² without its region loss: the global InfoNCE alone
         global_only = lambda image, text, scale, axis_name: losses.e2_loss(image, text, None, None, scale,
@@ -66,6 +72,8 @@ def make_train_step(spec: RunSpec, stage: Stage, tx: optax.GradientTransformatio
                "text": model.apply({"params": params}, batch["text"], method=E2Model.encode_text)}
         if regions:
             emb["region_image"] = out.region_embeddings
+        if picks:
+            emb["pick_image"] = out.pick_embeddings
         return emb
 
     def region_text(params: dict, batch: dict) -> jax.Array:
@@ -76,6 +84,9 @@ def make_train_step(spec: RunSpec, stage: Stage, tx: optax.GradientTransformatio
         return jnp.concatenate(encoded)[batch["region_index"]]
 
     def loss_of(emb: dict, logit_scale: jax.Array):
+        if picks:
+            return sharded_loss(emb["image"], emb["text"], emb["region_image"], emb["region_text"], emb["pick_image"],
+                                logit_scale)
         if regions:
             return sharded_loss(emb["image"], emb["text"], emb["region_image"], emb["region_text"], logit_scale)
         return sharded_loss(emb["image"], emb["text"], logit_scale)

@@ -179,6 +179,9 @@ def _host_metrics(metrics: dict, groups: tuple[Group, ...]) -> dict[str, float]:
     for name, value in jax.device_get(metrics).items():
         if name == "loss_region":
             out.update({f"loss_region/{g.name}": float(v) for g, v in zip(groups, np.asarray(value), strict=True)})
+        elif name == "loss_pick":  # [fusion blocks, groups]
+            out.update({f"loss_pick/block{b + 1}/{g.name}": float(v) for b, row in enumerate(np.asarray(value))
+                        for g, v in zip(groups, row, strict=True)})
         else:
             out[name] = float(value)
     return out
