@@ -69,27 +69,52 @@ def pytest_ignore_collect(collection_path, config):
     return None
 
 
+def _once(request, tmp_path_factory, name: str, make) -> Path:
+    """A folder `make(folder)` fills once per test session: in a pytest-xdist worker, in the
+    workers' common temporary folder, by the first worker to ask (the others wait on its lock,
+    then read it); otherwise in this session's. Those who share it only read it."""
+    import filelock
+
+    root = tmp_path_factory.getbasetemp()
+    if hasattr(request.config, "workerinput"):  # this session's workers share its parent
+        root = root.parent
+    folder, done = root / name, root / f"{name}.done"
+    with filelock.FileLock(str(root / f"{name}.lock")):
+        if not done.is_file():
+            shutil.rmtree(folder, ignore_errors=True)  # what a failed first try left
+            folder.mkdir(parents=True)
+            make(folder)
+            done.touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
-def synth_tiny(tmp_path_factory) -> str:
+def synth_tiny(request, tmp_path_factory) -> str:
     """SynthFashion/tiny (64 + 16 products, 32 px) built as the pipeline reads it; its data_dir."""
     from e2_jax.data.build import build
 
-    data_dir = tmp_path_factory.mktemp("tfds")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("E2_SYNTH_WORKERS", "1")  # a worker pool costs more than 80 tiny products
-        build("synth_fashion/tiny", str(data_dir))
-    return str(data_dir)
+    def make(data_dir: Path) -> None:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("E2_SYNTH_WORKERS", "1")  # a worker pool costs more than 80 tiny products
+            build("synth_fashion/tiny", str(data_dir))
+
+    return str(_once(request, tmp_path_factory, "tfds", make))
 
 
 @pytest.fixture(scope="session")
-def trained_tiny(synth_tiny, tmp_path_factory):
+def trained_tiny(request, synth_tiny, tmp_path_factory):
     """One two-stage run of `tests.test_train.tiny_config` (3 + 3 steps, gradient clipping on):
-    (its workdir, what `train.run` returned). Shared by the training and inference tests."""
+    (its workdir, its step and last validation), trained once per session. Shared by the
+    training and inference tests, which read it (a test that writes copies it first)."""
     from e2_jax.training import train
     from tests.test_train import tiny_config
 
-    workdir = tmp_path_factory.mktemp("trained_tiny")
-    return workdir, train.run(tiny_config(synth_tiny, **{"optim.grad_clip": 1.0}), workdir)
+    def make(workdir: Path) -> None:
+        result = train.run(tiny_config(synth_tiny, **{"optim.grad_clip": 1.0}), workdir / "run")
+        (workdir / "result.json").write_text(json.dumps({"step": int(result["step"]), "eval": result["eval"]}))
+
+    shared = _once(request, tmp_path_factory, "trained_tiny", make)
+    return shared / "run", json.loads((shared / "result.json").read_text())
 
 
 def pytest_collection_modifyitems(config, items):

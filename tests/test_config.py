@@ -62,7 +62,7 @@ def test_group_entries_are_checked():
     for field, value in (("e2.fusion", False), ("loss.region_weight", 0.0), ("e2.enabled", False)):
         bad = c.copy_and_resolve_references()
         bad[field.split(".")[0]][field.split(".")[1]] = value
-        with pytest.raises(ValueError, match="loss.pick_weight > 0 contrasts the fusion blocks' picks"):
+        with pytest.raises(ValueError, match=r"loss\.pick_weight > 0 contrasts the fusion blocks' picks"):
             spec.resolve(bad)
     assert spec.resolve(c, stages=False).e2.pick_embeddings
 

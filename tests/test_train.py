@@ -3,6 +3,7 @@ GradCache accumulation, NaN stop, and the errors raised before anything compiles
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import jax
@@ -44,7 +45,7 @@ def saved_state(workdir: Path, step: int) -> dict:
     return ocp.StandardCheckpointer().restore((workdir / "checkpoints" / str(step) / "state").absolute())
 
 
-def test_two_stage_run_writes_everything(synth_tiny, trained_tiny):
+def test_two_stage_run_writes_everything(synth_tiny, trained_tiny, tmp_path):
     workdir, result = trained_tiny
     assert set(result["eval"]) >= {"i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "sumr"}
     assert json.loads((workdir / "config.json").read_text())["stages"] == ["warmup", "finetune"]
@@ -67,6 +68,8 @@ def test_two_stage_run_writes_everything(synth_tiny, trained_tiny):
     assert result["step"] == 6
     # Evaluation mode: every protocol on the best parameters, written as JSON and Markdown; its
     # full-candidate numbers with the training's text are the validation of the best step.
+    # (Into a copy: the session's trained workdir is read by tests on the other worker.)
+    workdir = shutil.copytree(workdir, tmp_path / "run")
     evaluated = main.run(tiny_config(synth_tiny, **{"eval.sample_negatives": 8}), workdir, mode="evaluate")
     report = json.loads((workdir / "eval" / "report.json").read_text())
     assert report["metrics"] == evaluated["report"]["metrics"] and len(report["metrics"]) == 3 * 2 * 7
