@@ -1,6 +1,8 @@
 """Linear probes: separable classes are learnt, noise is not, rare classes are dropped and
 counted; and the probe runs end to end on a trained tiny model."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -37,7 +39,7 @@ def test_rare_and_unseen_classes_are_dropped_and_counted():
         probe.linear_probe(x[:300], np.array(["a"] * 300), x[300:], y[300:])
 
 
-def test_probe_of_a_trained_model(synth_tiny, trained_tiny):
+def test_probe_of_a_trained_model(synth_tiny, trained_tiny, tmp_path, capsys):
     from e2_jax.inference import Encoder
 
     workdir, _ = trained_tiny
@@ -49,6 +51,13 @@ def test_probe_of_a_trained_model(synth_tiny, trained_tiny):
         assert r["train_examples"] + 0 <= 64 and r["eval_examples"] + r["eval_left_out"] == 16
         assert 0 <= r["accuracy"] <= 100
     assert "| e2 |" in markdown_table(*probe.table(report, ["season", "subcategory"]))
+    # The command: the table printed, and the report in --out's folder, as every evaluation's.
+    probe.main(["--model", str(workdir), "--dataset", "synth_fashion/tiny", "--data-dir", synth_tiny, "--fields",
+                "season", "--min-count", "2", "--out", str(tmp_path / "probes")])
+    saved = json.loads((tmp_path / "probes" / "report.json").read_text())
+    assert set(saved) == {str(workdir)} and set(saved[str(workdir)]) == {"season"}
+    assert f"| {workdir} |" in capsys.readouterr().out
+    assert "<table>" in (tmp_path / "probes" / "report.html").read_text()
 
 
 def test_probe_embeds_the_view_it_is_asked_for(synth_tiny, trained_tiny):

@@ -2,6 +2,7 @@
 a trained tiny E², and the folder command."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -55,10 +56,13 @@ def test_region_and_global_tagging_of_a_trained_model(synth_tiny, trained_tiny, 
     tagging.main(["tag", "--workdir", str(workdir), "--images", str(tmp_path), "--fields", "brand,season",
                   "--top", "2"])
     printed = capsys.readouterr().out.splitlines()
-    # Region and global results go to their own files.
+    # Region and global results go to their own reports (in a copy: the session's workdir is shared).
+    workdir = shutil.copytree(workdir, tmp_path / "run")
     for flags in ([], ["--global"]):
         tagging.main(["evaluate", "--workdir", str(workdir), "--fields", "brand", *flags])
-    region = json.loads((workdir / "eval" / "tagging.json").read_text())["brand"]
-    overall = json.loads((workdir / "eval" / "tagging_global.json").read_text())["brand"]
+    region = json.loads((workdir / "eval" / "tagging" / "report.json").read_text())["brand"]
+    overall = json.loads((workdir / "eval" / "tagging_global" / "report.json").read_text())["brand"]
     assert (region["by"], overall["by"]) == ("region", "global")
+    assert "| brand | region |" in (workdir / "eval" / "tagging" / "report.md").read_text()
+    assert "<td>brand</td><td>global</td>" in (workdir / "eval" / "tagging_global" / "report.html").read_text()
     assert printed[0].endswith("p0.png") and printed[1].startswith("  brand: ") and printed[1].count("(") == 2

@@ -22,9 +22,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import json
 from collections.abc import Sequence
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -155,7 +153,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--min-count", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--view", type=int, default=0, help="which view of each product to embed (0: the first)")
-    parser.add_argument("--out", help="write the report as JSON here")
+    parser.add_argument("--out", help="a folder for the report: report.json, report.md and report.html")
     args = parser.parse_args(argv)
 
     if not args.model and not args.pretrained:
@@ -166,9 +164,14 @@ def main(argv: list[str] | None = None) -> None:
     report = probe_models(encoders, args.dataset, fields, data_dir=args.data_dir, train_split=args.train_split,
                           eval_split=args.eval_split, max_train=args.max_train, min_count=args.min_count,
                           seed=args.seed, view=args.view)
-    print(report_lib.markdown_table(*table(report, fields)))
+    header, rows = table(report, fields)
+    markdown = report_lib.markdown_table(header, rows)
+    print(markdown)
     if args.out:
-        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+        report_lib.write(args.out, report, markdown, page=("Linear probes", [
+            report_lib.Text(f"Accuracy (%) of a linear probe of the frozen image embedding (view {args.view}) on "
+                            f"{args.dataset}/{args.eval_split}, fitted on {args.train_split}."),
+            report_lib.Table(header, tuple(tuple(r) for r in rows))]))
 
 
 if __name__ == "__main__":

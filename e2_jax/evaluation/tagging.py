@@ -27,6 +27,7 @@ import numpy as np
 
 from e2_jax import distributed, errors, images, storage, workdir
 from e2_jax.data import pipeline
+from e2_jax.evaluation import report as report_lib
 from e2_jax.inference import Encoder, ImageOutputs
 from e2_jax.numerics import l2_normalize
 
@@ -75,6 +76,13 @@ def image_queries(outputs, encoder, field: str, use_global: bool) -> tuple[np.nd
     if g is None or outputs.region_embeddings is None:
         return outputs.global_embedding, False
     return outputs.region_embeddings[:, g], True
+
+
+def table(report: dict) -> tuple[tuple[str, ...], tuple[tuple, ...]]:
+    """One row per field: how it was scored, its candidates, top-1 and top-5, products scored and left out."""
+    return (("field", "by", "candidates", "top-1", "top-5", "scored", "left out"),
+            tuple((f, r["by"], r["candidates"], f"{r['top1']:.1f}", f"{r['top5']:.1f}", r["scored"], r["left_out"])
+                  for f, r in report.items()))
 
 
 def _training_values(config, fields: Sequence[str]) -> dict[str, np.ndarray]:
@@ -141,15 +149,15 @@ def main(argv: list[str] | None = None) -> None:
     fields = [f.strip() for f in args.fields.split(",") if f.strip()]
     if args.command == "evaluate":
         report = evaluate_tagging(encoder, config, fields, use_global=args.use_global, template=args.template)
-        print("| field | by | candidates | top-1 | top-5 | scored | left out |\n|---|---|---|---|---|---|---|")
-        for f, r in report.items():
-            print(f"| {f} | {r['by']} | {r['candidates']} | {r['top1']:.1f} | {r['top5']:.1f} | {r['scored']} | "
-                  f"{r['left_out']} |")
-        # One file per way of scoring: the global embedding's result does not replace the regions'.
-        out = storage.path(args.workdir) / "eval" / ("tagging_global.json" if args.use_global else "tagging.json")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=2) + "\n")
-        print(f"written to {out}")
+        header, rows = table(report)
+        print(report_lib.markdown_table(header, rows), end="")
+        # One folder per way of scoring: the global embedding's result does not replace the regions'.
+        out = storage.path(args.workdir) / "eval" / ("tagging_global" if args.use_global else "tagging")
+        written = report_lib.write(out, report, report_lib.markdown_table(header, rows), page=(
+            "Zero-shot tagging", [report_lib.Text(f"Top-1 and top-5 accuracy (%) per field on the evaluation split, "
+                                                  f"by the {'global' if args.use_global else 'region'} embedding where "
+                                                  "it can."), report_lib.Table(header, rows)]))
+        print(f"written to {written['json'].parent} (report.json, report.md, report.html)")
         return
 
     candidates = json.loads(Path(args.values).read_text()) if args.values else {
