@@ -239,13 +239,12 @@ def report_page(report: dict, gallery: dict, embeddings: np.ndarray, queries: di
     target framed in green (and shown after them with its rank when it is not among them)."""
     method = "cirevl" if "cirevl" in queries else next(iter(queries))
     shown = [int(np.flatnonzero(categories == c)[0]) for c in sorted(set(categories))][:EXAMPLES]
-    tops = {}
+    tops, target_rows = {}, {}
     for q in shown:
         theirs = np.flatnonzero(gallery["categories"] == categories[q])
         tops[q] = theirs[np.argsort(-(embeddings[theirs] @ queries[method][q]), kind="stable")[:5]]
-    wanted = sorted({int(r) for q in shown for r in (references[q], *tops[q])} |
-                    {int(np.flatnonzero((gallery["ids"] == targets[q]) & (gallery["categories"] == categories[q]))[0])
-                     for q in shown})
+        target_rows[q] = int(theirs[gallery["ids"][theirs] == targets[q]][0])
+    wanted = sorted({int(r) for q in shown for r in (references[q], *tops[q], target_rows[q])})
     pictures = dict(zip(wanted, (image for image, _ in gallery["source"].first_views(gallery["rows"][wanted])),
                         strict=True))
     figure = lambda row, caption, marked=False: report_lib.Figure(report_lib.png(pictures[row], 192), caption, marked)
@@ -260,9 +259,8 @@ def report_page(report: dict, gallery: dict, embeddings: np.ndarray, queries: di
         figures = [figure(int(references[q]), "reference\n" + "\n".join(said))]
         figures += [figure(int(r), f"{k}. {gallery['ids'][r]}", gallery["ids"][r] == targets[q])
                     for k, r in enumerate(tops[q], 1)]
-        if targets[q] not in gallery["ids"][tops[q]]:
-            target = int(np.flatnonzero((gallery["ids"] == targets[q]) & (gallery["categories"] == categories[q]))[0])
-            figures.append(figure(target, f"target {targets[q]}, rank {int(ranks[method][q])}", True))
+        if target_rows[q] not in tops[q]:
+            figures.append(figure(target_rows[q], f"target {targets[q]}, rank {int(ranks[method][q])}", True))
         blocks.append(report_lib.Gallery(f"{categories[q]}: {instructions[q]}", tuple(figures), width=160))
     return f"Composed retrieval on {report['dataset']}/{report['split']}", blocks
 

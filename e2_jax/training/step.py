@@ -100,7 +100,7 @@ def make_train_step(spec: RunSpec, stage: Stage, tx: optax.GradientTransformatio
             noise = jax.random.gumbel(key, gumbel_noise_shape(spec.clip, e2, batch["images"].shape[0]))
             noise = jax.lax.with_sharding_constraint(noise, batch_spec)
             tau = annealed_tau(e2, state["step"], run_steps)
-        embed = embeddings if tau is None else functools.partial(embeddings, tau=tau)
+        embed = functools.partial(embeddings, tau=tau)
         whole = (lambda params: region_text(params, batch)) if regions else None
 
         def total(t, emb):
