@@ -25,6 +25,7 @@ import jax
 from tqdm import tqdm
 
 from e2_jax import storage
+from e2_jax.data import tensorflow_cpu
 
 # Dense bfloat16 peak FLOP/s per device, matched as a prefix of `device.device_kind`.
 PEAK_FLOPS = {
@@ -78,7 +79,7 @@ class Writer:
         self.enabled = jax.process_index() == 0
         if not self.enabled:
             return
-        import tensorflow as tf  # already loaded by the input pipeline
+        tf = tensorflow_cpu.load()  # (loaded already where the input pipeline runs)
         from tensorflow.core.framework import summary_pb2
 
         self._tf = tf

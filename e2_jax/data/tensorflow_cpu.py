@@ -8,6 +8,12 @@ TensorFlow's C++ start-up writes informational lines straight to the process's s
 is on, the CPU instructions it was built for, absl's "before InitializeLog" warning) whatever
 TF_CPP_MIN_LOG_LEVEL says; they are dropped here, and anything else it writes while importing is
 passed on. `TF_CPP_MIN_LOG_LEVEL=0` keeps them all.
+
+TensorFlow is imported at the first use of `tf` (or `load()`), not at the import of this module,
+so a command that stops before reading data (a mistake in its flags, `--help`) does not spend
+the 3 s TensorFlow takes to import. TFDS imports TensorFlow itself when it first needs it: the
+modules that hand data to TFDS (`e2_jax.data.pipeline.Source`, `e2_jax.data.build`) call
+`load()` first.
 """
 
 from __future__ import annotations
@@ -42,12 +48,30 @@ def _import_quietly():
     return tensorflow
 
 
-tf = _import_quietly()
+_loaded = None
 
-try:
-    tf.config.set_visible_devices([], "GPU")
-    tf.config.set_visible_devices([], "TPU")
-except RuntimeError:  # TensorFlow ran an operation before this import: too late, leave it
-    pass
 
-__all__ = ["tf"]
+def load():
+    """TensorFlow, imported once, without its GPUs and TPUs."""
+    global _loaded
+    if _loaded is None:
+        module = _import_quietly()
+        try:
+            module.config.set_visible_devices([], "GPU")
+            module.config.set_visible_devices([], "TPU")
+        except RuntimeError:  # TensorFlow ran an operation before this import: too late, leave it
+            pass
+        _loaded = module
+    return _loaded
+
+
+class _TensorFlow:
+    """`tf`: TensorFlow's attributes, read through `load()`."""
+
+    def __getattr__(self, name: str):
+        return getattr(load(), name)
+
+
+tf = _TensorFlow()
+
+__all__ = ["load", "tf"]

@@ -11,7 +11,7 @@ e2_jax opens one.
 import tensorflow_datasets as tfds
 from etils import epath
 
-import e2_jax.data.tensorflow_cpu  # noqa: F401  (first: TFDS starts TensorFlow, which must not see GPUs)
+from e2_jax.data import tensorflow_cpu
 from e2_jax.data.builders import amazon_fashion, catalog, fashion_gen, fashion_iq, synth_fashion
 from e2_jax.errors import MissingError, suggest
 
@@ -29,6 +29,7 @@ def builder(name: str, data_dir: str | None = None, **kwargs) -> tfds.core.Datas
     except tfds.core.registered.DatasetNotFoundError:
         raise MissingError(f"no dataset {base!r}{suggest(base, ours)}; e2_jax builds {', '.join(sorted(ours))} "
                            "(see docs/data.md)") from None
+    tensorflow_cpu.load()  # before TFDS starts TensorFlow, which must not see GPUs
     if cls is catalog.Catalog:
         return _catalog(variant, data_dir, **kwargs)
     variants = [config.name for config in (cls.BUILDER_CONFIGS or ())]
