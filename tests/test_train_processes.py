@@ -28,7 +28,7 @@ pytestmark = pytest.mark.slow
 
 # One E² group, the season (6 distinct tags in SynthFashion/tiny): its tags fill one bucket of the
 # packed region texts (e2_jax/data/region_texts.py), so each run compiles one step variant, not two
-# (each groups' own tests are in-process: tests/test_train.py, tests/region_equality.py).
+# (runs with several groups are tested in-process: tests/test_train.py, tests/region_equality.py).
 GROUPS = "--config.e2.groups=" + repr((recipes.group("season", tag_length=8),))
 
 

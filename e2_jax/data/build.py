@@ -17,7 +17,7 @@ import argparse
 import tensorflow_datasets as tfds
 
 from e2_jax import errors
-from e2_jax.data import builders, catalog, tensorflow_cpu  # (importing builders registers them)
+from e2_jax.data import builders, catalog  # (importing builders registers them)
 from e2_jax.data.builders.skipped import describe
 from e2_jax.errors import ConfigError
 
@@ -27,7 +27,6 @@ def build(name: str, data_dir: str | None = None, manual_dir: str | None = None,
     """Builds dataset `name`; a catalog (`catalog/NAME`) from the table in `manual_dir`, read
     with `table_options`."""
     base, _, variant = name.partition("/")
-    tensorflow_cpu.load()  # before TFDS starts TensorFlow, which must not see GPUs
     if base == "catalog":
         if not variant or not manual_dir:
             raise ConfigError("a catalog is built as catalog/NAME --manual-dir DIR, DIR the folder of the product "

@@ -2,7 +2,8 @@
 import tf`) and it sees no GPU or TPU. A GPU build of TensorFlow, if one is installed, would
 otherwise take most of every GPU's memory at its first operation, and on a TPU VM try to open
 the chips JAX holds. Hiding them works only before TensorFlow has initialised its devices, so
-every module of e2_jax that uses TensorFlow (or TFDS, which imports it) imports this first.
+every module of e2_jax that uses TensorFlow reads it through `tf` or `load()` here, and every
+TFDS builder e2_jax makes is made after `load()` (TFDS imports TensorFlow itself).
 
 TensorFlow's C++ start-up writes informational lines straight to the process's stderr (oneDNN
 is on, the CPU instructions it was built for, absl's "before InitializeLog" warning) whatever
@@ -11,9 +12,8 @@ passed on. `TF_CPP_MIN_LOG_LEVEL=0` keeps them all.
 
 TensorFlow is imported at the first use of `tf` (or `load()`), not at the import of this module,
 so a command that stops before reading data (a mistake in its flags, `--help`) does not spend
-the 3 s TensorFlow takes to import. TFDS imports TensorFlow itself when it first needs it: the
-modules that hand data to TFDS (`e2_jax.data.pipeline.Source`, `e2_jax.data.build`) call
-`load()` first.
+the 3 s TensorFlow takes to import. The places that make TFDS builders
+(`e2_jax.data.builders.builder`, `builders.catalog.for_table`) call `load()` first.
 """
 
 from __future__ import annotations

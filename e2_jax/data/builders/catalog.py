@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
-from e2_jax.data import catalog
+from e2_jax.data import catalog, tensorflow_cpu
 from e2_jax.data.builders.images import checked_image
 from e2_jax.data.builders.skipped import SkippedLog
 from e2_jax.data.catalog import TableOptions
@@ -43,6 +43,7 @@ def for_table(name: str, manual_dir: str | Path, options: TableOptions | None = 
               data_dir: str | None = None, **kwargs: Any) -> Catalog:
     """The builder of catalog `name` from the table in `manual_dir`."""
     table = catalog.find_table(manual_dir)
+    tensorflow_cpu.load()  # before TFDS starts TensorFlow, which must not see GPUs
     config = CatalogConfig(name=name, table=str(table), options=options, description=f"Products of {table}.")
     return Catalog(config=config, data_dir=data_dir, **kwargs)
 
