@@ -5,6 +5,7 @@ slice on this machine, with no TPU, before anyone reserves one.
     python -m e2_jax.compile_check --config configs/e2_synth.py:runlocal --topology v5e-16
     python -m e2_jax.compile_check --config configs/e2_b32.py --topology v5p-128 --max-batch
     ... --config.batch_size=2048 --config.mesh="(('data', -1), ('fsdp', 8))"   any field, as in main
+    ... --json report.json                     the table's numbers for scripts, besides the table
 
 libtpu (`pip install -e .[tpu]`) describes the slice as the real one is: its chips, their torus
 coordinates and hosts (`jax.experimental.topologies`), and runs the real TPU compiler on this
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 import os
 import re
@@ -426,6 +428,20 @@ def report(tpu: Slice, slices: int, mesh_shape: dict, global_batch: int, program
     return "\n".join(lines)
 
 
+def write_json(path: str | None, tpu: Slice, slices: int, mesh_shape: dict, global_batch: int,
+               programs: Sequence[Program], verdict_line: str) -> None:
+    """`--json`: the report's numbers (bytes, FLOPs per chip; collectives as kind: [count,
+    bytes]), without the compiled programs' text."""
+    if not path:
+        return
+    rows = [{**{k: v for k, v in dataclasses.asdict(p).items() if k != "hlo"}, "total": p.total} for p in programs]
+    with open(path, "w") as f:
+        json.dump({"slice": tpu.name, "topology": tpu.topology, "chips": tpu.chips * slices, "slices": slices,
+                   "mesh": mesh_shape, "global_batch": global_batch, "budget_bytes": tpu.budget_bytes,
+                   "verdict": verdict_line, "programs": rows}, f, indent=1)
+        f.write("\n")
+
+
 def verdict(tpu: Slice, programs: Sequence[Program]) -> tuple[bool, str]:
     worst = max(programs, key=lambda p: p.total)
     over = [p for p in programs if p.total > tpu.budget_bytes]
@@ -486,6 +502,8 @@ def main(argv: list[str] | None = None) -> None:
                                         "v5litepod-256 or v5e-256, v6e-64, v4-32), or libtpu's topology (v5e:4x4).")
     slices_flag = flags.DEFINE_integer("slices", 1, "Slices of that topology joined over the data-center network.")
     max_batch_flag = flags.DEFINE_boolean("max_batch", False, "Find the largest global batch whose steps fit.")
+    json_flag = flags.DEFINE_string("json", None, "Also write what the table shows to this file, as JSON "
+                                    "(for scripts: the slice, mesh, global batch, verdict and each program).")
     flags.mark_flags_as_required(["config", "topology"])
 
     def run(argv: list[str]) -> None:
@@ -505,11 +523,13 @@ def main(argv: list[str] | None = None) -> None:
                                   "shard needs more than the chip's HBM; try fsdp, remat or a larger slice")
             print(f"largest global batch that fits: {batch}")
             print(report(tpu, slices_flag.value, dict(mesh.shape), batch, programs))
+            write_json(json_flag.value, tpu, slices_flag.value, dict(mesh.shape), batch, programs, "fits")
             return
         programs = run_programs(config, devices)
         print(report(tpu, slices_flag.value, dict(mesh.shape), config.batch_size, programs))
         ok, line = verdict(tpu, programs)
         print(line, flush=True)
+        write_json(json_flag.value, tpu, slices_flag.value, dict(mesh.shape), config.batch_size, programs, line)
         if not ok:
             sys.exit(1)
 

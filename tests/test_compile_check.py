@@ -1,6 +1,8 @@
 """`python -m e2_jax.compile_check`: a run's programs compiled by the real TPU compiler (libtpu)
 for real slice descriptions on this CPU machine, with their memory, FLOPs and collectives."""
 
+import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -51,29 +53,58 @@ def test_the_verdict_says_by_how_much_a_program_misses():
     assert not ok and line == "does not fit: step needs 17.000 GiB of 16 (over by 1.000 GiB)"
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("name", ["v5e:4x4", "v5p:2x2x2"])
-def test_the_tiny_e2_run_compiles_for_a_slice(name):
-    """Each stage's step and the evaluation encoders of the tiny E² config, compiled by libtpu
-    for a v5e slice (4 hosts) and a v5p slice (megacore, 2 hosts), over the project's mesh; the
-    input rows of each host are those its chips hold."""
-    config = config_module(ROOT / "configs/e2_synth.py").get_config("runlocal")
-    tpu = compile_check.parse_slice(name)
-    devices = compile_check.topology_devices(tpu)
-    assert len(devices) == tpu.chips and {d.platform for d in devices} == {"tpu"}
-    check_rows(devices, config.mesh, name)
-    programs = compile_check.run_programs(config, devices)
-    names = [p.name for p in programs]
+def _assert_the_tiny_e2_programs(config, programs: list[dict], table: str) -> None:
+    """What a compile of the tiny E² config must give, for any slice (`compile_check.Program`s
+    as `--json` writes them)."""
+    names = [p["name"] for p in programs]
     assert names == [f"stage {s} step" for s in config.stages] + ["evaluation: images", "evaluation: texts"], names
     for p in programs:
-        assert p.arguments > 0 and p.total > p.arguments / 2 and p.compile_s > 0, p
-        assert p.flops and p.flops > 0, p
+        assert p["arguments"] > 0 and p["total"] > p["arguments"] / 2 and p["compile_s"] > 0, p
+        assert p["flops"] and p["flops"] > 0, p
     step = programs[0]
     # The batch is split over every chip: the loss gathers the embeddings, the gradients are summed.
-    assert step.collectives.get("all-gather", (0, 0))[0] > 0 and step.collectives.get("all-reduce", (0, 0))[0] > 0
+    assert step["collectives"].get("all-gather", (0, 0))[0] > 0 and step["collectives"].get("all-reduce", (0, 0))[0] > 0
+    assert table.count("\n| ") == len(programs) + 1 and "GiB" in table
+
+
+@pytest.mark.slow
+def test_the_tiny_e2_run_compiles_for_a_v5p_slice():
+    """Each stage's step and the evaluation encoders of the tiny E² config, compiled by libtpu
+    for a v5p slice (megacore, 2 hosts) in this process, over the project's mesh; the input rows
+    of each host are those its chips hold."""
+    config = config_module(ROOT / "configs/e2_synth.py").get_config("runlocal")
+    tpu = compile_check.parse_slice("v5p:2x2x2")
+    devices = compile_check.topology_devices(tpu)
+    assert len(devices) == tpu.chips and {d.platform for d in devices} == {"tpu"}
+    check_rows(devices, config.mesh, "v5p:2x2x2")
+    programs = compile_check.run_programs(config, devices)
     table = compile_check.report(tpu, 1, dict(sharding.make_mesh(config.mesh, devices).shape), config.batch_size,
                                  programs)
-    assert table.count("\n| ") == len(programs) + 1 and "GiB" in table
+    _assert_the_tiny_e2_programs(config, [{**dataclasses.asdict(p), "total": p.total} for p in programs], table)
+
+
+@pytest.mark.slow
+def test_the_command_compiles_the_tiny_e2_run_for_v5e_16_prints_fits_and_the_table_quietly(tmp_path):
+    """The same for a v5e slice (4 hosts), through the command a user types: v5e-16 is libtpu's
+    v5e:4x4, whose devices give each host the rows its chips hold. It prints the table and
+    "fits", writes the same numbers with --json, and none of libtpu's start-up warnings."""
+    config = config_module(ROOT / "configs/e2_synth.py").get_config("runlocal")
+    tpu = compile_check.parse_slice("v5e-16")
+    assert tpu.topology == "v5e:4x4"
+    devices = compile_check.topology_devices(tpu)
+    assert len(devices) == tpu.chips and {d.platform for d in devices} == {"tpu"}
+    check_rows(devices, config.mesh, "v5e:4x4")
+    done = _cli("--config", "configs/e2_synth.py:runlocal", "--topology", "v5e-16", "--json", str(tmp_path / "r.json"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "| stage train step |" in done.stdout and "\nfits: every program within 16 GiB" in done.stdout
+    for noise in ("could not determine TPU", "InitGoogle", "libtpu_init_utils"):
+        assert noise not in done.stdout + done.stderr
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert (report["topology"], report["chips"], report["global_batch"]) == ("v5e:4x4", 16, config.batch_size)
+    assert report["mesh"] == dict(sharding.make_mesh(config.mesh, devices).shape)
+    assert report["verdict"].startswith("fits") and report["verdict"] in done.stdout
+    table = done.stdout[:done.stdout.index("\nfits")]
+    _assert_the_tiny_e2_programs(config, report["programs"], table)
 
 
 def test_the_tiny_e2_run_compiles_for_gpu_hosts():
@@ -104,15 +135,6 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("TPU_")}  # as a user's shell has them
     return subprocess.run([sys.executable, "-m", "e2_jax.compile_check", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
-
-
-@pytest.mark.slow
-def test_the_command_prints_fits_and_the_table_and_no_libtpu_warnings():
-    done = _cli("--config", "configs/e2_synth.py:runlocal", "--topology", "v5e-16")
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "| stage train step |" in done.stdout and "\nfits: every program within 16 GiB" in done.stdout
-    for noise in ("could not determine TPU", "InitGoogle", "libtpu_init_utils"):
-        assert noise not in done.stdout + done.stderr
 
 
 def test_an_unknown_slice_is_one_error_line():
