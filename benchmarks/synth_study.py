@@ -179,8 +179,20 @@ def one(arg: str, workdir: Path, probes_only: bool = False) -> None:
     result = {"variant": options["variant"], "seed": int(options["seed"]), "config": arg, "seconds": times,
               "data": f"{DATASET} {SynthFashion.VERSION}", "checkpoint": report["checkpoint"],
               "retrieval": report["metrics"], "probe": {f: probes[f]["accuracy"] for f in PROBE_FIELDS} | back,
-              "picks": report.get("picks_on_details"), "curves": loss_curves(workdir / "metrics.jsonl")}
+              "picks": report.get("picks_on_details"), "curves": loss_curves(workdir / "metrics.jsonl"),
+              # Which initial weights: the same pre-training gives other weights on another CPU.
+              "init_sha256": params_digest(Path(options["init"])) if options.get("init") else None,
+              "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {_cpu_model()}"}
     (workdir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+
+
+def _cpu_model() -> str:
+    """The CPU's model name (Linux), which decides XLA's CPU code and so the rounding."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor() or "unknown CPU"
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "unknown CPU")
 
 
 def loss_curves(metrics: Path, points: int = 20) -> dict[str, list[list[float]]]:
