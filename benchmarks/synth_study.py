@@ -42,6 +42,7 @@ except ImportError:
     pass
 
 import argparse
+import collections
 import hashlib
 import json
 import os
@@ -184,6 +185,20 @@ def one(arg: str, workdir: Path, probes_only: bool = False) -> None:
               "init_sha256": params_digest(Path(options["init"])) if options.get("init") else None,
               "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {_cpu_model()}"}
     (workdir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+
+
+def _other_inits(results: list[dict], pretraining: dict) -> str:
+    """Runs that name other initial weights than OUT's pre-training (made on another machine)."""
+    other = collections.defaultdict(list)
+    for r in results:
+        if r.get("init_sha256") and r["init_sha256"] != pretraining.get("params_sha256"):
+            other[r["init_sha256"]].append(f"{r['variant']} seed {r['seed']}")
+    return "".join(f"; {', '.join(runs)} from {sha[:16]}... ({_machines(results, sha)})"
+                   for sha, runs in sorted(other.items()))
+
+
+def _machines(results: list[dict], sha: str) -> str:
+    return ", ".join(sorted({r.get("machine", "?") for r in results if r.get("init_sha256") == sha}))
 
 
 def _cpu_model() -> str:
@@ -330,7 +345,7 @@ def main(argv: list[str] | None = None) -> None:
               f"{total / 3600:.2f} h of run time in all (pre-training "
               f"included); this invocation {time.perf_counter() - start:.0f} s. Machine: {platform.machine()}"
               f", {os.cpu_count()} CPUs, Python {platform.python_version()}. Initial weights: sha256 "
-              f"{pretraining.get('params_sha256', 'not recorded')}.\n\n")
+              f"{pretraining.get('params_sha256', 'not recorded')}{_other_inits(results, pretraining)}.\n\n")
     (out / "summary.md").write_text(header + table)
     (out / "summary.json").write_text(json.dumps(data, indent=2) + "\n")
     print(header + table)

@@ -129,3 +129,16 @@ def test_loss_curves_are_window_means(tmp_path):
     assert set(curves) == {"global", "brand"}
     assert curves["global"] == [[100, 4.5], [200, 14.5], [300, 24.5], [400, 34.5]]
     assert curves["brand"][0] == [100, pytest.approx(4.0 - 0.045)]
+
+
+def test_the_summary_names_runs_from_other_initial_weights():
+    """The same pre-training gives other weights on another CPU: the summary's header names the
+    runs that started from weights other than OUT's pre-training, and where they ran."""
+    from benchmarks import synth_study as runner
+
+    here = {"params_sha256": "2b538af8" + "0" * 56}
+    runs = [{"variant": "e2", "seed": 0},  # from before runs named their weights
+            {"variant": "e2", "seed": 1, "init_sha256": here["params_sha256"], "machine": "x86_64, 2 CPUs, Intel"},
+            {"variant": "pick_loss", "seed": 1, "init_sha256": "1eb966cf" + "1" * 56, "machine": "x86_64, 2 CPUs, AMD"}]
+    assert runner._other_inits(runs[:2], here) == ""
+    assert runner._other_inits(runs, here) == "; pick_loss seed 1 from 1eb966cf11111111... (x86_64, 2 CPUs, AMD)"
