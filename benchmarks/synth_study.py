@@ -183,31 +183,32 @@ def one(arg: str, workdir: Path, probes_only: bool = False) -> None:
               "picks": report.get("picks_on_details"), "curves": loss_curves(workdir / "metrics.jsonl"),
               # Which initial weights: the same pre-training gives other weights on another CPU.
               "init_sha256": params_digest(Path(options["init"])) if options.get("init") else None,
-              "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {_cpu_model()}"}
+              "machine": machine()}
     (workdir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
 
 
 def _other_inits(results: list[dict], pretraining: dict) -> str:
     """Runs that name other initial weights than OUT's pre-training (made on another machine)."""
-    other = collections.defaultdict(list)
+    other = collections.defaultdict(lambda: ([], set()))
     for r in results:
         if r.get("init_sha256") and r["init_sha256"] != pretraining.get("params_sha256"):
-            other[r["init_sha256"]].append(f"{r['variant']} seed {r['seed']}")
-    return "".join(f"; {', '.join(runs)} from {sha[:16]}... ({_machines(results, sha)})"
-                   for sha, runs in sorted(other.items()))
+            runs, machines = other[r["init_sha256"]]
+            runs.append(f"{r['variant']} seed {r['seed']}")
+            machines.add(r.get("machine", "?"))
+    return "".join(f"; {', '.join(runs)} from {sha[:16]}... ({', '.join(sorted(machines))})"
+                   for sha, (runs, machines) in sorted(other.items()))
 
 
-def _machines(results: list[dict], sha: str) -> str:
-    return ", ".join(sorted({r.get("machine", "?") for r in results if r.get("init_sha256") == sha}))
-
-
-def _cpu_model() -> str:
-    """The CPU's model name (Linux), which decides XLA's CPU code and so the rounding."""
+def machine() -> str:
+    """This machine as the results name it; the CPU's model (Linux) decides XLA's CPU code and
+    so the rounding."""
     try:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
-        return platform.processor() or "unknown CPU"
-    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "unknown CPU")
+        lines = []
+    model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")),
+                 platform.processor() or "unknown CPU")
+    return f"{platform.machine()}, {os.cpu_count()} CPUs, {model}"
 
 
 def loss_curves(metrics: Path, points: int = 20) -> dict[str, list[list[float]]]:
@@ -343,8 +344,8 @@ def main(argv: list[str] | None = None) -> None:
     data_versions = sorted({r.get("data", f"{DATASET} 1.0.0") for r in results})
     header = (f"SynthFashion study ({', '.join(data_versions)}), {len(results)} runs, "
               f"{total / 3600:.2f} h of run time in all (pre-training "
-              f"included); this invocation {time.perf_counter() - start:.0f} s. Machine: {platform.machine()}"
-              f", {os.cpu_count()} CPUs, Python {platform.python_version()}. Initial weights: sha256 "
+              f"included); this invocation {time.perf_counter() - start:.0f} s. Machine: {machine()}"
+              f", Python {platform.python_version()}. Initial weights: sha256 "
               f"{pretraining.get('params_sha256', 'not recorded')}{_other_inits(results, pretraining)}.\n\n")
     (out / "summary.md").write_text(header + table)
     (out / "summary.json").write_text(json.dumps(data, indent=2) + "\n")

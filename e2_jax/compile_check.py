@@ -428,17 +428,21 @@ def report(tpu: Slice, slices: int, mesh_shape: dict, global_batch: int, program
     return "\n".join(lines)
 
 
+def program_row(p: Program) -> dict:
+    """One program as `--json` writes it: its fields and `total`, without the compiled text."""
+    return {**{k: v for k, v in dataclasses.asdict(p).items() if k != "hlo"}, "total": p.total}
+
+
 def write_json(path: str | None, tpu: Slice, slices: int, mesh_shape: dict, global_batch: int,
                programs: Sequence[Program], verdict_line: str) -> None:
     """`--json`: the report's numbers (bytes, FLOPs per chip; collectives as kind: [count,
     bytes]), without the compiled programs' text."""
     if not path:
         return
-    rows = [{**{k: v for k, v in dataclasses.asdict(p).items() if k != "hlo"}, "total": p.total} for p in programs]
     with open(path, "w") as f:
         json.dump({"slice": tpu.name, "topology": tpu.topology, "chips": tpu.chips * slices, "slices": slices,
                    "mesh": mesh_shape, "global_batch": global_batch, "budget_bytes": tpu.budget_bytes,
-                   "verdict": verdict_line, "programs": rows}, f, indent=1)
+                   "verdict": verdict_line, "programs": [program_row(p) for p in programs]}, f, indent=1)
         f.write("\n")
 
 
@@ -523,7 +527,8 @@ def main(argv: list[str] | None = None) -> None:
                                   "shard needs more than the chip's HBM; try fsdp, remat or a larger slice")
             print(f"largest global batch that fits: {batch}")
             print(report(tpu, slices_flag.value, dict(mesh.shape), batch, programs))
-            write_json(json_flag.value, tpu, slices_flag.value, dict(mesh.shape), batch, programs, "fits")
+            write_json(json_flag.value, tpu, slices_flag.value, dict(mesh.shape), batch, programs,
+                       verdict(tpu, programs)[1])
             return
         programs = run_programs(config, devices)
         print(report(tpu, slices_flag.value, dict(mesh.shape), config.batch_size, programs))

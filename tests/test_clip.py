@@ -52,7 +52,7 @@ def test_text_length_is_not_hard_wired(tiny):
     short = model.apply({"params": params}, tokens[:, :16], method=CLIP.encode_text)
     # Equal up to float32 rounding: XLA's CPU kernels sum in an order that depends on the
     # sequence length and on the CPU (1.3e-6 apart on an AMD EPYC without AVX-512, for values of
-    # order 1); a padding token that leaked in would move them by about 0.1.
+    # order 1).
     np.testing.assert_allclose(short, full, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="L <= 77"):
         model.apply({"params": params}, np.zeros((1, 78), np.int32), method=CLIP.encode_text)
