@@ -20,6 +20,7 @@ from e2_jax.models.e2 import (
     fusion_layers_for,
     gumbel_noise_shape,
     init_e2_params,
+    pick_softness,
     straight_through_gumbel,
 )
 
@@ -272,6 +273,51 @@ def test_annealed_temperature_variant_is_off_by_default_and_changes_only_the_gra
     assert not np.allclose(grad(jnp.float32(4.0)), grad(jnp.float32(0.5)))
     with pytest.raises(ValueError, match="gumbel_tau_end"):
         E2Config(gumbel_tau_end=-1.0)
+
+
+def test_soft_pick_variant_is_off_by_default_and_mixes_the_soft_weights_in_when_on(tiny_batch):
+    """`soft_pick_until` (a variant beyond the paper): at its default (0) the trainer passes no
+    softness and the forward is E²'s, bit for bit; on, the softness goes linearly from 1 at the
+    run's first step to 0 at that fraction of it; a softness of 0 is E²'s hard pick, 1 the
+    Gumbel-softmax weights over every patch, and the gradient through the weights is the soft
+    weights' at every softness."""
+    images = tiny_batch[0]
+    params = init_e2_params(TINY, E2Config(), jax.random.key(0))
+    noise = jax.random.gumbel(jax.random.key(1), gumbel_noise_shape(TINY, E2Config(), images.shape[0]))
+
+    def forward(params, e2, softness=None):
+        return E2Model(TINY, e2).apply({"params": params}, images, True, noise, None, softness,
+                                       method=E2Model.encode_image)
+
+    assert pick_softness(E2Config(), jnp.int32(5), 100) is None  # the trainer passes none at the default
+    soft_e2 = E2Config(soft_pick_until=0.5)
+    paper = forward(params, E2Config())
+    for other in (forward(params, soft_e2), forward(params, soft_e2, jnp.float32(0.0))):
+        for a, b in zip(jax.tree.leaves(paper), jax.tree.leaves(other), strict=True):
+            np.testing.assert_array_equal(a, b)
+    shares = [float(pick_softness(soft_e2, jnp.int32(s), 101)) for s in (0, 25, 50, 100)]
+    np.testing.assert_allclose(shares, [1.0, 0.5, 0.0, 0.0], atol=1e-7)
+    soft = forward(params, soft_e2, jnp.float32(1.0))
+    # the first block's reported pick is still the argmax (the second's sees other inputs)
+    np.testing.assert_array_equal(paper.picks[0], soft.picks[0])
+    assert not np.allclose(paper.region_embeddings, soft.region_embeddings)
+    # The weights themselves: softness s gives (1 - s) * one-hot + s * softmax((logits + noise) / tau).
+    logits = jax.random.normal(jax.random.key(2), (2, 3, 7))
+    g = jax.random.gumbel(jax.random.key(3), logits.shape)
+    hard, index = straight_through_gumbel(logits, 1.0, g)
+    expected_soft = jax.nn.softmax(logits + g, axis=-1)
+    for s in (0.0, 0.3, 1.0):
+        weights, same = straight_through_gumbel(logits, 1.0, g, jnp.float32(s))
+        np.testing.assert_array_equal(index, same)
+        np.testing.assert_allclose(weights, (1 - s) * hard + s * expected_soft, atol=1e-6)
+    probe = jax.random.normal(jax.random.key(4), logits.shape)
+    grads = [jax.grad(lambda x, s=s: jnp.sum(probe * straight_through_gumbel(x, 1.0, g, s)[0]))(logits)
+             for s in (None, jnp.float32(0.3), jnp.float32(1.0))]
+    for other in grads[1:]:
+        np.testing.assert_allclose(grads[0], other, atol=1e-6)
+    for bad in (dict(soft_pick_until=1.5), dict(soft_pick_until=0.5, fusion=False)):
+        with pytest.raises(ValueError, match="soft_pick_until"):
+            E2Config(**bad)
 
 
 def test_pick_embeddings_are_off_by_default_and_carry_the_picks_gradient(tiny_batch):

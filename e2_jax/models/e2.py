@@ -93,6 +93,11 @@ class E2Config:
     # (pooled over its tokens, per fusion block) through the group's region head, for the loss
     # term that contrasts them with the tag text (`loss.pick_weight`, docs/model.md).
     pick_embeddings: bool = False
+    # Beyond the paper (docs/model.md): > 0 makes the fusion blocks' picks soft at the run's
+    # start, the Gumbel-softmax weights over every patch, and hard by this fraction of the run
+    # (linearly in between; the trainer passes each step's share of the soft weights). 0 keeps
+    # them hard throughout, as E². Evaluation always picks hard.
+    soft_pick_until: float = 0.0
 
     def __post_init__(self) -> None:
         names = [g.name for g in self.groups]
@@ -104,6 +109,10 @@ class E2Config:
             raise ValueError(f"gumbel_tau must be positive, got {self.gumbel_tau}")
         if self.gumbel_tau_end < 0:
             raise ValueError(f"gumbel_tau_end must be positive (annealed) or 0 (constant), got {self.gumbel_tau_end}")
+        if not 0 <= self.soft_pick_until <= 1:
+            raise ValueError(f"soft_pick_until is a fraction of the run in [0, 1], got {self.soft_pick_until}")
+        if self.soft_pick_until and not (self.fusion and self.selection_tokens):
+            raise ValueError("soft_pick_until > 0 softens the fusion blocks' picks: it needs the fusion blocks")
         if not self.selection_sees_patches and not self.fusion:
             raise ValueError("selection_sees_patches=False needs the fusion blocks (the tokens would see no patch)")
         if self.pick_embeddings and not (self.fusion and self.selection_tokens):
@@ -164,12 +173,15 @@ def group_slices(e2: E2Config) -> list[tuple[int, int]]:
     return slices
 
 
-def straight_through_gumbel(logits: Array, tau: float, noise: Array | None) -> tuple[Array, Array]:
+def straight_through_gumbel(logits: Array, tau: float, noise: Array | None,
+                            softness: Array | None = None) -> tuple[Array, Array]:
     """Hard attention over the last axis: one-hot forward, Gumbel-softmax gradient.
 
     `noise`: Gumbel(0, 1) samples of the logits' shape, or None for no noise (plain argmax).
     Returns (weights, picked indices). The forward value is exactly one-hot:
-    `hard + (soft - stop_gradient(soft))`, where the bracket is 0.
+    `hard + (soft - stop_gradient(soft))`, where the bracket is 0. `softness` (a scalar in
+    [0, 1], the soft-pick variant) mixes in the soft weights: `(1 - softness) * that + softness
+    * soft`, whose gradient is still the soft weights'; None is E²'s pick.
     """
     z = logits.astype(jnp.float32)
     if noise is not None:
@@ -177,7 +189,10 @@ def straight_through_gumbel(logits: Array, tau: float, noise: Array | None) -> t
     soft = jax.nn.softmax(z / tau, axis=-1)
     index = jnp.argmax(soft, axis=-1)  # of the soft weights, as the authors' code
     hard = jax.nn.one_hot(index, z.shape[-1], dtype=jnp.float32)
-    return hard + (soft - jax.lax.stop_gradient(soft)), index
+    weights = hard + (soft - jax.lax.stop_gradient(soft))
+    if softness is not None:
+        weights = (1 - softness) * weights + softness * soft
+    return weights, index
 
 
 class FusionBlock(nn.Module):
@@ -198,8 +213,10 @@ class FusionBlock(nn.Module):
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: Array, noise: Array | None, tau: Array | None = None) -> tuple[Array, Array, Array]:
-        """`tau`: the temperature of this call (a traced scalar), else the module's `tau`."""
+    def __call__(self, x: Array, noise: Array | None, tau: Array | None = None,
+                 softness: Array | None = None) -> tuple[Array, Array, Array]:
+        """`tau`: the temperature of this call (a traced scalar), else the module's `tau`;
+        `softness`: the soft weights' share of the pick (`straight_through_gumbel`)."""
         k_tokens = self.num_tokens
         init = nn.initializers.normal(stddev=self.width**-0.5)
         w = {name: self.param(name, init, (self.width, self.width), self.param_dtype).astype(self.dtype)
@@ -208,7 +225,7 @@ class FusionBlock(nn.Module):
         q, k, v = selection @ w["proj_q"], patches @ w["proj_k"], patches @ w["proj_v"]
         scale = math.sqrt(768 if self.literal_768_scale else self.width)
         logits = jnp.einsum("bkd,bpd->bkp", q, k) / scale
-        weights, picked = straight_through_gumbel(logits, self.tau if tau is None else tau, noise)
+        weights, picked = straight_through_gumbel(logits, self.tau if tau is None else tau, noise, softness)
         chosen = jnp.einsum("bkp,bpd->bkd", weights.astype(self.dtype), v)
         selection = (chosen + selection) / 2
         parts = [selection, cls] if self.drop_patches else [selection, cls, patches]
@@ -264,7 +281,8 @@ class E2VisionTransformer(VisionTransformer):
                              for g in e2.groups]
 
     def __call__(self, images: Array, train: bool = False,  # type: ignore[override]
-                 gumbel_noise: Array | None = None, gumbel_tau: Array | None = None) -> E2ImageOutput:
+                 gumbel_noise: Array | None = None, gumbel_tau: Array | None = None,
+                 pick_softness: Array | None = None) -> E2ImageOutput:
         c, e2 = self.config, self.e2
         x = self.embed(images)  # CLS + patches, with positions
         tokens = jnp.broadcast_to(self.selection_tokens.astype(x.dtype), (x.shape[0], *self.selection_tokens.shape))
@@ -283,9 +301,10 @@ class E2VisionTransformer(VisionTransformer):
                 mask = ~((jnp.arange(length)[:, None] < e2.num_tokens) & (jnp.arange(length)[None, :] >= seen))
                 mask = mask[None, None]
             x = self.transformer(x, 0, first, mask=mask)
-            x, picks_1, chosen_1 = self.fusion_1(x, noise[0], gumbel_tau)
+            x, picks_1, chosen_1 = self.fusion_1(x, noise[0], gumbel_tau, pick_softness)
             x = self.transformer(x, first, second, mask=mask)
-            x, picks_2, chosen_2 = self.fusion_2(x, noise[1], gumbel_tau)  # patches dropped: K + 1 tokens remain
+            # the patches dropped: K + 1 tokens remain
+            x, picks_2, chosen_2 = self.fusion_2(x, noise[1], gumbel_tau, pick_softness)
             x = self.transformer(x, second, None)
             picks = jnp.stack([picks_1, picks_2])
         else:
@@ -311,12 +330,14 @@ class E2VisionTransformer(VisionTransformer):
 class E2Model(nn.Module):
     """E² (or, with `e2.selection_tokens=False`, plain CLIP for the CLIP-FT baseline).
 
-    `encode_image(images, train, gumbel_noise=None, gumbel_tau=None)` -> E2ImageOutput;
+    `encode_image(images, train, gumbel_noise=None, gumbel_tau=None, pick_softness=None)` ->
+    E2ImageOutput;
     `encode_text(tokens)` -> [B, D]. Training draws the fusion blocks' Gumbel noise from the
     "gumbel" RNG stream, or takes it as `gumbel_noise` [B, 2, K, patches] (`gumbel_noise_shape`):
     the trainer draws it for the whole global batch, so that splitting the batch (devices,
     accumulation) changes nothing. `gumbel_tau`, a scalar, replaces `e2.gumbel_tau` for this
-    call (the annealed-temperature variant: the trainer passes it at each step).
+    call (the annealed-temperature variant: the trainer passes it at each step); likewise
+    `pick_softness`, the soft weights' share of the fusion blocks' picks (the soft-pick variant).
     """
 
     config: CLIPConfig
@@ -332,10 +353,10 @@ class E2Model(nn.Module):
                                       _DTYPES[self.config.param_dtype])
 
     def encode_image(self, images: Array, train: bool = False, gumbel_noise: Array | None = None,
-                     gumbel_tau: Array | None = None) -> E2ImageOutput:
+                     gumbel_tau: Array | None = None, pick_softness: Array | None = None) -> E2ImageOutput:
         if not self.e2.selection_tokens:
             return E2ImageOutput(self.visual(images), None, None)
-        return self.visual(images, train, gumbel_noise, gumbel_tau)
+        return self.visual(images, train, gumbel_noise, gumbel_tau, pick_softness)
 
     def encode_text(self, tokens: Array) -> Array:
         return self.text(tokens)
@@ -351,6 +372,16 @@ def annealed_tau(e2: E2Config, step: Array, total_steps: int) -> Array | None:
         return None
     progress = jnp.clip(step / max(total_steps - 1, 1), 0.0, 1.0)
     return e2.gumbel_tau * (e2.gumbel_tau_end / e2.gumbel_tau) ** progress
+
+
+def pick_softness(e2: E2Config, step: Array, total_steps: int) -> Array | None:
+    """The soft weights' share of the fusion blocks' picks at global `step` of a run of
+    `total_steps`: 1 at the first step, 0 from `e2.soft_pick_until` of the run on, linear in
+    between; None where the picks are hard throughout (E²)."""
+    if not e2.soft_pick_until:
+        return None
+    progress = step / max(total_steps - 1, 1)
+    return jnp.clip(1.0 - progress / e2.soft_pick_until, 0.0, 1.0)
 
 
 def gumbel_noise_shape(config: CLIPConfig, e2: E2Config, batch: int) -> tuple[int, int, int, int]:

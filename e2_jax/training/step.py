@@ -22,7 +22,7 @@ import numpy as np
 import optax
 
 from e2_jax import losses, optim, pretrained, sharding
-from e2_jax.models.e2 import E2Model, annealed_tau, gumbel_noise_shape, init_e2_params
+from e2_jax.models.e2 import E2Model, annealed_tau, gumbel_noise_shape, init_e2_params, pick_softness
 from e2_jax.spec import RunSpec, Stage, pretrained_path
 
 StepFn = Callable[[dict, dict], tuple[dict, dict]]
@@ -65,9 +65,10 @@ def make_train_step(spec: RunSpec, stage: Stage, tx: optax.GradientTransformatio
     run_steps = max(s.end for s in spec.stages)
 
     def embeddings(params: dict, batch: dict, noise: jax.Array | None,
-                   tau: jax.Array | None = None) -> dict[str, jax.Array]:
+                   tau: jax.Array | None = None, softness: jax.Array | None = None) -> dict[str, jax.Array]:
         """The per-item embeddings (the region texts' are `region_text`'s)."""
-        out = model.apply({"params": params}, batch["images"], True, noise, tau, method=E2Model.encode_image)
+        out = model.apply({"params": params}, batch["images"], True, noise, tau, softness,
+                          method=E2Model.encode_image)
         emb = {"image": out.global_embedding,
                "text": model.apply({"params": params}, batch["text"], method=E2Model.encode_text)}
         if regions:
@@ -95,12 +96,13 @@ def make_train_step(spec: RunSpec, stage: Stage, tx: optax.GradientTransformatio
         trainable, frozen = optim.partition(state["params"], pattern)
         key = jax.random.fold_in(jax.random.key(config.seed), state["step"])
         inputs = {k: batch[k] for k in ("images", "text")}
-        noise, tau = None, None
+        noise, tau, softness = None, None, None
         if noisy:
             noise = jax.random.gumbel(key, gumbel_noise_shape(spec.clip, e2, batch["images"].shape[0]))
             noise = jax.lax.with_sharding_constraint(noise, batch_spec)
             tau = annealed_tau(e2, state["step"], run_steps)
-        embed = functools.partial(embeddings, tau=tau)
+            softness = pick_softness(e2, state["step"], run_steps)
+        embed = functools.partial(embeddings, tau=tau, softness=softness)
         whole = (lambda params: region_text(params, batch)) if regions else None
 
         def total(t, emb):
@@ -124,6 +126,8 @@ def make_train_step(spec: RunSpec, stage: Stage, tx: optax.GradientTransformatio
                    "learning_rate": schedule(state["step"] - stage.start)}
         if tau is not None:
             metrics["gumbel_tau"] = tau
+        if softness is not None:
+            metrics["pick_softness"] = softness
         return {"step": state["step"] + 1, "params": optim.merge(trainable, frozen), "opt_state": opt_state}, metrics
 
     return step
