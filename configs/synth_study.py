@@ -29,8 +29,9 @@ VARIANTS = ("clip_ft", "e2", "no_fusion", "no_region_loss", "without_subcategory
             # Beyond the paper, each E² with one field changed (docs/results.md, "Selection tokens
             # that find their detail"): the patches masked from the selection tokens' attention; the
             # Gumbel temperature annealed from 4 to 0.5 over the run; the picks contrasted with the
-            # tag texts too; the picks soft at first, hard from half-way through the run.
-            "masked_selection", "annealed_tau", "pick_loss", "soft_pick")
+            # tag texts too; the picks soft at first, hard from half-way through the run; the
+            # patches kept after the second fusion block.
+            "masked_selection", "annealed_tau", "pick_loss", "soft_pick", "keep_patches")
 # A small CLIP: 64 px in 8 px patches (the logo, label and tag are 5-9 px), a 5-layer vision
 # tower (fusion blocks after layers 3 and 4, as after 8 and 11 of 12), a 3-layer text tower.
 # Sized so that the 28 runs of the study take about two hours on a 2-core CPU.
@@ -99,6 +100,9 @@ def get_config(arg=None):
             elif variant == "soft_pick":
                 recipes.apply_ablation(c, "none")
                 c.e2.soft_pick_until = 0.5
+            elif variant == "keep_patches":
+                recipes.apply_ablation(c, "none")
+                c.e2.drop_patches = False
             else:
                 recipes.apply_ablation(c, "none" if variant == "e2" else variant)
     if options.runlocal:

@@ -93,6 +93,7 @@ def base() -> ml_collections.ConfigDict:
         "reference_quirks": False,  # the authors' quirks 2, 3 and sqrt(768)
         "proj_cls_from_clip": False,
         "selection_sees_patches": True,  # False: the masked-selection variant (docs/model.md)
+        "drop_patches": True,  # False: the keep-patches variant, the last layers see the patches (docs/model.md)
         "soft_pick_until": 0.0,  # > 0: the soft-pick variant, soft picks until this fraction of the run (docs/model.md)
     })
     c.data = ml_collections.ConfigDict({

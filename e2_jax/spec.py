@@ -126,7 +126,8 @@ def model_configs(config: ml_collections.ConfigDict) -> tuple[CLIPConfig, E2Conf
                   gumbel_tau=e.gumbel_tau, gumbel_tau_end=e.gumbel_tau_end, fusion=e.fusion, selection_tokens=e.enabled,
                   eval_gumbel_noise=e.eval_gumbel_noise, reference_quirks=e.reference_quirks,
                   proj_cls_from_clip=e.proj_cls_from_clip, selection_sees_patches=e.selection_sees_patches,
-                  soft_pick_until=e.soft_pick_until, pick_embeddings=config.loss.pick_weight > 0)
+                  soft_pick_until=e.soft_pick_until, drop_patches=e.drop_patches,
+                  pick_embeddings=config.loss.pick_weight > 0)
     return clip, e2
 
 

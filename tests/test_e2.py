@@ -320,6 +320,34 @@ def test_soft_pick_variant_is_off_by_default_and_mixes_the_soft_weights_in_when_
             E2Config(**bad)
 
 
+def test_keep_patches_variant_is_off_by_default_and_lets_the_last_layers_see_the_patches(tiny_batch):
+    """`drop_patches` (a variant beyond the paper): at its default the forward is E²'s, bit for
+    bit; off, the second fusion block keeps the patches, so the layers after it see them: the
+    picks are E²'s (they are made before), the embeddings are not, and the region embeddings
+    then depend on the patches through those layers."""
+    images = tiny_batch[0]
+    params = init_e2_params(TINY, E2Config(), jax.random.key(0))
+    noise = jax.random.gumbel(jax.random.key(1), gumbel_noise_shape(TINY, E2Config(), images.shape[0]))
+
+    def forward(e2):
+        return E2Model(TINY, e2).apply({"params": params}, images, True, noise, method=E2Model.encode_image)
+
+    paper, default_on, kept = forward(E2Config()), forward(E2Config(drop_patches=True)), \
+        forward(E2Config(drop_patches=False))
+    for a, b in zip(jax.tree.leaves(paper), jax.tree.leaves(default_on), strict=True):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(paper.picks, kept.picks)
+    assert not np.allclose(paper.region_embeddings, kept.region_embeddings)
+    assert not np.allclose(paper.global_embedding, kept.global_embedding)
+    # The second block's output: K + 1 rows when it drops the patches, all of them when it keeps them.
+    x = jax.random.normal(jax.random.key(2), (2, 3 + 1 + 4, TINY.vision_width))
+    for drop, rows in ((True, 4), (False, 8)):
+        block = FusionBlock(num_tokens=3, width=TINY.vision_width, drop_patches=drop)
+        out, _, _ = block.apply(block.init(jax.random.key(3), x, None), x, None)
+        assert out.shape == (2, rows, TINY.vision_width)
+        np.testing.assert_array_equal(out[:, 3:], x[:, 3:rows])  # the class token (and patches) unchanged
+
+
 def test_pick_embeddings_are_off_by_default_and_carry_the_picks_gradient(tiny_batch):
     """`pick_embeddings` (for `loss.pick_weight`, a variant beyond the paper): off, the output has
     none and the forward is E²'s; on, the other outputs are unchanged, each block's picked values

@@ -34,6 +34,7 @@ def test_every_variant_has_the_same_budget_and_initial_weights():
     assert (configs["annealed_tau"].e2.gumbel_tau, configs["annealed_tau"].e2.gumbel_tau_end) == (4.0, 0.5)
     assert configs["pick_loss"].loss.pick_weight == 0.25 and e2.loss.pick_weight == 0
     assert configs["soft_pick"].e2.soft_pick_until == 0.5 and e2.e2.soft_pick_until == 0
+    assert not configs["keep_patches"].e2.drop_patches and e2.e2.drop_patches
     names = [g["name"] for g in e2.e2.groups]
     for group in names:
         kept = [g["name"] for g in configs[f"without_{group}"].e2.groups]

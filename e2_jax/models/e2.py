@@ -98,6 +98,10 @@ class E2Config:
     # (linearly in between; the trainer passes each step's share of the soft weights). 0 keeps
     # them hard throughout, as E². Evaluation always picks hard.
     soft_pick_until: float = 0.0
+    # Beyond the paper (docs/model.md): False keeps the patches after the second fusion block,
+    # so the layers after it still see them (E² drops them there: the last layers see only the
+    # selection tokens and the class token).
+    drop_patches: bool = True
 
     def __post_init__(self) -> None:
         names = [g.name for g in self.groups]
@@ -275,7 +279,7 @@ class E2VisionTransformer(VisionTransformer):
                   literal_768_scale=e2.reference_quirks, dtype=dtype, param_dtype=pdtype)
         if e2.fusion:
             self.fusion_1 = FusionBlock(drop_patches=False, **kw)
-            self.fusion_2 = FusionBlock(drop_patches=True, **kw)
+            self.fusion_2 = FusionBlock(drop_patches=e2.drop_patches, **kw)
         # A list with explicit names: group order matters (quirk 3), dict order is not kept.
         self.region_heads = [RegionHead(c.vision_width, c.embed_dim, pdtype, name=f"region_{g.name}")
                              for g in e2.groups]
@@ -303,7 +307,7 @@ class E2VisionTransformer(VisionTransformer):
             x = self.transformer(x, 0, first, mask=mask)
             x, picks_1, chosen_1 = self.fusion_1(x, noise[0], gumbel_tau, pick_softness)
             x = self.transformer(x, first, second, mask=mask)
-            # the patches dropped: K + 1 tokens remain
+            # the patches dropped (unless e2.drop_patches is off): K + 1 tokens remain
             x, picks_2, chosen_2 = self.fusion_2(x, noise[1], gumbel_tau, pick_softness)
             x = self.transformer(x, second, None)
             picks = jnp.stack([picks_1, picks_2])
