@@ -209,16 +209,25 @@ def test_new_parameter_count_matches_the_authors_code():
     assert count_new_params(get_config("ViT-B-16"), E2Config()) == (5_913_600, 149_620_737)
 
 
-def test_masked_selection_variant_is_off_by_default_and_hides_the_patches_when_on(tiny_batch):
-    """`selection_sees_patches` (a variant beyond the paper): at its default the forward is E²'s,
-    bit for bit; off, a block's selection-token rows do not depend on the patch rows."""
+@pytest.fixture
+def training_forward(tiny_batch):
+    """(E² parameters, `forward(e2, params=those, tau=None, softness=None)`): a training forward
+    of the tiny batch's images with fixed Gumbel noise, for the variants' tests."""
     images = tiny_batch[0]
-    params = init_e2_params(TINY, E2Config(), jax.random.key(0))
+    initial = init_e2_params(TINY, E2Config(), jax.random.key(0))
     noise = jax.random.gumbel(jax.random.key(1), gumbel_noise_shape(TINY, E2Config(), images.shape[0]))
 
-    def forward(e2):
-        return E2Model(TINY, e2).apply({"params": params}, images, True, noise, method=E2Model.encode_image)
+    def forward(e2, params=initial, tau=None, softness=None):
+        return E2Model(TINY, e2).apply({"params": params}, images, True, noise, tau, softness,
+                                       method=E2Model.encode_image)
 
+    return initial, forward
+
+
+def test_masked_selection_variant_is_off_by_default_and_hides_the_patches_when_on(training_forward):
+    """`selection_sees_patches` (a variant beyond the paper): at its default the forward is E²'s,
+    bit for bit; off, a block's selection-token rows do not depend on the patch rows."""
+    _, forward = training_forward
     paper, default_off, masked = forward(E2Config()), forward(E2Config(selection_sees_patches=True)), \
         forward(E2Config(selection_sees_patches=False))
     for a, b in zip(jax.tree.leaves(paper), jax.tree.leaves(default_off), strict=True):
@@ -241,33 +250,27 @@ def test_masked_selection_variant_is_off_by_default_and_hides_the_patches_when_o
         E2Config(selection_sees_patches=False, fusion=False)
 
 
-def test_annealed_temperature_variant_is_off_by_default_and_changes_only_the_gradient(tiny_batch):
+def test_annealed_temperature_variant_is_off_by_default_and_changes_only_the_gradient(training_forward):
     """`gumbel_tau_end` (a variant beyond the paper): at its default (0) the trainer passes no
     temperature and the forward is E²'s, bit for bit; annealed, the temperature goes
     geometrically from `gumbel_tau` to `gumbel_tau_end` over the run, the picks and embeddings
     are the same at every temperature (the pick is argmax(logits + noise)), and the gradient is
     not."""
-    images = tiny_batch[0]
-    params = init_e2_params(TINY, E2Config(), jax.random.key(0))
-    noise = jax.random.gumbel(jax.random.key(1), gumbel_noise_shape(TINY, E2Config(), images.shape[0]))
-
-    def forward(params, e2, tau=None):
-        return E2Model(TINY, e2).apply({"params": params}, images, True, noise, tau, method=E2Model.encode_image)
-
+    params, forward = training_forward
     assert annealed_tau(E2Config(), jnp.int32(5), 100) is None  # the trainer passes none at the default
     # and without a temperature passed, the field changes nothing in the model
-    paper, default_off = forward(params, E2Config()), forward(params, E2Config(gumbel_tau_end=0.5))
+    paper, default_off = forward(E2Config()), forward(E2Config(gumbel_tau_end=0.5))
     for a, b in zip(jax.tree.leaves(paper), jax.tree.leaves(default_off), strict=True):
         np.testing.assert_array_equal(a, b)
     annealed = E2Config(gumbel_tau=4.0, gumbel_tau_end=0.5)
     taus = [float(annealed_tau(annealed, jnp.int32(s), 101)) for s in (0, 50, 100, 150)]
     np.testing.assert_allclose(taus, [4.0, 2**0.5, 0.5, 0.5], rtol=1e-6)
-    hot, cold = forward(params, annealed, jnp.float32(4.0)), forward(params, annealed, jnp.float32(0.5))
+    hot, cold = forward(annealed, tau=jnp.float32(4.0)), forward(annealed, tau=jnp.float32(0.5))
     for a, b in zip(jax.tree.leaves(hot), jax.tree.leaves(cold), strict=True):
         np.testing.assert_array_equal(a, b)
 
     def grad(tau):
-        loss = lambda p: jnp.sum(forward(p, annealed, tau).region_embeddings ** 2)
+        loss = lambda p: jnp.sum(forward(annealed, p, tau).region_embeddings ** 2)
         return jax.grad(loss)(params)["visual"]["fusion_1"]["proj_q"]
 
     assert not np.allclose(grad(jnp.float32(4.0)), grad(jnp.float32(0.5)))
@@ -275,29 +278,22 @@ def test_annealed_temperature_variant_is_off_by_default_and_changes_only_the_gra
         E2Config(gumbel_tau_end=-1.0)
 
 
-def test_soft_pick_variant_is_off_by_default_and_mixes_the_soft_weights_in_when_on(tiny_batch):
+def test_soft_pick_variant_is_off_by_default_and_mixes_the_soft_weights_in_when_on(training_forward):
     """`soft_pick_until` (a variant beyond the paper): at its default (0) the trainer passes no
     softness and the forward is E²'s, bit for bit; on, the softness goes linearly from 1 at the
     run's first step to 0 at that fraction of it; a softness of 0 is E²'s hard pick, 1 the
     Gumbel-softmax weights over every patch, and the gradient through the weights is the soft
     weights' at every softness."""
-    images = tiny_batch[0]
-    params = init_e2_params(TINY, E2Config(), jax.random.key(0))
-    noise = jax.random.gumbel(jax.random.key(1), gumbel_noise_shape(TINY, E2Config(), images.shape[0]))
-
-    def forward(params, e2, softness=None):
-        return E2Model(TINY, e2).apply({"params": params}, images, True, noise, None, softness,
-                                       method=E2Model.encode_image)
-
+    _, forward = training_forward
     assert pick_softness(E2Config(), jnp.int32(5), 100) is None  # the trainer passes none at the default
     soft_e2 = E2Config(soft_pick_until=0.5)
-    paper = forward(params, E2Config())
-    for other in (forward(params, soft_e2), forward(params, soft_e2, jnp.float32(0.0))):
+    paper = forward(E2Config())
+    for other in (forward(soft_e2), forward(soft_e2, softness=jnp.float32(0.0))):
         for a, b in zip(jax.tree.leaves(paper), jax.tree.leaves(other), strict=True):
             np.testing.assert_array_equal(a, b)
     shares = [float(pick_softness(soft_e2, jnp.int32(s), 101)) for s in (0, 25, 50, 100)]
     np.testing.assert_allclose(shares, [1.0, 0.5, 0.0, 0.0], atol=1e-7)
-    soft = forward(params, soft_e2, jnp.float32(1.0))
+    soft = forward(soft_e2, softness=jnp.float32(1.0))
     # the first block's reported pick is still the argmax (the second's sees other inputs)
     np.testing.assert_array_equal(paper.picks[0], soft.picks[0])
     assert not np.allclose(paper.region_embeddings, soft.region_embeddings)
@@ -320,18 +316,12 @@ def test_soft_pick_variant_is_off_by_default_and_mixes_the_soft_weights_in_when_
             E2Config(**bad)
 
 
-def test_keep_patches_variant_is_off_by_default_and_lets_the_last_layers_see_the_patches(tiny_batch):
+def test_keep_patches_variant_is_off_by_default_and_lets_the_last_layers_see_the_patches(training_forward):
     """`drop_patches` (a variant beyond the paper): at its default the forward is E²'s, bit for
     bit; off, the second fusion block keeps the patches, so the layers after it see them: the
     picks are E²'s (they are made before), the embeddings are not, and the region embeddings
     then depend on the patches through those layers."""
-    images = tiny_batch[0]
-    params = init_e2_params(TINY, E2Config(), jax.random.key(0))
-    noise = jax.random.gumbel(jax.random.key(1), gumbel_noise_shape(TINY, E2Config(), images.shape[0]))
-
-    def forward(e2):
-        return E2Model(TINY, e2).apply({"params": params}, images, True, noise, method=E2Model.encode_image)
-
+    _, forward = training_forward
     paper, default_on, kept = forward(E2Config()), forward(E2Config(drop_patches=True)), \
         forward(E2Config(drop_patches=False))
     for a, b in zip(jax.tree.leaves(paper), jax.tree.leaves(default_on), strict=True):
