@@ -7,9 +7,11 @@ this CPU machine (`e2_jax.compile_check`; `pip install -e .[tpu]`).
 
 `table`: for each (model, method, slice, layout), the largest per-chip batch whose training step
 (the config's last stage: every parameter trained, the most memory) fits the chip's HBM. The
-per-chip batch (a multiple of 8) is found by `e2_jax.compile_check.max_batch`: 8, 16, 32, ...
-until one does not fit, then bisected; the row gives the largest batch that compiled within
-HBM, its memory, FLOPs and collectives, and every batch tried.
+per-chip batch (a multiple of 8) is found by `e2_jax.compile_check.max_batch`, starting from
+the same model, method and layout's row on another slice where the file has one (scaled by the
+chips' HBM; 2 compiles where it holds), else from 8 per chip (8, 16, 32, ... until one does
+not fit, then bisected); the row gives the largest batch that compiled within HBM, its
+memory, FLOPs and collectives, and every batch tried.
 Layouts: `dp` (mesh data x all chips, parameters replicated), `fsdp` (parameters and optimizer
 state split over every chip), `remat` (fsdp with each transformer block's activations
 recomputed in the backward pass). Each row is appended to `--out` (JSON lines) when it is done
@@ -51,10 +53,26 @@ def stage_config(model: str, method: str, layout: str, global_batch: int):
     return c
 
 
+def start_from(rows: list[dict], model: str, method: str, layout: str, tpu: compile_check.Slice) -> int:
+    """Where the search starts, in multiples of 8 per chip: the largest per-chip batch of the same
+    model, method and layout on the slice with the most chips of the same generation, else on
+    any slice scaled by the chips' HBM; 1 (8 per chip) without such a row."""
+    same = [r for r in rows if (r["model"], r["method"], r["layout"]) == (model, method, layout)
+            and r.get("per_chip_batch")]
+    if not same:
+        return 1
+    kind = tpu.topology.split(":")[0]
+    alike = [r for r in same if r["topology"].split(":")[0] == kind]
+    if alike:
+        return max(alike, key=lambda r: r["global_batch"] // r["per_chip_batch"])["per_chip_batch"] // 8
+    row = max(same, key=lambda r: r["per_chip_batch"])
+    return max(1, int(row["per_chip_batch"] * tpu.generation.hbm_gib / row["hbm_gib"]) // 8)
+
+
 def largest_batch(model: str, method: str, layout: str, tpu: compile_check.Slice, devices: list,
-                  log=print) -> tuple[int, compile_check.Program | None, list[tuple[int, float]]]:
+                  log=print, start: int = 1) -> tuple[int, compile_check.Program | None, list[tuple[int, float]]]:
     """(largest per-chip batch that fits, a multiple of 8; its program; [(per-chip batch, GiB)]
-    of every batch compiled), by `compile_check.max_batch`."""
+    of every batch compiled), by `compile_check.max_batch` from `start` multiples of 8 per chip."""
     tried: list[tuple[int, float]] = []
 
     def seen(batch: int, programs: list[compile_check.Program]) -> None:
@@ -63,17 +81,15 @@ def largest_batch(model: str, method: str, layout: str, tpu: compile_check.Slice
         log(f"    {batch // len(devices)}/chip: {tried[-1][1]:.2f} GiB ({program.compile_s:.0f} s to compile)")
 
     config = stage_config(model, method, layout, 8 * len(devices))
-    best, programs = compile_check.max_batch(config, devices, tpu, unit=8, tried=seen)
+    best, programs = compile_check.max_batch(config, devices, tpu, unit=8, start=start, tried=seen)
     return best // len(devices), (programs[0] if programs else None), sorted(tried)
 
 
 def table(args: argparse.Namespace) -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    done = set()
-    if out.is_file():
-        rows = map(json.loads, out.read_text().splitlines())
-        done = {(r["model"], r["method"], r["slice"], r["layout"]) for r in rows}
+    rows = [json.loads(line) for line in out.read_text().splitlines()] if out.is_file() else []
+    done = {(r["model"], r["method"], r["slice"], r["layout"]) for r in rows}
     for name in args.slices.split(","):
         tpu = compile_check.parse_slice(name)
         devices = compile_check.topology_devices(tpu)
@@ -83,10 +99,11 @@ def table(args: argparse.Namespace) -> None:
                     key = (model, method, name, layout)
                     if key in done:
                         continue
-                    print(f"{model} {method} on {name}, {layout}:", flush=True)
+                    first = start_from(rows, model, method, layout, tpu)
+                    print(f"{model} {method} on {name}, {layout}: from {8 * first} per chip", flush=True)
                     start = time.perf_counter()
                     best, program, tried = largest_batch(model, method, layout, tpu, devices,
-                                                         log=lambda line: print(line, flush=True))
+                                                         log=lambda line: print(line, flush=True), start=first)
                     row = {"model": model, "method": method, "slice": name, "layout": layout,
                            "topology": tpu.topology, "hbm_gib": tpu.generation.hbm_gib, "per_chip_batch": best,
                            "global_batch": best * tpu.chips, "tried": tried, "seconds": time.perf_counter() - start,
@@ -99,6 +116,7 @@ def table(args: argparse.Namespace) -> None:
                                    collectives={k: [c, b] for k, (c, b) in program.collectives.items()})
                     with out.open("a") as f:
                         f.write(json.dumps(row) + "\n")
+                    rows.append(row)
                     print(f"  largest: {best} per chip", flush=True)
 
 

@@ -464,13 +464,43 @@ def _budget(tpu: Slice) -> str:
     return f"{tpu.budget_bytes / GIB:.3g} GiB ({tpu.generation.usable:.0%} of {memory})"
 
 
-def max_batch(config, devices: Sequence[Any], tpu: Slice, unit: int = 1,
+def largest_fitting(fits: Callable[[int], Any], start: int = 1) -> tuple[int, Any]:
+    """The largest n >= 1 with `fits(n)` not None, and that result; (0, None) if `fits(1)` is
+    None. `fits` must be monotone (once a size misses, every larger one does). From `start` (a
+    guess: the same model's result on another slice, say), it gallops up or down in doubling
+    steps until it brackets the answer, then bisects: 2 calls when `start` is the answer, about
+    2 log2(distance) more when it is off (from `start` 1: 1, 2, 4, 8, ... then bisection)."""
+    start = max(1, start)
+    if (found := fits(start)) is not None:
+        low, best, step = start, found, 1
+        while (found := fits(low + step)) is not None:
+            low, best, step = low + step, found, step * 2
+        high = low + step
+    else:
+        high, best, step = start, None, 1
+        low = start - step
+        while low >= 1 and (found := fits(low)) is None:
+            high, step = low, step * 2
+            low = start - step
+        low = max(low, 0)
+        if low >= 1:
+            best = found
+    while high - low > 1:
+        middle = (low + high) // 2
+        if (found := fits(middle)) is not None:
+            low, best = middle, found
+        else:
+            high = middle
+    return low, best
+
+
+def max_batch(config, devices: Sequence[Any], tpu: Slice, unit: int = 1, start: int = 1,
               tried: Callable[[int, list[Program]], None] | None = None) -> tuple[int, list[Program]]:
     """The largest global batch whose stage steps fit the chip's HBM: a multiple of `unit`
-    examples per batch shard (times accum_steps), found by doubling, then bisecting; (0, []) if
-    even the smallest does not fit. Only whether a compiled batch fits is used, never a line
-    through the memory of those tried (with remat it is no line at small batches). `tried(global
-    batch, programs)` sees each compiled batch (default: a line printed)."""
+    examples per batch shard (times accum_steps), found by `largest_fitting` from `start` such
+    multiples; (0, []) if even the smallest does not fit. Only whether a compiled batch fits is
+    used, never a line through the memory of those tried (with remat it is no line at small
+    batches). `tried(global batch, programs)` sees each compiled batch (default: a line printed)."""
     shards = sharding.num_batch_shards(sharding.make_mesh(config.mesh, devices, config.mesh_dcn)) * config.accum_steps
 
     def show(batch: int, programs: list[Program]) -> None:
@@ -484,17 +514,8 @@ def max_batch(config, devices: Sequence[Any], tpu: Slice, unit: int = 1,
         (tried or show)(trial.batch_size, programs)
         return programs if all(p.total <= tpu.budget_bytes for p in programs) else None
 
-    low, best = 0, None
-    high = 1
-    while (found := fits(high)) is not None:
-        low, best, high = high, found, high * 2
-    while high - low > 1:
-        middle = (low + high) // 2
-        if (found := fits(middle)) is not None:
-            low, best = middle, found
-        else:
-            high = middle
-    return low * unit * shards, best or []
+    units, best = largest_fitting(fits, start)
+    return units * unit * shards, best or []
 
 
 def main(argv: list[str] | None = None) -> None:

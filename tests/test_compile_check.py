@@ -36,6 +36,48 @@ def test_gpu_hosts_as_users_name_them(name, topology, chips):
     assert gpus.budget_bytes == pytest.approx(0.9 * gpus.hbm_bytes)  # what launch/gpu_env.sh lets XLA take
 
 
+@pytest.mark.parametrize("answer", [0, 1, 2, 3, 7, 8, 20, 33, 64])
+@pytest.mark.parametrize("start", [1, 5, 20, 100])
+def test_the_batch_search_finds_the_largest_that_fits_from_any_start(answer, start):
+    """`largest_fitting` (what `--max-batch` and benchmarks/tpu_compile.py search with): the
+    largest size that fits and its result, from any start; each size compiled at most once; 2
+    compiles when the start is the answer, and from 1 the doubling of old (1, 2, 4, 8, ...)."""
+    calls = []
+
+    def fits(n):
+        calls.append(n)
+        return f"program {n}" if n <= answer else None
+
+    assert compile_check.largest_fitting(fits, start) == (answer, f"program {answer}" if answer else None)
+    assert len(calls) == len(set(calls)) and min(calls) >= 1
+    assert len(calls) <= 2 * max(1, abs(answer - start)).bit_length() + 2
+    if start == answer:
+        assert calls == [answer, answer + 1]
+    if start == 1 and answer == 20:
+        assert calls[:6] == [1, 2, 4, 8, 16, 32]
+
+
+def test_the_table_starts_each_search_from_a_row_it_has():
+    """benchmarks/tpu_compile.py's table: a row's search starts from the same model, method and
+    layout on the largest slice of the same generation in the file, else on another generation
+    scaled by HBM, else at 8 per chip (units of 8 per chip)."""
+    from benchmarks.tpu_compile import start_from
+
+    def row(slice_name, per_chip, layout="dp", method="e2"):
+        tpu = compile_check.parse_slice(slice_name)
+        return {"model": "ViT-B-32", "method": method, "layout": layout, "slice": slice_name,
+                "topology": tpu.topology, "hbm_gib": tpu.generation.hbm_gib, "per_chip_batch": per_chip,
+                "global_batch": per_chip * tpu.chips}
+
+    rows = [row("v5e-16", 160), row("v5e-256", 168), row("v5e-16", 96, "fsdp"), row("v6e-64", 200, method="clip_ft")]
+    assert start_from(rows, "ViT-B-32", "e2", "dp", compile_check.parse_slice("v5e-32")) == 168 // 8
+    assert start_from(rows, "ViT-B-32", "e2", "fsdp", compile_check.parse_slice("v5e-256")) == 96 // 8
+    v6e = compile_check.parse_slice("v6e-64")  # 32 GiB against v5e's 16
+    assert start_from(rows, "ViT-B-32", "e2", "dp", v6e) == int(168 * v6e.generation.hbm_gib / 16) // 8
+    assert start_from(rows, "ViT-B-32", "e2", "remat", v6e) == 1
+    assert start_from(rows, "ViT-L-14", "e2", "dp", v6e) == 1
+
+
 @pytest.mark.parametrize("name", ["v5p-100", "v3-8", "v5e-12", "tpu", "v5e:4x4x4", "h100-12", "a100-8"])
 def test_an_unknown_slice_names_the_known_ones(name):
     with pytest.raises(ConfigError, match=r"unknown TPU slice.*v4-32.*v5p-128.*v6e-64.*v5litepod-N is v5e-N"):
