@@ -374,8 +374,7 @@ def annealed_tau(e2: E2Config, step: Array, total_steps: int) -> Array | None:
     `e2.gumbel_tau` to `e2.gumbel_tau_end`; None where it is not annealed (the model's own)."""
     if not e2.gumbel_tau_end:
         return None
-    progress = jnp.clip(step / max(total_steps - 1, 1), 0.0, 1.0)
-    return e2.gumbel_tau * (e2.gumbel_tau_end / e2.gumbel_tau) ** progress
+    return e2.gumbel_tau * (e2.gumbel_tau_end / e2.gumbel_tau) ** _run_progress(step, total_steps)
 
 
 def pick_softness(e2: E2Config, step: Array, total_steps: int) -> Array | None:
@@ -384,8 +383,12 @@ def pick_softness(e2: E2Config, step: Array, total_steps: int) -> Array | None:
     between; None where the picks are hard throughout (E²)."""
     if not e2.soft_pick_until:
         return None
-    progress = step / max(total_steps - 1, 1)
-    return jnp.clip(1.0 - progress / e2.soft_pick_until, 0.0, 1.0)
+    return jnp.clip(1.0 - _run_progress(step, total_steps) / e2.soft_pick_until, 0.0, 1.0)
+
+
+def _run_progress(step: Array, total_steps: int) -> Array:
+    """How far through a run of `total_steps` global `step` is: 0 at the first, 1 at the last and after."""
+    return jnp.clip(step / max(total_steps - 1, 1), 0.0, 1.0)
 
 
 def gumbel_noise_shape(config: CLIPConfig, e2: E2Config, batch: int) -> tuple[int, int, int, int]:
