@@ -9,8 +9,8 @@ this CPU machine (`e2_jax.compile_check`; `pip install -e .[tpu]`).
 (the config's last stage: every parameter trained, the most memory) fits the chip's HBM. The
 per-chip batch (a multiple of 8) is found by `e2_jax.compile_check.max_batch`, starting from
 the same model, method and layout's row on another slice where the file has one (scaled by the
-chips' HBM; 2 compiles where it holds), else from 8 per chip (8, 16, 32, ... until one does
-not fit, then bisected); the row gives the largest batch that compiled within HBM, its
+chips' HBM; 2 compiles where it holds), else from the other method's, else from 8 per chip
+(8, 16, 32, ... until one does not fit, then bisected); the row gives the largest batch that compiled within HBM, its
 memory, FLOPs and collectives, and every batch tried.
 Layouts: `dp` (mesh data x all chips, parameters replicated), `fsdp` (parameters and optimizer
 state split over every chip), `remat` (fsdp with each transformer block's activations
@@ -56,9 +56,11 @@ def stage_config(model: str, method: str, layout: str, global_batch: int):
 def start_from(rows: list[dict], model: str, method: str, layout: str, tpu: compile_check.Slice) -> int:
     """Where the search starts, in multiples of 8 per chip: the largest per-chip batch of the same
     model, method and layout on the slice with the most chips of the same generation, else on
-    any slice scaled by the chips' HBM; 1 (8 per chip) without such a row."""
-    same = [r for r in rows if (r["model"], r["method"], r["layout"]) == (model, method, layout)
-            and r.get("per_chip_batch")]
+    any slice scaled by the chips' HBM; without such a row, the same from the other method's rows
+    (E² and CLIP-FT differ by a few percent of memory: the search gallops from there); 1 (8 per
+    chip) without any."""
+    found = [r for r in rows if (r["model"], r["layout"]) == (model, layout) and r.get("per_chip_batch")]
+    same = [r for r in found if r["method"] == method] or found
     if not same:
         return 1
     kind = tpu.topology.split(":")[0]

@@ -60,7 +60,8 @@ def test_the_batch_search_finds_the_largest_that_fits_from_any_start(answer, sta
 def test_the_table_starts_each_search_from_a_row_it_has():
     """benchmarks/tpu_compile.py's table: a row's search starts from the same model, method and
     layout on the largest slice of the same generation in the file, else on another generation
-    scaled by HBM, else at 8 per chip (units of 8 per chip)."""
+    scaled by HBM, else the same from the other method's rows, else at 8 per chip (units of 8
+    per chip)."""
     from benchmarks.tpu_compile import start_from
 
     def row(slice_name, per_chip, layout="dp", method="e2"):
@@ -75,6 +76,8 @@ def test_the_table_starts_each_search_from_a_row_it_has():
     v6e = compile_check.parse_slice("v6e-64")  # 32 GiB against v5e's 16
     assert start_from(rows, "ViT-B-32", "e2", "dp", v6e) == int(168 * v6e.generation.hbm_gib / 16) // 8
     assert start_from(rows, "ViT-B-32", "e2", "remat", v6e) == 1
+    assert start_from(rows, "ViT-B-32", "clip_ft", "dp", v6e) == 200 // 8  # its own row first
+    assert start_from(rows, "ViT-B-32", "clip_ft", "fsdp", compile_check.parse_slice("v5e-16")) == 96 // 8  # E²'s
     assert start_from(rows, "ViT-L-14", "e2", "dp", v6e) == 1
 
 
