@@ -57,8 +57,8 @@ def start_from(rows: list[dict], model: str, method: str, layout: str, tpu: comp
     """Where the search starts, in multiples of 8 per chip: the largest per-chip batch of the same
     model, method and layout on the slice with the most chips of the same generation, else on
     any slice scaled by the chips' HBM; without such a row, the same from the other method's rows
-    (E² and CLIP-FT differ by a few percent of memory: the search gallops from there); 1 (8 per
-    chip) without any."""
+    (E²'s step is CLIP-FT's plus the selection tokens and the region texts: near, not equal; the
+    search gallops from there); 1 (8 per chip) without any."""
     found = [r for r in rows if (r["model"], r["layout"]) == (model, layout) and r.get("per_chip_batch")]
     same = [r for r in found if r["method"] == method] or found
     if not same:
