@@ -274,9 +274,61 @@ def picks_table(by_variant: dict[str, list[dict]]) -> tuple[str, dict]:
     return ("\n".join(lines) if data else ""), data
 
 
+RULE_SEEDS = (0, 1, 2)
+
+
+def rule_table(by_variant: dict[str, list[dict]]) -> tuple[str, dict]:
+    """The selection study's rule (docs/results.md), run by run: a run passes when, for every group
+    with a detail, its picks on its own detail are above twice chance in at least one fusion
+    block, and its full-candidate description SumR is at least E²'s mean minus one standard
+    deviation over E²'s seeds. A variant meets the rule when its runs of seeds 0, 1 and 2 all pass;
+    it fails when one of them does not, whatever the others give; else it is open."""
+    sumr = dict(COLUMNS)["full-cand. SumR, descr."]
+    reference = [sumr(r) for r in by_variant.get("e2", [])]
+    if len(reference) < 2:
+        return "", {}
+    threshold = statistics.mean(reference) - statistics.stdev(reference)
+    runs = {v: sorted((r for r in by_variant[v] if r.get("picks")), key=lambda r: r["seed"])
+            for v in synth_study.VARIANTS if v in by_variant}
+    runs = {v: rs for v, rs in runs.items() if rs}
+    if not runs:
+        return "", {}
+    groups = [g for g, entry in next(iter(runs.values()))[0]["picks"].items() if entry["detail"] is not None]
+    lines = ["| variant | seed | full-cand. SumR, descr. | "
+             + " | ".join(f"{g} picks (block 1 / 2; twice chance)" for g in groups) + " | passes |",
+             "|---|---|---|" + "---|" * len(groups) + "---|"]
+    data: dict[str, dict] = {}
+    for variant, rs in runs.items():
+        passed = {}
+        for r in rs:
+            cells, ok = [], sumr(r) >= threshold
+            for g in groups:
+                blocks = r["picks"][g]["blocks"]
+                above = [b["on_own"] is not None and b["on_own"] > 2 * b["chance"] for b in blocks]
+                ok = ok and any(above)
+                cells.append(" / ".join(f"**{b['on_own']:.1f}**" if hit else f"{b['on_own']:.1f}"
+                                        for b, hit in zip(blocks, above, strict=True))
+                             + f" ({2 * blocks[0]['chance']:.1f})")
+            passed[r["seed"]] = ok
+            lines.append(f"| {variant} | {r['seed']} | {sumr(r):.1f} | " + " | ".join(cells)
+                         + f" | {'yes' if ok else 'no'} |")
+        if any(not passed.get(seed, True) for seed in RULE_SEEDS):
+            verdict = "fails"
+        elif all(passed.get(seed) for seed in RULE_SEEDS):
+            verdict = "meets the rule"
+        else:
+            verdict = "open (seeds " + ", ".join(str(s) for s in RULE_SEEDS if s not in passed) + " not run)"
+        data[variant] = {"passes": passed, "verdict": verdict}
+    verdicts = "; ".join(f"{v}: {d['verdict']}" for v, d in data.items())
+    head = (f"The rule, run by run: description SumR at least {threshold:.1f} (E²'s mean minus one standard "
+            f"deviation over {len(reference)} seeds), and for every group its picks on its own detail above twice "
+            f"chance in block 1 or 2 (in bold where they are). Verdicts: {verdicts}.\n\n")
+    return head + "\n".join(lines), {"threshold": threshold, "variants": data}
+
+
 def summary(results: list[dict]) -> tuple[str, dict]:
-    """Markdown tables (retrieval; probes and time; where the selection tokens look) and the
-    numbers behind them."""
+    """Markdown tables (retrieval; probes and time; where the selection tokens look; the selection
+    study's rule, run by run) and the numbers behind them."""
     by_variant: dict[str, list[dict]] = {}
     for r in results:
         by_variant.setdefault(r["variant"], []).append(r)
@@ -294,6 +346,10 @@ def summary(results: list[dict]) -> tuple[str, dict]:
     if picks:
         tables.append(picks)
         data = {v: d | ({"picks": picks_data[v]} if v in picks_data else {}) for v, d in data.items()}
+    rule, rule_data = rule_table(by_variant)
+    if rule:
+        tables.append(rule)
+        data["rule"] = rule_data
     return "\n\n".join(tables) + "\n", data
 
 

@@ -121,6 +121,40 @@ def test_summary_has_where_the_selection_tokens_look():
     assert data["e2"]["picks"]["brand block 1"]["on_own"] == [40.0, 60.0] and "picks" not in data["no_fusion"]
 
 
+def test_the_rule_is_judged_run_by_run_and_a_variant_meets_it_only_in_every_seed():
+    """The selection study's rule (docs/results.md): description SumR at least E²'s mean minus one
+    standard deviation, and every detail's picks above twice chance in one block or the other."""
+    from benchmarks import synth_study as runner
+
+    def result(variant, seed, description, brand=(40.0, 1.0), season=(1.0, 20.0)):
+        retrieval = {f"{p}/{t}/{m}": 1.0 for p in ("full_candidate", "sample_100") for t in ("tags", "description")
+                     for m in ("sumr", "i2t_r1", "t2i_r1")} | {"full_candidate/description/sumr": description}
+        blocks = lambda on_own, chance: [{"on_own": x, "chance": chance, "on_any": 1.0, "chance_any": 1.0}
+                                         for x in on_own]
+        picks = {"subcategory": {"detail": None, "blocks": [{"on_own": None, "on_any": 1.0}] * 2},
+                 "brand": {"detail": "brand", "blocks": blocks(brand, 15.0)},
+                 "season": {"detail": "season", "blocks": blocks(season, 5.0)}}
+        return {"variant": variant, "seed": seed, "retrieval": retrieval, "seconds": {"train": 1.0},
+                "probe": dict.fromkeys(runner.PROBE_FIELDS, 1.0) | {"composition_back": 1.0}, "picks": picks}
+
+    e2 = [result("e2", 0, 140.0), result("e2", 1, 142.0, season=(1.0, 10.0)), result("e2", 2, 144.0)]
+    threshold = 142.0 - 2.0  # mean 142, standard deviation 2
+    runs = e2 + [result("keep_patches", s, 140.0) for s in (2, 0, 1)]  # at the threshold: passes
+    runs += [result("soft_pick", 1, 139.9)]  # below it
+    runs += [result("pick_loss", 1, 150.0, brand=(30.0, 29.0))]  # the logo at twice chance, not above
+    runs += [result("annealed_tau", s, 150.0) for s in (1, 2)]  # passing, seed 0 not run
+    table, data = runner.summary(runs)
+    rule = data["rule"]
+    assert rule["threshold"] == threshold
+    verdicts = {v: d["verdict"] for v, d in rule["variants"].items()}
+    assert verdicts == {"e2": "fails", "keep_patches": "meets the rule", "soft_pick": "fails",
+                        "pick_loss": "fails", "annealed_tau": "open (seeds 0 not run)"}
+    assert rule["variants"]["e2"]["passes"] == {0: True, 1: False, 2: True}  # season 10.0 is twice chance, not above
+    assert "| keep_patches | 0 | 140.0 | **40.0** / 1.0 (30.0) | 1.0 / **20.0** (10.0) | yes |" in table
+    assert "| pick_loss | 1 | 150.0 | 30.0 / 29.0 (30.0) |" in table and "subcategory picks" not in table
+    assert f"at least {threshold:.1f}" in table
+
+
 def test_loss_curves_are_window_means(tmp_path):
     from benchmarks import synth_study as runner
 
