@@ -10,8 +10,8 @@ this CPU machine (`e2_jax.compile_check`; `pip install -e .[tpu]`).
 per-chip batch (a multiple of 8) is found by `e2_jax.compile_check.max_batch`, starting from
 the same model, method and layout's row on another slice where the file has one (scaled by the
 chips' HBM; 2 compiles where it holds), else from the other method's, else from 8 per chip
-(8, 16, 32, ... until one does not fit, then bisected); the row gives the largest batch that compiled within HBM, its
-memory, FLOPs and collectives, and every batch tried.
+(8, 16, 32, ... until one does not fit, then bisected); the row gives the largest batch that
+compiled within HBM, its memory, FLOPs and collectives, and every batch tried.
 Layouts: `dp` (mesh data x all chips, parameters replicated), `fsdp` (parameters and optimizer
 state split over every chip), `remat` (fsdp with each transformer block's activations
 recomputed in the backward pass). Each row is appended to `--out` (JSON lines) when it is done
