@@ -9,8 +9,9 @@ this CPU machine (`e2_jax.compile_check`; `pip install -e .[tpu]`).
 (the config's last stage: every parameter trained, the most memory) fits the chip's HBM. The
 per-chip batch (a multiple of 8) is found by `e2_jax.compile_check.max_batch`, starting from
 the same model, method and layout's row on another slice where the file has one (scaled by the
-chips' HBM; 2 compiles where it holds), else from the other method's, else from 8 per chip
-(8, 16, 32, ... until one does not fit, then bisected); the row gives the largest batch that
+chips' HBM; 2 compiles where it holds), else from the other method's, else from 8 per chip,
+each next batch where a line through two compiled batches' memory meets the HBM (else a
+doubling or bisection step); the row gives the largest batch that
 compiled within HBM, its memory, FLOPs and collectives, and every batch tried.
 Layouts: `dp` (mesh data x all chips, parameters replicated), `fsdp` (parameters and optimizer
 state split over every chip), `remat` (fsdp with each transformer block's activations
@@ -72,15 +73,18 @@ def start_from(rows: list[dict], model: str, method: str, layout: str, tpu: comp
 
 
 def largest_batch(model: str, method: str, layout: str, tpu: compile_check.Slice, devices: list,
-                  log=print, start: int = 1) -> tuple[int, compile_check.Program | None, list[tuple[int, float]]]:
-    """(largest per-chip batch that fits, a multiple of 8; its program; [(per-chip batch, GiB)]
-    of every batch compiled), by `compile_check.max_batch` from `start` multiples of 8 per chip."""
-    tried: list[tuple[int, float]] = []
+                  log=print, start: int = 1) -> tuple[int, compile_check.Program | None, list[tuple[int, float, int]]]:
+    """(largest per-chip batch that fits as written, a multiple of 8; its program; [(per-chip
+    batch, GiB, instructions the compiler recomputed)] of every batch compiled), by
+    `compile_check.max_batch` from `start` multiples of 8 per chip."""
+    tried: list[tuple[int, float, int]] = []
 
     def seen(batch: int, programs: list[compile_check.Program]) -> None:
         (program,) = programs
-        tried.append((batch // len(devices), program.total / compile_check.GIB))
-        log(f"    {batch // len(devices)}/chip: {tried[-1][1]:.2f} GiB ({program.compile_s:.0f} s to compile)")
+        tried.append((batch // len(devices), program.total / compile_check.GIB, program.recomputed))
+        recomputing = f", {program.recomputed} instructions recomputed to fit" if program.recomputed else ""
+        log(f"    {batch // len(devices)}/chip: {tried[-1][1]:.2f} GiB{recomputing} ({program.compile_s:.0f} s to "
+            "compile)")
 
     config = stage_config(model, method, layout, 8 * len(devices))
     best, programs = compile_check.max_batch(config, devices, tpu, unit=8, start=start, tried=seen)
@@ -120,6 +124,26 @@ def table(args: argparse.Namespace) -> None:
                         f.write(json.dumps(row) + "\n")
                     rows.append(row)
                     print(f"  largest: {best} per chip", flush=True)
+
+
+MODEL_NAMES = {"ViT-B-32": "ViT-B/32", "ViT-B-16": "ViT-B/16", "ViT-L-14": "ViT-L/14"}
+
+
+def markdown(rows: list[dict]) -> str:
+    """The table's rows as docs/benchmarks.md shows them."""
+    lines = ["| model | method | slice | layout | per-chip batch | global batch | GiB per chip (args + temps) | "
+             "GFLOP/example | collectives (count, MiB) | compiled (per chip: GiB, * = recomputed to fit) | compile s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        tried = ", ".join(f"{t[0]}: {t[1]:.2f}{'*' if len(t) > 2 and t[2] else ''}" for t in r["tried"])
+        comm = ", ".join(f"{kind} {count} ({size / 2**20:,.0f})" for kind, (count, size) in
+                         sorted(r.get("collectives", {}).items()))
+        memory = f"{r['gib']:.2f} ({r['arguments_gib']:.2f} + {r['temporaries_gib']:.2f})" if "gib" in r else "-"
+        lines.append(f"| {MODEL_NAMES.get(r['model'], r['model'])} | {'E²' if r['method'] == 'e2' else 'CLIP-FT'} | "
+                     f"{r['slice']} | {r['layout']} | {r['per_chip_batch']} | {r['global_batch']:,} | {memory} | "
+                     f"{r.get('gflop_per_example', float('nan')):.1f} | {comm or '-'} | {tried} | "
+                     f"{r.get('compile_s', 0):.0f} (search {r['seconds']:.0f}) |")
+    return "\n".join(lines)
 
 
 def collectives(args: argparse.Namespace) -> None:
@@ -163,6 +187,8 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--slices", default="v5e-16,v5e-256,v5p-128,v6e-64")
     t.add_argument("--layouts", default="dp,fsdp,remat")
     t.add_argument("--out", default="docs/results/tpu_compile/table.jsonl")
+    m = sub.add_parser("markdown", help="print the table file's rows as docs/benchmarks.md shows them")
+    m.add_argument("--out", default="docs/results/tpu_compile/table.jsonl")
     c = sub.add_parser("collectives")
     c.add_argument("--model", default="ViT-B-16")
     c.add_argument("--method", default="e2")
@@ -172,6 +198,9 @@ def main(argv: list[str] | None = None) -> None:
     c.add_argument("--batch", type=int, default=1024)
     c.add_argument("--out", default="")
     args = parser.parse_args(argv)
+    if args.command == "markdown":
+        print(markdown([json.loads(line) for line in Path(args.out).read_text().splitlines() if line.strip()]))
+        return
     {"table": table, "collectives": collectives}[args.command](args)
 
 

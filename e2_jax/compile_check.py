@@ -327,6 +327,9 @@ class Program:
     examples: int  # global examples per call
     collectives: dict[str, tuple[int, float]]
     hlo: str = dataclasses.field(default="", repr=False)  # the compiled program's text
+    # Instructions the compiler recomputes to fit the HBM (XLA's rematerialization, which a TPU
+    # compile runs when the program as written would not fit): the step fits, at more FLOPs.
+    recomputed: int = 0
 
     @property
     def total(self) -> float:
@@ -334,17 +337,35 @@ class Program:
         return self.arguments + self.temporaries + self.outputs - self.aliased + self.code
 
 
+class OutOfMemory(Exception):
+    """The compiler found no way to fit a program in the chip's HBM, even recomputing."""
+
+
 def measure(name: str, jitted, args: Sequence[Any], examples: int, devices: int) -> Program:
-    """Lowers and compiles `jitted(*args)` (abstract arguments with shardings) for the slice."""
+    """Lowers and compiles `jitted(*args)` (abstract arguments with shardings) for the slice;
+    `OutOfMemory` (naming the program and quoting the compiler) where it cannot fit."""
     start = time.perf_counter()
     lowered = jitted.lower(*args)
-    compiled = lowered.compile()
+    try:
+        compiled = lowered.compile()
+    except jax.errors.JaxRuntimeError as error:
+        if "RESOURCE_EXHAUSTED" not in str(error):
+            raise
+        raise OutOfMemory(f"{name}: {str(error).strip().splitlines()[0]}") from None
     seconds = time.perf_counter() - start
     memory = compiled.memory_analysis()
     return Program(name, seconds, float(memory.argument_size_in_bytes), float(memory.temp_size_in_bytes),
                    float(memory.output_size_in_bytes), float(memory.alias_size_in_bytes),
                    float(getattr(memory, "generated_code_size_in_bytes", 0) or 0),
-                   step_flops(lowered, devices, compiled), examples, collectives(hlo := compiled.as_text()), hlo)
+                   step_flops(lowered, devices, compiled), examples, collectives(hlo := compiled.as_text()), hlo,
+                   recomputed(hlo))
+
+
+def recomputed(hlo: str) -> int:
+    """How many instructions of a compiled program XLA's rematerialization pass added: it names
+    each copy `<name>.remat` (`jax.checkpoint`'s recomputation, the `model.remat` option, is
+    written in the program and named as any other instruction)."""
+    return len(set(re.findall(r"%([\w.\-]*\.remat[\w.\-]*) = ", hlo)))
 
 
 # --- A run's programs ---------------------------------------------------------------------------
@@ -416,15 +437,16 @@ def report(tpu: Slice, slices: int, mesh_shape: dict, global_batch: int, program
              f"({tpu.generation.hbm_gib:.3g} GiB HBM each); mesh {mesh_shape}; global batch {global_batch} "
              f"({global_batch / chips:g} per chip)", "",
              "| program | compile s | arguments GiB | temporaries GiB | outputs GiB | aliased GiB | total GiB | "
-             "of budget | GFLOP/step | GFLOP/example | collectives (count, MiB) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "of budget | recomputed | GFLOP/step | GFLOP/example | collectives (count, MiB) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for p in programs:
         flops = p.flops or float("nan")
         comm = ", ".join(f"{kind} {count} ({size / 2**20:,.1f})"
                          for kind, (count, size) in sorted(p.collectives.items()))
         lines.append(f"| {p.name} | {p.compile_s:.1f} | {_gib(p.arguments)} | {_gib(p.temporaries)} | "
                      f"{_gib(p.outputs)} | {_gib(p.aliased)} | {_gib(p.total)} | {p.total / tpu.budget_bytes:.0%} | "
-                     f"{flops / 1e9:,.1f} | {flops * chips / p.examples / 1e9:,.2f} | {comm or 'none'} |")
+                     f"{p.recomputed} | {flops / 1e9:,.1f} | {flops * chips / p.examples / 1e9:,.2f} | "
+                     f"{comm or 'none'} |")
     return "\n".join(lines)
 
 
@@ -450,8 +472,11 @@ def verdict(tpu: Slice, programs: Sequence[Program]) -> tuple[bool, str]:
     worst = max(programs, key=lambda p: p.total)
     over = [p for p in programs if p.total > tpu.budget_bytes]
     if not over:
+        recomputing = "".join(
+            f"; the compiler recomputes {p.recomputed} instructions of {p.name} to fit (more FLOPs a step: "
+            "a smaller batch, fsdp or model.remat avoids it)" for p in programs if p.recomputed)
         return True, (f"fits: every program within {_budget(tpu)} per chip (largest: "
-                      f"{worst.name}, {_gib(worst.total)} GiB, {worst.total / tpu.budget_bytes:.0%})")
+                      f"{worst.name}, {_gib(worst.total)} GiB, {worst.total / tpu.budget_bytes:.0%}){recomputing}")
     return False, "does not fit: " + "; ".join(
         f"{p.name} needs {_gib(p.total)} GiB of {tpu.budget_bytes / GIB:.3g} "
         f"(over by {_gib(p.total - tpu.budget_bytes)} GiB)" for p in over)
@@ -464,44 +489,65 @@ def _budget(tpu: Slice) -> str:
     return f"{tpu.budget_bytes / GIB:.3g} GiB ({tpu.generation.usable:.0%} of {memory})"
 
 
-def largest_fitting(fits: Callable[[int], Any], start: int = 1) -> tuple[int, Any]:
+def largest_fitting(fits: Callable[[int], Any], start: int = 1,
+                    guess: Callable[[int, int | None], int | None] | None = None) -> tuple[int, Any]:
     """The largest n >= 1 with `fits(n)` not None, and that result; (0, None) if `fits(1)` is
     None. `fits` must be monotone (once a size misses, every larger one does). From `start` (a
     guess: the same model's result on another slice, say), it gallops up or down in doubling
     steps until it brackets the answer, then bisects: 2 calls when `start` is the answer, about
-    2 log2(distance) more when it is off (from `start` 1: 1, 2, 4, 8, ... then bisection)."""
+    2 log2(distance) more when it is off (from `start` 1: 1, 2, 4, 8, ... then bisection).
+
+    `guess(low, high)` may propose the next size from what the calls measured (a line through
+    the memory of the sizes compiled): `low` is the largest size known to fit (0: none yet),
+    `high` the smallest known to miss (None: none yet). A proposal is moved inside that
+    interval (and to at most 16 times `low`); None takes the doubling or bisection step
+    instead, as does the call after two proposals that landed on the same side. `guess` only
+    chooses which sizes to call: the answer is the same, and the interval at least halves every
+    three calls."""
     start = max(1, start)
-    if (found := fits(start)) is not None:
-        low, best, step = start, found, 1
-        while (found := fits(low + step)) is not None:
-            low, best, step = low + step, found, step * 2
-        high = low + step
-    else:
-        high, best, step = start, None, 1
-        low = start - step
-        while low >= 1 and (found := fits(low)) is None:
-            high, step = low, step * 2
-            low = start - step
-        low = max(low, 0)
-        if low >= 1:
-            best = found
-    while high - low > 1:
-        middle = (low + high) // 2
-        if (found := fits(middle)) is not None:
-            low, best = middle, found
+    low, high, best = 0, None, None
+    sides: list[bool] = []  # whether each proposal taken fitted, since the last fallback step
+    up = down = 1
+
+    def call(n: int) -> bool:
+        nonlocal low, high, best
+        if (found := fits(n)) is not None:
+            low, best = n, found
         else:
-            high = middle
+            high = n
+        return found is not None
+
+    call(start)
+    while high is None or high - low > 1:
+        proposal = guess(low, high) if guess is not None else None
+        if proposal is not None and (len(sides) < 2 or sides[-1] != sides[-2]):
+            proposal = max(low + 1, proposal if high is None else min(high - 1, proposal))
+            sides.append(call(min(proposal, 16 * low) if low else proposal))
+            continue
+        sides.clear()
+        if high is None:  # everything so far fits: gallop up
+            n, up = low + up, up * 2
+        elif low == 0 and start - down >= 1 and start - down < high:  # nothing fits yet: gallop down
+            n, down = start - down, down * 2
+        else:
+            n = (low + high) // 2
+        call(n)
     return low, best
 
 
 def max_batch(config, devices: Sequence[Any], tpu: Slice, unit: int = 1, start: int = 1,
               tried: Callable[[int, list[Program]], None] | None = None) -> tuple[int, list[Program]]:
-    """The largest global batch whose stage steps fit the chip's HBM: a multiple of `unit`
-    examples per batch shard (times accum_steps), found by `largest_fitting` from `start` such
-    multiples; (0, []) if even the smallest does not fit. Only whether a compiled batch fits is
-    used, never a line through the memory of those tried (with remat it is no line at small
-    batches). `tried(global batch, programs)` sees each compiled batch (default: a line printed)."""
+    """The largest global batch whose stage steps fit the chip's HBM as written, without the
+    compiler recomputing any instruction to fit (beyond that batch a TPU compile still succeeds
+    while it can recompute, at more FLOPs per example, until it runs out of HBM): a multiple of
+    `unit` examples per batch shard (times accum_steps), found by `largest_fitting` from `start`
+    such multiples; (0, []) if even the smallest does not fit. The next batch to compile is where a
+    line through the memory of two compiled batches meets the budget (the two that bracket it,
+    else the two nearest it), where that line rises; whether a batch fits is decided only by
+    compiling it (with remat the memory is no line at small batches). `tried(global batch,
+    programs)` sees each compiled batch (default: a line printed)."""
     shards = sharding.num_batch_shards(sharding.make_mesh(config.mesh, devices, config.mesh_dcn)) * config.accum_steps
+    used: dict[int, float] = {}  # units -> bytes of the largest program
 
     def show(batch: int, programs: list[Program]) -> None:
         print(f"  batch {batch}: largest {max(p.total for p in programs) / GIB:.2f} GiB", flush=True)
@@ -510,12 +556,37 @@ def max_batch(config, devices: Sequence[Any], tpu: Slice, unit: int = 1, start: 
         trial = config.copy_and_resolve_references()
         trial.unlock()
         trial.batch_size = units * unit * shards
-        programs = run_programs(trial, devices, evaluation=False)
+        try:
+            programs = run_programs(trial, devices, evaluation=False)
+        except OutOfMemory as error:
+            print(f"  batch {trial.batch_size}: {error}", flush=True)
+            return None
+        if not any(p.recomputed for p in programs):  # the memory as written: a point on the line
+            used[units] = max(p.total for p in programs)
         (tried or show)(trial.batch_size, programs)
-        return programs if all(p.total <= tpu.budget_bytes for p in programs) else None
+        return programs if all(p.total <= tpu.budget_bytes and not p.recomputed for p in programs) else None
 
-    units, best = largest_fitting(fits, start)
+    units, best = largest_fitting(fits, start, lambda low, high: line_guess(used, low, high, tpu.budget_bytes))
     return units * unit * shards, best or []
+
+
+def line_guess(used: dict[int, float], low: int, high: int | None, budget: float) -> int | None:
+    """Where the line through two measured sizes meets `budget` (rounded down): the interval's
+    ends when both are measured, else the two largest measured sizes that fit (or, none fitting
+    yet, the two smallest); None with fewer than two, or where the line does not rise. `used`
+    holds only memory as written (a size the compiler had to recompute or could not fit is not
+    in it)."""
+    if low and high in used:
+        a, b = low, high
+    else:
+        ends = sorted(n for n in used if n <= low)[-2:] if low else sorted(used)[:2]
+        if len(ends) < 2:
+            return None
+        a, b = ends
+    slope = (used[b] - used[a]) / (b - a)
+    if slope <= 0:
+        return None
+    return a + math.floor((budget - used[a]) / slope)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -526,7 +597,8 @@ def main(argv: list[str] | None = None) -> None:
     topology_flag = flags.DEFINE_string("topology", None, "The TPU slice, as gcloud names it (v5p-128, "
                                         "v5litepod-256 or v5e-256, v6e-64, v4-32), or libtpu's topology (v5e:4x4).")
     slices_flag = flags.DEFINE_integer("slices", 1, "Slices of that topology joined over the data-center network.")
-    max_batch_flag = flags.DEFINE_boolean("max_batch", False, "Find the largest global batch whose steps fit.")
+    max_batch_flag = flags.DEFINE_boolean("max_batch", False, "Find the largest global batch whose steps fit "
+                                           "without the compiler recomputing.")
     json_flag = flags.DEFINE_string("json", None, "Also write what the table shows to this file, as JSON "
                                     "(for scripts: the slice, mesh, global batch, verdict and each program).")
     flags.mark_flags_as_required(["config", "topology"])
@@ -551,7 +623,11 @@ def main(argv: list[str] | None = None) -> None:
             write_json(json_flag.value, tpu, slices_flag.value, dict(mesh.shape), batch, programs,
                        verdict(tpu, programs)[1])
             return
-        programs = run_programs(config, devices)
+        try:
+            programs = run_programs(config, devices)
+        except OutOfMemory as error:
+            print(f"does not fit: the compiler ran out of HBM compiling {error}", flush=True)
+            sys.exit(1)
         print(report(tpu, slices_flag.value, dict(mesh.shape), config.batch_size, programs))
         ok, line = verdict(tpu, programs)
         print(line, flush=True)

@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
 import pytest
 
 from e2_jax import compile_check, sharding
@@ -57,6 +59,49 @@ def test_the_batch_search_finds_the_largest_that_fits_from_any_start(answer, sta
         assert calls[:6] == [1, 2, 4, 8, 16, 32]
 
 
+MEMORY = {  # GiB of the step at n units of batch, shaped as the compiler's answers were
+    "line": lambda n: 1.9 + 0.66 * n,  # data parallel: arguments, then activations per example
+    "concave": lambda n: 0.2 + 2.6 * n ** 0.8,  # fsdp's grew less from 16 to 96 per chip than from 8 to 16
+    "convex": lambda n: 1.0 + 0.3 * n + 0.02 * n * n,
+    "remat": lambda n: 1.30 if n == 1 else 0.5 + 0.31 * n,  # 1.30 GiB at 8 per chip, 0.82 at 16, then rising
+    "flat, then a wall": lambda n: 3.0 if n < 37 else 40.0,  # no line to follow
+}
+
+
+@pytest.mark.parametrize("shape", sorted(MEMORY))
+@pytest.mark.parametrize("start", [1, 5, 20, 100])
+@pytest.mark.parametrize("over_is_measured", [True, False])
+def test_a_line_through_the_memory_finds_the_same_batch_in_fewer_compiles(shape, start, over_is_measured):
+    """`max_batch`'s search: the next size is where a line through two compiled sizes' memory
+    meets the budget (`line_guess`), but only compiling decides what fits. The answer is the
+    doubling-and-bisection search's from any start, each size is compiled once, and with memory
+    on a line it takes 4 compiles from a start that fits (the start, one more, the answer, one
+    more), where doubling and bisection took up to 14. A TPU compile gives no memory as written
+    for a size over the budget (the compiler recomputes to fit, or fails): `over_is_measured`
+    False leaves those sizes out of the line."""
+    memory, budget = MEMORY[shape], 15.0
+    answer = max(n for n in range(1, 1000) if all(memory(m) <= budget for m in range(1, n + 1)))
+
+    def search(guessing: bool) -> list[int]:
+        calls, used = [], {}
+
+        def fits(n):
+            calls.append(n)
+            if over_is_measured or memory(n) <= budget:
+                used[n] = memory(n)
+            return n if memory(n) <= budget else None
+
+        guess = (lambda low, high: compile_check.line_guess(used, low, high, budget)) if guessing else None
+        assert compile_check.largest_fitting(fits, start, guess) == (answer, answer)
+        assert len(calls) == len(set(calls)) and min(calls) >= 1
+        return calls
+
+    calls, plain = search(True), search(False)
+    if shape == "line" and start <= answer:
+        assert len(calls) == 4 < len(plain), (calls, plain)
+    assert len(calls) <= len(plain) + 3, (calls, plain)
+
+
 def test_the_table_starts_each_search_from_a_row_it_has():
     """benchmarks/tpu_compile.py's table: a row's search starts from the same model, method and
     layout on the largest slice of the same generation in the file, else on another generation
@@ -105,10 +150,31 @@ def _assert_the_tiny_e2_programs(config, programs: list[dict], table: str) -> No
     for p in programs:
         assert p["arguments"] > 0 and p["total"] > p["arguments"] / 2 and p["compile_s"] > 0, p
         assert p["flops"] and p["flops"] > 0, p
+        assert p["recomputed"] == 0, p  # far from the HBM: the program as written
     step = programs[0]
     # The batch is split over every chip: the loss gathers the embeddings, the gradients are summed.
     assert step["collectives"].get("all-gather", (0, 0))[0] > 0 and step["collectives"].get("all-reduce", (0, 0))[0] > 0
     assert table.count("\n| ") == len(programs) + 1 and "GiB" in table
+
+
+def test_the_compilers_recomputation_is_counted_and_a_program_it_cannot_fit_is_named():
+    """A TPU compile that would not fit recomputes (XLA's rematerialization names each copy
+    `<name>.remat`, as in a B/32 step at 536 per chip on v5e-16: `convolution_add_fusion.remat`);
+    `jax.checkpoint` (`model.remat`) is written in the program and does not count. Where even
+    recomputing cannot fit it, `measure` names the program and quotes the compiler."""
+    hlo = """
+  %convolution_add_fusion.remat = bf16[64,50,768]{2,1,0:T(8,128)(2,1)} fusion(%p0, %p1), kind=kOutput
+  %convolution_add_fusion.1.remat = bf16[64,50,768]{2,1,0} fusion(%p0, %p2), kind=kOutput
+  %fusion.7.remat2 = f32[64,512]{1,0} fusion(%convolution_add_fusion.remat), kind=kLoop
+  %reduce.3 = f32[64]{0} reduce(%fusion.7.remat2, %c), metadata={op_name="checkpoint/rematted_computation/ln_1"}
+"""
+    assert compile_check.recomputed(hlo) == 3
+    assert compile_check.recomputed(hlo.replace(".remat", "")) == 0
+    tpu = compile_check.parse_slice("v5e-16")
+    device = jax.sharding.SingleDeviceSharding(compile_check.topology_devices(tpu)[0])
+    x = jax.ShapeDtypeStruct((2**32,), jnp.float32, sharding=device)  # 16 GiB, and as much again for the result
+    with pytest.raises(compile_check.OutOfMemory, match=r"^sixteen GiB: RESOURCE_EXHAUSTED: Ran out of memory on HBM"):
+        compile_check.measure("sixteen GiB", jax.jit(lambda x: jnp.tanh(x) * jnp.cos(x[::-1])), (x,), 1, 1)
 
 
 @pytest.mark.slow
@@ -185,3 +251,20 @@ def test_an_unknown_slice_is_one_error_line():
     done = _cli("--config", "configs/e2_synth.py:runlocal", "--topology", "v5e-12")
     assert done.returncode == 2 and done.stderr.startswith("error: unknown TPU slice 'v5e-12'"), done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_the_tables_rows_print_as_the_docs_show_them():
+    """`python -m benchmarks.tpu_compile markdown`: a row per line, each batch compiled with its
+    memory, and a star where the compiler recomputed to fit (not counted as fitting)."""
+    from benchmarks.tpu_compile import markdown
+
+    row = {"model": "ViT-B-32", "method": "clip_ft", "slice": "v5e-16", "layout": "dp", "per_chip_batch": 480,
+           "global_batch": 7680, "tried": [[160, 6.96, 0], [480, 14.9, 0], [488, 14.8, 22]], "seconds": 900.0,
+           "gib": 14.9, "arguments_gib": 1.7, "temporaries_gib": 13.2, "compile_s": 180.0, "gflop_per_example": 41.4,
+           "collectives": {"all-reduce": [9, 2**30]}}
+    lines = markdown([row, {**row, "method": "e2", "tried": [[8, 3.2]]}]).splitlines()
+    assert len(lines) == 4 and lines[0].count("|") == lines[2].count("|") == 12
+    assert ("| ViT-B/32 | CLIP-FT | v5e-16 | dp | 480 | 7,680 | 14.90 (1.70 + 13.20) | 41.4 | all-reduce 9 (1,024) |"
+            in lines[2])
+    assert "160: 6.96, 480: 14.90, 488: 14.80* | 180 (search 900) |" in lines[2]
+    assert "| E² |" in lines[3] and "| 8: 3.20 |" in lines[3]  # rows written before the count was kept
