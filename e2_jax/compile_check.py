@@ -543,11 +543,14 @@ def max_batch(config, devices: Sequence[Any], tpu: Slice, unit: int = 1, start: 
     `unit` examples per batch shard (times accum_steps), found by `largest_fitting` from `start`
     such multiples; (0, []) if even the smallest does not fit. The next batch to compile is where a
     line through the memory of two compiled batches meets the budget (the two that bracket it,
-    else the two nearest it), where that line rises; whether a batch fits is decided only by
-    compiling it (with remat the memory is no line at small batches). `tried(global batch,
-    programs)` sees each compiled batch (default: a line printed)."""
+    else the two nearest it), where that line rises; once the compiler has recomputed to fit a
+    batch, the line aims at the memory it squeezed that batch into (its own limit, below the
+    HBM). Whether a batch fits is decided only by compiling it (with remat the memory is no
+    line at small batches). `tried(global batch, programs)` sees each compiled batch (default:
+    a line printed)."""
     shards = sharding.num_batch_shards(sharding.make_mesh(config.mesh, devices, config.mesh_dcn)) * config.accum_steps
-    used: dict[int, float] = {}  # units -> bytes of the largest program
+    used: dict[int, float] = {}  # units -> bytes of the largest program, as written
+    limit = [tpu.budget_bytes]  # the line's target: the budget, or what the compiler squeezed into
 
     def show(batch: int, programs: list[Program]) -> None:
         print(f"  batch {batch}: largest {max(p.total for p in programs) / GIB:.2f} GiB", flush=True)
@@ -563,10 +566,12 @@ def max_batch(config, devices: Sequence[Any], tpu: Slice, unit: int = 1, start: 
             return None
         if not any(p.recomputed for p in programs):  # the memory as written: a point on the line
             used[units] = max(p.total for p in programs)
+        else:
+            limit[0] = min(limit[0], min(p.total for p in programs if p.recomputed))
         (tried or show)(trial.batch_size, programs)
         return programs if all(p.total <= tpu.budget_bytes and not p.recomputed for p in programs) else None
 
-    units, best = largest_fitting(fits, start, lambda low, high: line_guess(used, low, high, tpu.budget_bytes))
+    units, best = largest_fitting(fits, start, lambda low, high: line_guess(used, low, high, limit[0]))
     return units * unit * shards, best or []
 
 
