@@ -6,13 +6,14 @@ this CPU machine (`e2_jax.compile_check`; `pip install -e .[tpu]`).
     python -m benchmarks.tpu_compile collectives --model ViT-B-16 --slice v5e:4x4 --batch 1024
 
 `table`: for each (model, method, slice, layout), the largest per-chip batch whose training step
-(the config's last stage: every parameter trained, the most memory) fits the chip's HBM. The
+(the config's last stage: every parameter trained, the most memory) fits the chip's HBM as
+written (a batch the compiler had to recompute for does not count: `compile_check.max_batch`). The
 per-chip batch (a multiple of 8) is found by `e2_jax.compile_check.max_batch`, starting from
 the same model, method and layout's row on another slice where the file has one (scaled by the
 chips' HBM; 2 compiles where it holds), else from the other method's, else from 8 per chip,
 each next batch where a line through two compiled batches' memory meets the HBM (else a
-doubling or bisection step); the row gives the largest batch that
-compiled within HBM, its memory, FLOPs and collectives, and every batch tried.
+doubling or bisection step); the row gives that batch, its memory, FLOPs and collectives, and
+every batch tried with its memory and the instructions the compiler recomputed for it.
 Layouts: `dp` (mesh data x all chips, parameters replicated), `fsdp` (parameters and optimizer
 state split over every chip), `remat` (fsdp with each transformer block's activations
 recomputed in the backward pass). Each row is appended to `--out` (JSON lines) when it is done

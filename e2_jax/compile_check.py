@@ -16,10 +16,11 @@ shapes the pipeline's packing can give at that batch (every tag distinct: an upp
 compiles the smaller variants it meets), and the evaluation encoders. For each program, per
 chip: memory by kind against the chip's HBM (XLA's buffer assignment: arguments, temporaries,
 outputs, less what outputs alias), FLOPs per step and per example (XLA's count of the lowered
-program), the collectives by kind with their bytes, and the compile time. It exits 1 when a
-program does not fit, with the numbers. `--max-batch` finds the largest global batch whose
-steps fit. The compiler measures memory and FLOPs; time per step needs the hardware
-(docs/multihost.md, "Before you reserve a pod").
+program), the collectives by kind with their bytes, the instructions the compiler recomputes to
+fit (a step that fits only so is said on the `fits` line), and the compile time. It exits 1
+when a program does not fit, with the numbers or the compiler's words. `--max-batch` finds the
+largest global batch whose steps fit as written. The compiler measures memory and FLOPs; time
+per step needs the hardware (docs/multihost.md, "Before you reserve a pod").
 """
 
 from __future__ import annotations
@@ -550,12 +551,13 @@ def max_batch(config, devices: Sequence[Any], tpu: Slice, unit: int = 1, start: 
     a line printed)."""
     shards = sharding.num_batch_shards(sharding.make_mesh(config.mesh, devices, config.mesh_dcn)) * config.accum_steps
     used: dict[int, float] = {}  # units -> bytes of the largest program, as written
-    limit = [tpu.budget_bytes]  # the line's target: the budget, or what the compiler squeezed into
+    limit = tpu.budget_bytes  # the line's target: the budget, or what the compiler squeezed into
 
     def show(batch: int, programs: list[Program]) -> None:
         print(f"  batch {batch}: largest {max(p.total for p in programs) / GIB:.2f} GiB", flush=True)
 
     def fits(units: int) -> list[Program] | None:
+        nonlocal limit
         trial = config.copy_and_resolve_references()
         trial.unlock()
         trial.batch_size = units * unit * shards
@@ -567,11 +569,11 @@ def max_batch(config, devices: Sequence[Any], tpu: Slice, unit: int = 1, start: 
         if not any(p.recomputed for p in programs):  # the memory as written: a point on the line
             used[units] = max(p.total for p in programs)
         else:
-            limit[0] = min(limit[0], min(p.total for p in programs if p.recomputed))
+            limit = min(limit, min(p.total for p in programs if p.recomputed))
         (tried or show)(trial.batch_size, programs)
         return programs if all(p.total <= tpu.budget_bytes and not p.recomputed for p in programs) else None
 
-    units, best = largest_fitting(fits, start, lambda low, high: line_guess(used, low, high, limit[0]))
+    units, best = largest_fitting(fits, start, lambda low, high: line_guess(used, low, high, limit))
     return units * unit * shards, best or []
 
 
