@@ -10,14 +10,17 @@ this CPU machine (`e2_jax.compile_check`; `pip install -e .[tpu]`).
 written (a batch the compiler had to recompute for does not count: `compile_check.max_batch`). The
 per-chip batch (a multiple of 8) is found by `e2_jax.compile_check.max_batch`, starting from
 the same model, method and layout's row on another slice where the file has one (scaled by the
-chips' HBM; 2 compiles where it holds), else from the other method's, else from 8 per chip,
-each next batch where a line through two compiled batches' memory meets the HBM (else a
-doubling or bisection step); the row gives that batch, its memory, FLOPs and collectives, and
-every batch tried with its memory and the instructions the compiler recomputed for it.
-Layouts: `dp` (mesh data x all chips, parameters replicated), `fsdp` (parameters and optimizer
-state split over every chip), `remat` (fsdp with each transformer block's activations
-recomputed in the backward pass). Each row is appended to `--out` (JSON lines) when it is done
-and a rerun skips the rows there: the full table takes many hours on a 2-core machine.
+chips' HBM; 2 compiles where it holds), else from the other method's, else from the layout it
+follows (fsdp from dp, remat from fsdp), else from 8 per chip, each next batch where a line
+through two compiled batches' memory meets the HBM (through the first, the slope of a like row:
+the same model and method with the same remat; else a doubling or bisection step); the row
+gives that batch, its memory, FLOPs and collectives, and every batch tried with its memory and
+the instructions the compiler recomputed for it. Layouts: `dp` (mesh data x all chips,
+parameters replicated), `fsdp` (parameters and optimizer state split over every chip), `remat`
+(fsdp with each transformer block's activations recomputed in the backward pass). Each row is
+appended to `--out` (JSON lines) when it is done and a rerun skips the rows there; each batch
+compiled is appended to `--compiles` as it is done, and a search stopped halfway reads its
+compiles back: the full table takes many hours on a 2-core machine.
 
 `collectives`: every collective of one compiled step, with what it serves (the jax operation it
 comes from: `jvp` is the forward pass, `transpose` the backward), grouped, with bytes per chip.
@@ -42,6 +45,7 @@ from e2_jax import config as recipes
 LIBTPU = importlib.metadata.version("libtpu")
 LAYOUTS = {"dp": ((("data", -1), ("fsdp", 1)), False), "fsdp": ((("data", 1), ("fsdp", -1)), False),
            "remat": ((("data", 1), ("fsdp", -1)), True)}
+FOLLOWS = {"fsdp": "dp", "remat": "fsdp"}  # a layout's search starts from this one's row, without its own
 
 
 def stage_config(model: str, method: str, layout: str, global_batch: int):
@@ -60,9 +64,14 @@ def start_from(rows: list[dict], model: str, method: str, layout: str, tpu: comp
     model, method and layout on the slice with the most chips of the same generation, else on
     any slice scaled by the chips' HBM; without such a row, the same from the other method's rows
     (E²'s step is CLIP-FT's plus the selection tokens and the region texts: near, not equal; the
-    search gallops from there); 1 (8 per chip) without any."""
+    search gallops from there), else from the same model and method's rows of the layout it
+    follows (fsdp from dp: its parameters split, its activations the same; remat from fsdp:
+    less memory still); 1 (8 per chip) without any."""
     found = [r for r in rows if (r["model"], r["layout"]) == (model, layout) and r.get("per_chip_batch")]
     same = [r for r in found if r["method"] == method] or found
+    if not same and layout in FOLLOWS:
+        same = [r for r in rows if (r["model"], r["method"], r["layout"]) == (model, method, FOLLOWS[layout])
+                and r.get("per_chip_batch")]
     if not same:
         return 1
     kind = tpu.topology.split(":")[0]
@@ -73,11 +82,68 @@ def start_from(rows: list[dict], model: str, method: str, layout: str, tpu: comp
     return max(1, int(row["per_chip_batch"] * tpu.generation.hbm_gib / row["hbm_gib"]) // 8)
 
 
+def slope_from(rows: list[dict], model: str, method: str, layout: str) -> float | None:
+    """Bytes a chip's step grows by for 8 more examples per chip, from the batches compiled
+    as written for the same model and method with the same `model.remat` (dp and fsdp hold the
+    same activations per example; remat fewer): the line through the smallest and the largest
+    of them in the row with most such batches, its own layout's first; None without two."""
+    remat = LAYOUTS[layout][1]
+    like = sorted((r for r in rows if (r["model"], r["method"]) == (model, method)
+                   and LAYOUTS[r["layout"]][1] == remat), key=lambda r: r["layout"] != layout)
+    for row in like:
+        points = sorted((t[0], t[1]) for t in row["tried"] if not (len(t) > 2 and t[2]))
+        if len(points) >= 2 and points[-1][0] > points[0][0]:
+            (a, gib_a), (b, gib_b) = points[0], points[-1]
+            return (gib_b - gib_a) / (b - a) * 8 * compile_check.GIB
+    return None
+
+
+class CompileLog:
+    """Every batch the table compiled, one JSON line each (`--compiles`): a search that was
+    stopped, or a row asked again, reads its compiles back instead of compiling them again
+    (the same model, method, slice, layout, per-chip batch, libtpu and jax)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        lines = path.read_text().splitlines() if path.is_file() else []
+        self.entries = {self.key(e): e for e in map(json.loads, filter(str.strip, lines))}
+        self.asked: list[tuple] = []  # the keys asked for, in order (a row's search: its compiles)
+
+    @staticmethod
+    def key(e: dict) -> tuple:
+        return (e["model"], e["method"], e["slice"], e["layout"], e["per_chip_batch"], e["libtpu"], e["jax"])
+
+    def programs(self, model: str, method: str, slice_name: str, layout: str, config, devices: list,
+                 ) -> list[compile_check.Program]:
+        """The programs of `config`'s step, from the log or compiled (and logged);
+        `compile_check.OutOfMemory` as the compiler said it, either way."""
+        entry = {"model": model, "method": method, "slice": slice_name, "layout": layout,
+                 "per_chip_batch": config.batch_size // len(devices), "libtpu": LIBTPU, "jax": jax.__version__}
+        self.asked.append(self.key(entry))
+        if (known := self.entries.get(self.key(entry))) is None:
+            began = time.perf_counter()
+            try:
+                programs = compile_check.run_programs(config, devices, evaluation=False)
+                entry["programs"] = [compile_check.program_row(p) for p in programs]
+            except compile_check.OutOfMemory as error:
+                entry["out_of_memory"] = str(error)
+            entry["seconds"] = time.perf_counter() - began
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self.path.open("a") as f:
+                f.write(json.dumps(entry) + "\n")
+            self.entries[self.key(entry)] = known = entry
+        if "out_of_memory" in known:
+            raise compile_check.OutOfMemory(known["out_of_memory"])
+        return [compile_check.Program(**{k: v for k, v in p.items() if k != "total"}) for p in known["programs"]]
+
+
 def largest_batch(model: str, method: str, layout: str, tpu: compile_check.Slice, devices: list,
-                  log=print, start: int = 1) -> tuple[int, compile_check.Program | None, list[tuple[int, float, int]]]:
+                  log=print, start: int = 1, slope: float | None = None, compiles: CompileLog | None = None,
+                  ) -> tuple[int, compile_check.Program | None, list[tuple[int, float, int]]]:
     """(largest per-chip batch that fits as written, a multiple of 8; its program; [(per-chip
     batch, GiB, instructions the compiler recomputed)] of every batch compiled), by
-    `compile_check.max_batch` from `start` multiples of 8 per chip."""
+    `compile_check.max_batch` from `start` multiples of 8 per chip (with `slope`, bytes per 8
+    per chip, for the line's first batch), reading and adding to `compiles` where given."""
     tried: list[tuple[int, float, int]] = []
 
     def seen(batch: int, programs: list[compile_check.Program]) -> None:
@@ -88,7 +154,9 @@ def largest_batch(model: str, method: str, layout: str, tpu: compile_check.Slice
             "compile)")
 
     config = stage_config(model, method, layout, 8 * len(devices))
-    best, programs = compile_check.max_batch(config, devices, tpu, unit=8, start=start, tried=seen)
+    compile = (lambda c: compiles.programs(model, method, tpu.name, layout, c, devices)) if compiles else None
+    best, programs = compile_check.max_batch(config, devices, tpu, unit=8, start=start, tried=seen, slope=slope,
+                                             compile=compile)
     return best // len(devices), (programs[0] if programs else None), sorted(tried)
 
 
@@ -97,6 +165,7 @@ def table(args: argparse.Namespace) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     rows = [json.loads(line) for line in out.read_text().splitlines()] if out.is_file() else []
     done = {(r["model"], r["method"], r["slice"], r["layout"]) for r in rows}
+    compiles = CompileLog(Path(args.compiles))
     for name in args.slices.split(","):
         tpu = compile_check.parse_slice(name)
         devices = compile_check.topology_devices(tpu)
@@ -106,14 +175,16 @@ def table(args: argparse.Namespace) -> None:
                     key = (model, method, name, layout)
                     if key in done:
                         continue
-                    first = start_from(rows, model, method, layout, tpu)
+                    first, slope = start_from(rows, model, method, layout, tpu), slope_from(rows, model, method, layout)
                     print(f"{model} {method} on {name}, {layout}: from {8 * first} per chip", flush=True)
-                    start = time.perf_counter()
+                    compiles.asked.clear()
                     best, program, tried = largest_batch(model, method, layout, tpu, devices,
-                                                         log=lambda line: print(line, flush=True), start=first)
+                                                         log=lambda line: print(line, flush=True), start=first,
+                                                         slope=slope, compiles=compiles)
                     row = {"model": model, "method": method, "slice": name, "layout": layout,
                            "topology": tpu.topology, "hbm_gib": tpu.generation.hbm_gib, "per_chip_batch": best,
-                           "global_batch": best * tpu.chips, "tried": tried, "seconds": time.perf_counter() - start,
+                           "global_batch": best * tpu.chips, "tried": tried,
+                           "seconds": sum(compiles.entries[k]["seconds"] for k in compiles.asked),
                            "libtpu": LIBTPU, "jax": jax.__version__}
                     if program is not None:
                         gib = compile_check.GIB
@@ -188,6 +259,8 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--slices", default="v5e-16,v5e-256,v5p-128,v6e-64")
     t.add_argument("--layouts", default="dp,fsdp,remat")
     t.add_argument("--out", default="docs/results/tpu_compile/table.jsonl")
+    t.add_argument("--compiles", default="docs/results/tpu_compile/compiles.jsonl",
+                   help="every batch compiled (JSON lines), read back by a search asked again")
     m = sub.add_parser("markdown", help="print the table file's rows as docs/benchmarks.md shows them")
     m.add_argument("--out", default="docs/results/tpu_compile/table.jsonl")
     c = sub.add_parser("collectives")

@@ -537,7 +537,9 @@ def largest_fitting(fits: Callable[[int], Any], start: int = 1,
 
 
 def max_batch(config, devices: Sequence[Any], tpu: Slice, unit: int = 1, start: int = 1,
-              tried: Callable[[int, list[Program]], None] | None = None) -> tuple[int, list[Program]]:
+              tried: Callable[[int, list[Program]], None] | None = None, slope: float | None = None,
+              compile: Callable[[ml_collections.ConfigDict], list[Program]] | None = None,
+              ) -> tuple[int, list[Program]]:
     """The largest global batch whose stage steps fit the chip's HBM as written, without the
     compiler recomputing any instruction to fit (beyond that batch a TPU compile still succeeds
     while it can recompute, at more FLOPs per example, until it runs out of HBM): a multiple of
@@ -548,7 +550,10 @@ def max_batch(config, devices: Sequence[Any], tpu: Slice, unit: int = 1, start: 
     batch, the line aims at the memory it squeezed that batch into (its own limit, below the
     HBM). Whether a batch fits is decided only by compiling it (with remat the memory is no
     line at small batches). `tried(global batch, programs)` sees each compiled batch (default:
-    a line printed)."""
+    a line printed). `slope` (bytes per multiple of `unit`, from a like search: the same step
+    on another slice or layout) draws the line through the first batch compiled, before there
+    are two. `compile(config)` gives a batch's programs (default: `run_programs` without the
+    evaluation encoders; a benchmark's log of earlier compiles, say), raising `OutOfMemory`."""
     shards = sharding.num_batch_shards(sharding.make_mesh(config.mesh, devices, config.mesh_dcn)) * config.accum_steps
     used: dict[int, float] = {}  # units -> bytes of the largest program, as written
     limit = tpu.budget_bytes  # the line's target: the budget, or what the compiler squeezed into
@@ -562,7 +567,7 @@ def max_batch(config, devices: Sequence[Any], tpu: Slice, unit: int = 1, start: 
         trial.unlock()
         trial.batch_size = units * unit * shards
         try:
-            programs = run_programs(trial, devices, evaluation=False)
+            programs = (compile or (lambda c: run_programs(c, devices, evaluation=False)))(trial)
         except OutOfMemory as error:
             print(f"  batch {trial.batch_size}: {error}", flush=True)
             return None
@@ -573,20 +578,23 @@ def max_batch(config, devices: Sequence[Any], tpu: Slice, unit: int = 1, start: 
         (tried or show)(trial.batch_size, programs)
         return programs if all(p.total <= tpu.budget_bytes and not p.recomputed for p in programs) else None
 
-    units, best = largest_fitting(fits, start, lambda low, high: line_guess(used, low, high, limit))
+    units, best = largest_fitting(fits, start, lambda low, high: line_guess(used, low, high, limit, slope))
     return units * unit * shards, best or []
 
 
-def line_guess(used: dict[int, float], low: int, high: int | None, budget: float) -> int | None:
+def line_guess(used: dict[int, float], low: int, high: int | None, budget: float,
+               slope: float | None = None) -> int | None:
     """Where the line through two measured sizes meets `budget` (rounded down): the interval's
     ends when both are measured, else the two largest measured sizes that fit (or, none fitting
-    yet, the two smallest); None with fewer than two, or where the line does not rise. `used`
-    holds only memory as written (a size the compiler had to recompute or could not fit is not
-    in it)."""
+    yet, the two smallest); with one measured size, the line of `slope` (bytes per size, from a
+    like search) through it; None with fewer, or where the line does not rise. `used` holds only
+    memory as written (a size the compiler had to recompute or could not fit is not in it)."""
     if low and high in used:
         a, b = low, high
     else:
         ends = sorted(n for n in used if n <= low)[-2:] if low else sorted(used)[:2]
+        if len(ends) == 1 and slope is not None:
+            return ends[0] + math.floor((budget - used[ends[0]]) / slope) if slope > 0 else None
         if len(ends) < 2:
             return None
         a, b = ends

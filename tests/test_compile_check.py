@@ -1,6 +1,7 @@
 """`python -m e2_jax.compile_check`: a run's programs compiled by the real TPU compiler (libtpu)
 for real slice descriptions on this CPU machine, with their memory, FLOPs and collectives."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -8,6 +9,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import pytest
 
 from e2_jax import compile_check, sharding
@@ -102,6 +104,40 @@ def test_a_line_through_the_memory_finds_the_same_batch_in_fewer_compiles(shape,
     assert len(calls) <= len(plain) + 3, (calls, plain)
 
 
+@pytest.mark.parametrize("shape", ["line", "concave", "convex"])
+@pytest.mark.parametrize("start", [1, 5, 12, 20])
+def test_a_like_rows_slope_draws_the_line_through_the_first_batch(shape, start):
+    """`max_batch`'s `slope` (a like row's bytes per size: the same step on another slice or
+    layout): with one size compiled, the line through it with that slope proposes the next. On a
+    line with the slope it had, a start that fits takes 3 compiles (the start, the answer, one
+    more) against 4 without; off a line the answer is the same."""
+    memory, budget = MEMORY[shape], 15.0
+    answer = max(n for n in range(1, 1000) if all(memory(m) <= budget for m in range(1, n + 1)))
+
+    def search(slope):
+        calls, used = [], {}
+
+        def fits(n):
+            calls.append(n)
+            if memory(n) <= budget:
+                used[n] = memory(n)
+            return n if memory(n) <= budget else None
+
+        guess = lambda low, high: compile_check.line_guess(used, low, high, budget, slope)
+        assert compile_check.largest_fitting(fits, start, guess) == (answer, answer)
+        assert len(calls) == len(set(calls))
+        return calls
+
+    slope = memory(2) - memory(1)
+    with_slope, without = search(slope), search(None)
+    if shape == "line" and start <= answer <= 16 * start:  # a proposal goes to at most 16 times the start
+        assert with_slope == [start, answer, answer + 1] and len(without) == 4, (with_slope, without)
+    assert len(with_slope) <= len(without) + 2, (with_slope, without)
+    assert compile_check.line_guess({4: 5.0}, 4, None, 15.0, 2.0) == 9
+    assert compile_check.line_guess({4: 5.0}, 4, None, 15.0, 0.0) is None  # no rise, no line
+    assert compile_check.line_guess({4: 5.0}, 4, None, 15.0) is None
+
+
 def test_the_table_starts_each_search_from_a_row_it_has():
     """benchmarks/tpu_compile.py's table: a row's search starts from the same model, method and
     layout on the largest slice of the same generation in the file, else on another generation
@@ -120,10 +156,77 @@ def test_the_table_starts_each_search_from_a_row_it_has():
     assert start_from(rows, "ViT-B-32", "e2", "fsdp", compile_check.parse_slice("v5e-256")) == 96 // 8
     v6e = compile_check.parse_slice("v6e-64")  # 32 GiB against v5e's 16
     assert start_from(rows, "ViT-B-32", "e2", "dp", v6e) == int(168 * v6e.generation.hbm_gib / 16) // 8
-    assert start_from(rows, "ViT-B-32", "e2", "remat", v6e) == 1
+    assert start_from(rows, "ViT-B-32", "e2", "remat", v6e) == int(96 * 32 / 16) // 8  # fsdp's, scaled
     assert start_from(rows, "ViT-B-32", "clip_ft", "dp", v6e) == 200 // 8  # its own row first
     assert start_from(rows, "ViT-B-32", "clip_ft", "fsdp", compile_check.parse_slice("v5e-16")) == 96 // 8  # E²'s
     assert start_from(rows, "ViT-L-14", "e2", "dp", v6e) == 1
+    # Without a row of its layout, a layout starts from the one it follows: fsdp from dp, remat from fsdp.
+    b16 = [{**row("v5e-16", 144), "model": "ViT-B-16"}]
+    assert start_from(b16, "ViT-B-16", "e2", "fsdp", compile_check.parse_slice("v5e-16")) == 144 // 8
+    assert start_from(b16, "ViT-B-16", "e2", "remat", compile_check.parse_slice("v5e-16")) == 1
+    assert start_from(b16, "ViT-B-16", "e2", "dp", compile_check.parse_slice("v5e-16")) == 144 // 8
+    b16.append({**row("v5e-16", 160, "fsdp"), "model": "ViT-B-16"})
+    assert start_from(b16, "ViT-B-16", "e2", "remat", compile_check.parse_slice("v5e-16")) == 160 // 8
+
+
+def test_a_rows_slope_comes_from_the_batches_a_like_row_compiled_as_written():
+    """benchmarks/tpu_compile.py: the line through a search's first batch takes its slope (bytes
+    per 8 examples per chip) from the same model and method with the same remat, its own layout
+    first, through the smallest and the largest batch compiled as written (not one the compiler
+    recomputed for)."""
+    from benchmarks.tpu_compile import slope_from
+
+    def row(layout, tried, method="e2"):
+        return {"model": "ViT-B-32", "method": method, "layout": layout, "tried": tried}
+
+    gib = compile_check.GIB
+    dp = row("dp", [[8, 3.0, 0], [80, 9.0, 0], [144, 14.0, 0], [152, 14.8, 1]])
+    assert slope_from([dp], "ViT-B-32", "e2", "fsdp") == pytest.approx((14.0 - 3.0) / 136 * 8 * gib)
+    assert slope_from([dp], "ViT-B-32", "e2", "remat") is None  # remat holds fewer activations per example
+    assert slope_from([dp], "ViT-B-32", "clip_ft", "dp") is None
+    fsdp = row("fsdp", [[144, 12.0, 0], [160, 13.0, 0]])
+    assert slope_from([dp, fsdp], "ViT-B-32", "e2", "fsdp") == pytest.approx(1.0 / 16 * 8 * gib)
+    assert slope_from([row("dp", [[152, 14.8, 1], [160, 14.9, 10], [8, 3.0, 0]])], "ViT-B-32", "e2", "dp") is None
+
+
+def test_the_tables_compiles_are_logged_and_read_back(tmp_path, monkeypatch):
+    """benchmarks/tpu_compile.py's `CompileLog`: each batch compiled is a JSON line as soon as it
+    is done, and a search asked again (in another process: a new log over the same file) reads
+    it back, its programs' numbers as compiled, and a compile that ran out of HBM as the same
+    `OutOfMemory`; another libtpu or jax is compiled again. Real compiles of small programs
+    stand in for a config's (`run_programs` is what the other tests here check)."""
+    from benchmarks import tpu_compile
+
+    tpu = compile_check.parse_slice("v5e-16")
+    devices = compile_check.topology_devices(tpu)
+    device = jax.sharding.SingleDeviceSharding(devices[0])
+    compiled = []
+
+    def run_programs(config, devices, evaluation):
+        compiled.append(config.batch_size)
+        x = jax.ShapeDtypeStruct((2**32 if config.batch_size > 64 else 1024 * config.batch_size,), jnp.float32,
+                                 sharding=device)
+        step = jax.jit(lambda x: jnp.tanh(x) * jnp.cos(x[::-1]) * len(compiled))  # a new program each time
+        return [compile_check.measure("step", step, (x,), config.batch_size, len(devices))]
+
+    monkeypatch.setattr(compile_check, "run_programs", run_programs)
+    config = lambda per_chip: ml_collections.ConfigDict({"batch_size": per_chip * len(devices)})
+    log = tpu_compile.CompileLog(tmp_path / "compiles.jsonl")
+    (first,) = log.programs("ViT-B-32", "e2", "v5e-16", "dp", config(4), devices)
+    with pytest.raises(compile_check.OutOfMemory, match="RESOURCE_EXHAUSTED"):
+        log.programs("ViT-B-32", "e2", "v5e-16", "dp", config(8), devices)
+    assert compiled == [64, 128] and len((tmp_path / "compiles.jsonl").read_text().splitlines()) == 2
+
+    again = tpu_compile.CompileLog(tmp_path / "compiles.jsonl")
+    (read,) = again.programs("ViT-B-32", "e2", "v5e-16", "dp", config(4), devices)
+    assert read == dataclasses.replace(first, hlo="") and read.total == first.total > 0
+    with pytest.raises(compile_check.OutOfMemory, match="RESOURCE_EXHAUSTED"):
+        again.programs("ViT-B-32", "e2", "v5e-16", "dp", config(8), devices)
+    assert compiled == [64, 128] and len(again.asked) == 2
+    again.programs("ViT-B-32", "e2", "v5e-16", "fsdp", config(4), devices)  # another layout: compiled
+    monkeypatch.setattr(tpu_compile, "LIBTPU", "0.0.0")
+    again.programs("ViT-B-32", "e2", "v5e-16", "dp", config(4), devices)  # another libtpu: compiled
+    assert compiled == [64, 128, 64, 64]
 
 
 @pytest.mark.parametrize("name", ["v5p-100", "v3-8", "v5e-12", "tpu", "v5e:4x4x4", "h100-12", "a100-8"])
