@@ -204,15 +204,17 @@ MODEL_NAMES = {"ViT-B-32": "ViT-B/32", "ViT-B-16": "ViT-B/16", "ViT-L-14": "ViT-
 def markdown(rows: list[dict]) -> str:
     """The table's rows as docs/benchmarks.md shows them."""
     lines = ["| model | method | slice | layout | per-chip batch | global batch | GiB per chip (args + temps) | "
-             "GFLOP/example | collectives (count, MiB) | compiled (per chip: GiB, * = recomputed to fit) | compile s |",
+             "GFLOP/example | collectives (count, MiB) | "
+             "compiled (per chip: GiB; * recomputed to fit, ! over the HBM) | compile s |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        tried = ", ".join(f"{t[0]}: {t[1]:.2f}{'*' if len(t) > 2 and t[2] else ''}" for t in r["tried"])
+        tried = ", ".join(f"{t[0]}: {t[1]:.2f}{'*' if len(t) > 2 and t[2] else ''}{'!' if t[1] > r['hbm_gib'] else ''}"
+                          for t in r["tried"])
         comm = ", ".join(f"{kind} {count} ({size / 2**20:,.0f})" for kind, (count, size) in
                          sorted(r.get("collectives", {}).items()))
         memory = f"{r['gib']:.2f} ({r['arguments_gib']:.2f} + {r['temporaries_gib']:.2f})" if "gib" in r else "-"
         lines.append(f"| {MODEL_NAMES.get(r['model'], r['model'])} | {'E²' if r['method'] == 'e2' else 'CLIP-FT'} | "
-                     f"{r['slice']} | {r['layout']} | {r['per_chip_batch']} | {r['global_batch']:,} | {memory} | "
+                     f"{r['slice']} | {r['layout']} | {r['per_chip_batch']:,} | {r['global_batch']:,} | {memory} | "
                      f"{r.get('gflop_per_example', float('nan')):.1f} | {comm or '-'} | {tried} | "
                      f"{r.get('compile_s', 0):.0f} (search {r['seconds']:.0f}) |")
     return "\n".join(lines)

@@ -3,13 +3,18 @@ progress bar, and model FLOP utilisation. Only process 0 writes.
 
 MFU = (the step's FLOPs per device) / (seconds per step) / (the device's peak). The FLOPs are
 XLA's count of the *lowered* step, the whole program before partitioning and optimisation,
-divided by the number of devices: the model's arithmetic, the same on every backend. The
-compiled program's count is not used: on a GPU it leaves out the GEMMs XLA hands to cuBLAS
-(custom calls), 46 of 10,396 GFLOPs on an H200 (docs/benchmarks.md), and it adds work each
-device repeats (a replicated optimizer update). Where XLA does not count the lowered program (for
-a TPU, as checked on libtpu's compiler), the compiled program's per-device count is used: TPU
-programs have no cuBLAS calls to miss. Peaks are dense bfloat16 FLOP/s from the vendors'
-data sheets; a device not in the table (a CPU) has no MFU unless `peak_flops` is configured.
+divided by the number of devices: the model's arithmetic, the same on every backend and every
+mesh. A backend reached through a PJRT plug-in (a TPU, a CUDA GPU) does not count lowered
+programs; the CPU backend's cost analysis counts the same lowered module instead. The compiled
+program's count is used only where neither can count: it misses work and adds some. On a GPU it
+leaves out the GEMMs XLA hands to cuBLAS (custom calls: 46 of 10,396 GFLOPs on an H200,
+docs/benchmarks.md); on a TPU it counts once the body of each loop the compiler makes of an
+FSDP matmul and its collective (`windowed_dot_general`): it counted 78.8 of the 103.9 GFLOP an
+example of a B/32 E² step with FSDP on v5e-16. Everywhere it adds the work each device repeats
+(a replicated optimizer update). With `model.remat` the lowered step holds the forward pass it
+recomputes, so its count, and the MFU, include the recomputation (hardware FLOPs, not model
+FLOPs). Peaks are dense bfloat16 FLOP/s from the vendors' data sheets; a device not in the
+table (a CPU) has no MFU unless `peak_flops` is configured.
 """
 
 from __future__ import annotations
@@ -53,11 +58,25 @@ def _flops(stage: jax.stages.Lowered | jax.stages.Compiled) -> float | None:
     return float(flops) if flops and flops > 0 else None
 
 
-def step_flops(lowered: jax.stages.Lowered, devices: int, compiled: jax.stages.Compiled | None = None) -> float | None:
-    """FLOPs of one call of a step per device: XLA's count of the lowered (global, unpartitioned)
-    program over the `devices` that share it, else `compiled`'s per-device count (module
-    docstring)."""
+def lowered_flops(lowered: jax.stages.Lowered) -> float | None:
+    """XLA's count of the lowered (global, unpartitioned) program: the backend's own, else the CPU
+    backend's count of the same module (module docstring); None where neither counts."""
     if (flops := _flops(lowered)) is not None:
+        return flops
+    try:
+        from jax._src.lib import _jax  # the cost analysis jax's own Lowered.cost_analysis calls
+        cost = _jax.hlo_module_cost_analysis(jax.devices("cpu")[0].client,
+                                             lowered.compiler_ir("hlo").as_hlo_module())
+    except Exception:  # no CPU backend (JAX_PLATFORMS without cpu), or a jax without this call
+        return None
+    flops = cost.get("flops")
+    return float(flops) if flops and flops > 0 else None
+
+
+def step_flops(lowered: jax.stages.Lowered, devices: int, compiled: jax.stages.Compiled | None = None) -> float | None:
+    """FLOPs of one call of a step per device: XLA's count of the lowered program over the
+    `devices` that share it, else `compiled`'s per-device count (module docstring)."""
+    if (flops := lowered_flops(lowered)) is not None:
         return flops / devices
     return _flops(compiled) if compiled is not None else None
 
