@@ -208,7 +208,8 @@ def markdown(rows: list[dict]) -> str:
              "compiled (per chip: GiB; * recomputed to fit, ! over the HBM) | compile s |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        tried = ", ".join(f"{t[0]}: {t[1]:.2f}{'*' if len(t) > 2 and t[2] else ''}{'!' if t[1] > r['hbm_gib'] else ''}"
+        budget = compile_check.parse_slice(r["slice"]).budget_bytes / compile_check.GIB  # as the search's
+        tried = ", ".join(f"{t[0]}: {t[1]:.2f}{'*' if len(t) > 2 and t[2] else ''}{'!' if t[1] > budget else ''}"
                           for t in r["tried"])
         comm = ", ".join(f"{kind} {count} ({size / 2**20:,.0f})" for kind, (count, size) in
                          sorted(r.get("collectives", {}).items()))

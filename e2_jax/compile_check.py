@@ -18,10 +18,10 @@ chip: memory by kind against the chip's HBM (XLA's buffer assignment: arguments,
 outputs, less what outputs alias), FLOPs per step and per example (XLA's count of the lowered
 program over the chips, `metrics.step_flops`), the collectives by kind with their bytes, the
 instructions the compiler recomputes to fit (a step that fits only so is said on the `fits`
-line), and the compile time. It exits 1
-when a program does not fit, with the numbers or the compiler's words. `--max-batch` finds the
-largest global batch whose steps fit as written. The compiler measures memory, XLA counts
-FLOPs; time per step needs the hardware (docs/multihost.md, "Before you reserve a pod").
+line), and the compile time. It exits 1 when a program does not fit, with the numbers or the
+compiler's words. `--max-batch` finds the largest global batch whose steps fit as written.
+The compiler measures memory, XLA counts FLOPs; time per step needs the hardware
+(docs/multihost.md, "Before you reserve a pod").
 """
 
 from __future__ import annotations
