@@ -503,9 +503,10 @@ def largest_fitting(fits: Callable[[int], Any], start: int = 1,
     the memory of the sizes compiled): `low` is the largest size known to fit (0: none yet),
     `high` the smallest known to miss (None: none yet). A proposal is moved inside that
     interval (and to at most 16 times `low`); None takes the doubling or bisection step
-    instead, as does the call after two proposals that landed on the same side. `guess` only
-    chooses which sizes to call: the answer is the same, and the interval at least halves every
-    three calls."""
+    instead, as does a proposal below `low` (the line has `low` over its target already: it
+    would creep up one size a compile) and the call after two proposals that landed on the same
+    side. `guess` only chooses which sizes to call: the answer is the same, and the interval at
+    least halves every three calls."""
     start = max(1, start)
     low, high, best = 0, None, None
     sides: list[bool] = []  # whether each proposal taken fitted, since the last fallback step
@@ -522,7 +523,7 @@ def largest_fitting(fits: Callable[[int], Any], start: int = 1,
     call(start)
     while high is None or high - low > 1:
         proposal = guess(low, high) if guess is not None else None
-        if proposal is not None and (len(sides) < 2 or sides[-1] != sides[-2]):
+        if proposal is not None and proposal >= low and (len(sides) < 2 or sides[-1] != sides[-2]):
             proposal = max(low + 1, proposal if high is None else min(high - 1, proposal))
             sides.append(call(min(proposal, 16 * low) if low else proposal))
             continue

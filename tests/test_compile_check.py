@@ -104,6 +104,27 @@ def test_a_line_through_the_memory_finds_the_same_batch_in_fewer_compiles(shape,
     assert len(calls) <= len(plain) + 3, (calls, plain)
 
 
+
+@pytest.mark.parametrize(("answer", "start"), [(600, 1), (600, 500), (827, 730), (40, 100)])
+def test_a_line_aimed_below_what_already_fits_takes_the_plain_steps(answer, start):
+    """Once the compiler has squeezed a batch it recomputed for into less memory than the
+    largest batch that fits as written (B/16 CLIP-FT with remat on v5p-128: 93.51 GiB at 7,056
+    per chip, while 6,608 fit as written in 94.18), the line aims below `low` and proposes less
+    than `low`. Such a proposal takes the doubling or bisection step: moved up to `low + 1` it
+    crept one size a compile. The compiles are those of the plain search, no more."""
+    def search(guess):
+        calls = []
+
+        def fits(n):
+            calls.append(n)
+            return n if n <= answer else None
+
+        assert compile_check.largest_fitting(fits, start, guess) == (answer, answer)
+        return calls
+
+    below = search(lambda low, high: low - 3 if low else None)
+    assert below == search(None), below
+
 @pytest.mark.parametrize("shape", ["line", "concave", "convex"])
 @pytest.mark.parametrize("start", [1, 5, 12, 20])
 def test_a_like_rows_slope_draws_the_line_through_the_first_batch(shape, start):
