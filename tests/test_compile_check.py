@@ -104,7 +104,6 @@ def test_a_line_through_the_memory_finds_the_same_batch_in_fewer_compiles(shape,
     assert len(calls) <= len(plain) + 3, (calls, plain)
 
 
-
 @pytest.mark.parametrize(("answer", "start"), [(600, 1), (600, 500), (827, 730), (40, 100)])
 def test_a_line_aimed_below_what_already_fits_takes_the_plain_steps(answer, start):
     """Once the compiler has squeezed a batch it recomputed for into less memory than the
@@ -124,6 +123,7 @@ def test_a_line_aimed_below_what_already_fits_takes_the_plain_steps(answer, star
 
     below = search(lambda low, high: low - 3 if low else None)
     assert below == search(None), below
+
 
 @pytest.mark.parametrize("shape", ["line", "concave", "convex"])
 @pytest.mark.parametrize("start", [1, 5, 12, 20])
