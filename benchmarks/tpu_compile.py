@@ -22,6 +22,9 @@ appended to `--out` (JSON lines) when it is done and a rerun skips the rows ther
 compiled is appended to `--compiles` as it is done, and a search stopped halfway reads its
 compiles back: the full table takes many hours on a 2-core machine.
 
+`markdown`: the rows as docs/benchmarks.md shows them, with each row's batches that did not
+compile (out of HBM even recomputing) from the compile log beside those it compiled.
+
 `collectives`: every collective of one compiled step, with what it serves (the jax operation it
 comes from: `jvp` is the forward pass, `transpose` the backward), grouped, with bytes per chip.
 """
@@ -33,6 +36,7 @@ import collections
 import importlib.metadata
 import json
 import math
+import re
 import sys
 import time
 from pathlib import Path
@@ -201,16 +205,30 @@ def table(args: argparse.Namespace) -> None:
 MODEL_NAMES = {"ViT-B-32": "ViT-B/32", "ViT-B-16": "ViT-B/16", "ViT-L-14": "ViT-L/14"}
 
 
-def markdown(rows: list[dict]) -> str:
-    """The table's rows as docs/benchmarks.md shows them."""
+def out_of_memory(compiles: CompileLog, row: dict) -> list[tuple[int, float]]:
+    """[(per-chip batch, GiB of temporaries the compiler asked for)] of the row's search's batches
+    that did not compile (out of HBM even recomputing), from the compile log."""
+    failed, same = [], ("model", "method", "slice", "layout", "libtpu", "jax")
+    for e in compiles.entries.values():
+        if "out_of_memory" in e and all(e[k] == row[k] for k in same):
+            asked = re.search(r"HLO temporaries \(([\d.]+)G\)", e["out_of_memory"])
+            failed.append((e["per_chip_batch"], float(asked.group(1)) if asked else math.nan))
+    return failed
+
+
+def markdown(rows: list[dict], compiles: CompileLog | None = None) -> str:
+    """The table's rows as docs/benchmarks.md shows them, with the batches of each row's search
+    that did not compile where `compiles` (the compile log) is given."""
     lines = ["| model | method | slice | layout | per-chip batch | global batch | GiB per chip (args + temps) | "
-             "GFLOP/example | collectives (count, MiB) | "
-             "compiled (per chip: GiB; * recomputed to fit, ! over the HBM) | compile s |",
+             "GFLOP/example | collectives (count, MiB) | compiled (per chip: GiB; * recomputed to fit, ! over "
+             "the HBM; † did not compile, the temporaries asked for) | compile s |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         budget = compile_check.parse_slice(r["slice"]).budget_bytes / compile_check.GIB  # as the search's
-        tried = ", ".join(f"{t[0]}: {t[1]:.2f}{'*' if len(t) > 2 and t[2] else ''}{'!' if t[1] > budget else ''}"
-                          for t in r["tried"])
+        shown = [(t[0], f"{t[1]:.2f}{'*' if len(t) > 2 and t[2] else ''}{'!' if t[1] > budget else ''}")
+                 for t in r["tried"]]
+        shown += [(batch, f"{gib:.2f}†") for batch, gib in (out_of_memory(compiles, r) if compiles else [])]
+        tried = ", ".join(f"{batch}: {text}" for batch, text in sorted(shown))
         comm = ", ".join(f"{kind} {count} ({size / 2**20:,.0f})" for kind, (count, size) in
                          sorted(r.get("collectives", {}).items()))
         memory = f"{r['gib']:.2f} ({r['arguments_gib']:.2f} + {r['temporaries_gib']:.2f})" if "gib" in r else "-"
@@ -266,6 +284,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="every batch compiled (JSON lines), read back by a search asked again")
     m = sub.add_parser("markdown", help="print the table file's rows as docs/benchmarks.md shows them")
     m.add_argument("--out", default="docs/results/tpu_compile/table.jsonl")
+    m.add_argument("--compiles", default="docs/results/tpu_compile/compiles.jsonl",
+                   help="the compile log, for the batches that did not compile")
     c = sub.add_parser("collectives")
     c.add_argument("--model", default="ViT-B-16")
     c.add_argument("--method", default="e2")
@@ -276,7 +296,8 @@ def main(argv: list[str] | None = None) -> None:
     c.add_argument("--out", default="")
     args = parser.parse_args(argv)
     if args.command == "markdown":
-        print(markdown([json.loads(line) for line in Path(args.out).read_text().splitlines() if line.strip()]))
+        print(markdown([json.loads(line) for line in Path(args.out).read_text().splitlines() if line.strip()],
+                       CompileLog(Path(args.compiles))))
         return
     {"table": table, "collectives": collectives}[args.command](args)
 

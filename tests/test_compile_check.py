@@ -231,6 +231,7 @@ def test_the_tables_compiles_are_logged_and_read_back(tmp_path, monkeypatch):
         return [compile_check.measure("step", step, (x,), config.batch_size, len(devices))]
 
     monkeypatch.setattr(compile_check, "run_programs", run_programs)
+    libtpu = tpu_compile.LIBTPU
     config = lambda per_chip: ml_collections.ConfigDict({"batch_size": per_chip * len(devices)})
     log = tpu_compile.CompileLog(tmp_path / "compiles.jsonl")
     (first,) = log.programs("ViT-B-32", "e2", "v5e-16", "dp", config(4), devices)
@@ -248,6 +249,17 @@ def test_the_tables_compiles_are_logged_and_read_back(tmp_path, monkeypatch):
     monkeypatch.setattr(tpu_compile, "LIBTPU", "0.0.0")
     again.programs("ViT-B-32", "e2", "v5e-16", "dp", config(4), devices)  # another libtpu: compiled
     assert compiled == [64, 128, 64, 64]
+
+    # The table shows the batch that did not compile beside the row's compiled ones, with the
+    # temporaries the compiler asked for (the row's `tried` holds only the compiled ones).
+    row = {"model": "ViT-B-32", "method": "e2", "slice": "v5e-16", "layout": "dp", "libtpu": libtpu,
+           "jax": jax.__version__, "per_chip_batch": 4, "global_batch": 64, "tried": [[4, first.total / 2**30, 0]],
+           "seconds": 1.0}
+    assert tpu_compile.out_of_memory(again, row) == [(8, 32.0)]
+    line = tpu_compile.markdown([row], again).splitlines()[-1]
+    assert f"| 4: {first.total / 2**30:.2f}, 8: 32.00† |" in line
+    assert "†" not in tpu_compile.markdown([row]).splitlines()[-1]
+    assert tpu_compile.out_of_memory(again, dict(row, layout="fsdp")) == []
 
 
 @pytest.mark.parametrize("name", ["v5p-100", "v3-8", "v5e-12", "tpu", "v5e:4x4x4", "h100-12", "a100-8"])
